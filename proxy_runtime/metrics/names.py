@@ -1,0 +1,103 @@
+"""The one source of metric names, units and dimensions.
+
+The runtime's publisher and the CDK monitoring construct (``infra/monitoring.py``) both import this
+module, so a dashboard widget or an alarm can never point at a metric the proxy does not publish.
+Nothing here may depend on anything but the standard library: the EC2 instance ships it, and the CDK
+app imports it without the runtime's dependencies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+NAMESPACE = "ClearIP/Proxy"
+"""CloudWatch namespace of every metric the proxy publishes (the IAM condition pins it too)."""
+
+DIMENSION_PROXY_ID = "ProxyId"
+"""The only dimension: the proxy's id (EC2 instance id, host name elsewhere). Bounded cardinality."""
+
+
+class Unit(str, Enum):
+    COUNT = "Count"
+    MILLISECONDS = "Milliseconds"
+    NONE = "None"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str
+    unit: Unit
+    description: str
+
+
+# Per-call figures (one datum per finished call, aggregated per interval).
+CALLS = MetricSpec("Calls", Unit.COUNT, "INVITE transactions finished (a final response sent to the caller)")
+CLEARIP_LATENCY = MetricSpec("ClearIpLatency", Unit.MILLISECONDS, "INVITE sent to ClearIP until its final")
+CARRIER_ATTEMPTS = MetricSpec("CarrierAttempts", Unit.COUNT, "Contacts tried for a call after a 302")
+ROUTE_ADVANCES = MetricSpec("RouteAdvances", Unit.COUNT, "Advances to the next Contact after a failure")
+POST_DIAL_DELAY = MetricSpec("PostDialDelay", Unit.MILLISECONDS, "INVITE received until first 18x or final")
+EMERGENCY_BYPASS = MetricSpec("EmergencyBypass", Unit.COUNT, "Emergency calls answered without ClearIP")
+CALLS_ANSWERED = MetricSpec("CallsAnswered", Unit.COUNT, "Calls that got a 2xx")
+PROXY_FAILED_CALLS = MetricSpec(
+    "ProxyFailedCalls", Unit.COUNT, "Calls the proxy itself failed (timeout, unavailable, overload, error)"
+)
+OVERLOAD_REJECTED = MetricSpec("OverloadRejected", Unit.COUNT, "INVITEs answered 503 past the in-flight limit")
+
+
+class ClearIpOutcome(str, Enum):
+    """What ClearIP answered to a call's INVITE (DESIGN §2's table, plus the two failure cases)."""
+
+    REDIRECT_302 = "302"
+    UNAVAILABLE_503 = "503"
+    NOT_FOUND_404 = "404"
+    BLOCKED_603 = "603"
+    FORBIDDEN_403 = "403"
+    OTHER = "other"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+
+
+CLEARIP_OUTCOME_METRICS: dict[ClearIpOutcome, MetricSpec] = {
+    ClearIpOutcome.REDIRECT_302: MetricSpec("ClearIp302", Unit.COUNT, "ClearIP answered 302 (route)"),
+    ClearIpOutcome.UNAVAILABLE_503: MetricSpec("ClearIp503", Unit.COUNT, "ClearIP answered 503"),
+    ClearIpOutcome.NOT_FOUND_404: MetricSpec("ClearIp404", Unit.COUNT, "ClearIP answered 404"),
+    ClearIpOutcome.BLOCKED_603: MetricSpec("ClearIp603", Unit.COUNT, "ClearIP blocked the call (603)"),
+    ClearIpOutcome.FORBIDDEN_403: MetricSpec("ClearIp403", Unit.COUNT, "ClearIP refused us (not whitelisted)"),
+    ClearIpOutcome.OTHER: MetricSpec("ClearIpOther", Unit.COUNT, "ClearIP answered another final"),
+    ClearIpOutcome.TIMEOUT: MetricSpec("ClearIpTimeout", Unit.COUNT, "No answer from ClearIP within timeout"),
+    ClearIpOutcome.UNAVAILABLE: MetricSpec(
+        "ClearIpUnavailable", Unit.COUNT, "No connection to ClearIP when the call came"
+    ),
+}
+
+# Counters and gauges outside calls.
+MALFORMED_MESSAGES = MetricSpec("MalformedMessages", Unit.COUNT, "SIP messages that failed to parse")
+UNTRUSTED_DROPPED = MetricSpec("UntrustedDropped", Unit.COUNT, "Messages dropped: source not allow-listed")
+CLEARIP_CONNECTED = MetricSpec("ClearIpConnected", Unit.NONE, "1 while the ClearIP connection is up, else 0")
+CLEARIP_RECONNECTS = MetricSpec("ClearIpReconnects", Unit.COUNT, "Reconnections to ClearIP")
+IN_FLIGHT = MetricSpec("InFlightTransactions", Unit.COUNT, "Server INVITE transactions in progress")
+HEARTBEAT = MetricSpec("Heartbeat", Unit.COUNT, "1 each interval while the proxy runs")
+METRICS_DROPPED_INTERVALS = MetricSpec(
+    "MetricsDroppedIntervals", Unit.COUNT, "Metric intervals dropped (CloudWatch down or throttling)"
+)
+
+ALL_METRICS: tuple[MetricSpec, ...] = (
+    CALLS,
+    CLEARIP_LATENCY,
+    CARRIER_ATTEMPTS,
+    ROUTE_ADVANCES,
+    POST_DIAL_DELAY,
+    EMERGENCY_BYPASS,
+    CALLS_ANSWERED,
+    PROXY_FAILED_CALLS,
+    OVERLOAD_REJECTED,
+    *CLEARIP_OUTCOME_METRICS.values(),
+    MALFORMED_MESSAGES,
+    UNTRUSTED_DROPPED,
+    CLEARIP_CONNECTED,
+    CLEARIP_RECONNECTS,
+    IN_FLIGHT,
+    HEARTBEAT,
+    METRICS_DROPPED_INTERVALS,
+)

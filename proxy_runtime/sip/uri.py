@@ -1,0 +1,139 @@
+"""SIP and SIPS URIs (RFC 3261 §19.1), parsed once and kept as text where possible."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+
+class UriError(ValueError):
+    """A URI that cannot be parsed. ``status_hint`` is what a server answers (400, 416)."""
+
+    def __init__(self, reason: str, status_hint: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status_hint = status_hint
+
+
+@dataclass(frozen=True, slots=True)
+class SipUri:
+    scheme: str  # "sip" or "sips" (lower case)
+    user: str | None
+    password: str | None
+    host: str  # lower case; IPv6 without brackets
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)  # names lower case
+    headers: str = ""  # raw "?..." part without the "?"
+
+    @property
+    def transport(self) -> str:
+        """The transport this URI asks for: udp, tcp or tls (sips implies tls)."""
+        t = self.params.get("transport")
+        if t:
+            t = t.lower()
+            if t == "tls" or self.scheme == "sips":
+                return "tls"
+            return t
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def default_port(self) -> int:
+        return 5061 if self.transport == "tls" else 5060
+
+    @property
+    def hostport(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{h}:{self.port}" if self.port is not None else h
+
+    @property
+    def user_unescaped(self) -> str | None:
+        return unquote(self.user) if self.user is not None else None
+
+    @property
+    def is_lr(self) -> bool:
+        return "lr" in self.params
+
+    def with_params(self, **params: str | None) -> SipUri:
+        merged = dict(self.params)
+        merged.update(params)
+        return SipUri(self.scheme, self.user, self.password, self.host, self.port, merged, self.headers)
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out.append(":" + self.password)
+            out.append("@")
+        out.append(self.hostport)
+        for k, v in self.params.items():
+            out.append(f";{k}" if v is None else f";{k}={v}")
+        if self.headers:
+            out.append("?" + self.headers)
+        return "".join(out)
+
+
+def _split_hostport(hp: str) -> tuple[str, int | None]:
+    if hp.startswith("["):
+        end = hp.find("]")
+        if end < 0:
+            raise UriError("unterminated IPv6 reference")
+        host = hp[1:end]
+        rest = hp[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise UriError("garbage after IPv6 reference")
+        port_s = rest[1:] if rest else ""
+        if not host or any(c not in "0123456789abcdefABCDEF:." for c in host):
+            raise UriError("bad IPv6 reference")
+    else:
+        host, sep, port_s = hp.partition(":")
+        if sep and not port_s:
+            raise UriError("empty port")
+    if not host:
+        raise UriError("empty host")
+    for ch in host:
+        if not (ch.isalnum() or ch in "-._:"):
+            raise UriError(f"bad character {ch!r} in host")
+    port: int | None = None
+    if port_s:
+        if not port_s.isdigit() or len(port_s) > 5:
+            raise UriError(f"bad port {port_s!r}")
+        port = int(port_s)
+        if port > 65535:
+            raise UriError(f"port {port} out of range")
+    return host.lower(), port
+
+
+def parse_uri(text: str) -> SipUri:
+    """Parse a sip: or sips: URI. Other schemes raise UriError with status hint 416."""
+    text = text.strip()
+    colon = text.find(":")
+    if colon <= 0:
+        raise UriError("no scheme")
+    scheme = text[:colon].lower()
+    if scheme not in ("sip", "sips"):
+        raise UriError(f"unsupported URI scheme {scheme!r}", 416)
+    rest = text[colon + 1 :]
+    if any(c in rest for c in " \t\r\n<>\""):
+        raise UriError("illegal character in URI")
+    rest, _, headers = rest.partition("?")
+    user: str | None = None
+    password: str | None = None
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo = rest[:at]
+        rest = rest[at + 1 :]
+        if not userinfo:
+            raise UriError("empty user part")
+        # ';' is legal in the user part (telephone-subscriber), ':' splits the password.
+        user, sep, pw = userinfo.partition(":")
+        password = pw if sep else None
+    hp, *param_parts = rest.split(";")
+    host, port = _split_hostport(hp)
+    params: dict[str, str | None] = {}
+    for p in param_parts:
+        if not p:
+            continue
+        k, sep, v = p.partition("=")
+        params[k.lower()] = v if sep else None
+    return SipUri(scheme, user, password, host, port, params, headers)
