@@ -18,7 +18,7 @@ DIMENSION_PROXY_ID = "ProxyId"
 """The only dimension: the proxy's id (EC2 instance id, host name elsewhere). Bounded cardinality."""
 
 
-class Unit(str, Enum):
+class Unit(str, Enum):  # noqa: UP042 - str() stays "Unit.COUNT"; infra uses .value
     COUNT = "Count"
     MILLISECONDS = "Milliseconds"
     NONE = "None"
@@ -42,10 +42,12 @@ CALLS_ANSWERED = MetricSpec("CallsAnswered", Unit.COUNT, "Calls that got a 2xx")
 PROXY_FAILED_CALLS = MetricSpec(
     "ProxyFailedCalls", Unit.COUNT, "Calls the proxy itself failed (timeout, unavailable, overload, error)"
 )
-OVERLOAD_REJECTED = MetricSpec("OverloadRejected", Unit.COUNT, "INVITEs answered 503 past the in-flight limit")
+OVERLOAD_REJECTED = MetricSpec(
+    "OverloadRejected", Unit.COUNT, "INVITEs answered 503 past the in-flight limit"
+)
 
 
-class ClearIpOutcome(str, Enum):
+class ClearIpOutcome(str, Enum):  # noqa: UP042 - as Unit
     """What ClearIP answered to a call's INVITE (DESIGN §2's table, plus the two failure cases)."""
 
     REDIRECT_302 = "302"
@@ -63,7 +65,9 @@ CLEARIP_OUTCOME_METRICS: dict[ClearIpOutcome, MetricSpec] = {
     ClearIpOutcome.UNAVAILABLE_503: MetricSpec("ClearIp503", Unit.COUNT, "ClearIP answered 503"),
     ClearIpOutcome.NOT_FOUND_404: MetricSpec("ClearIp404", Unit.COUNT, "ClearIP answered 404"),
     ClearIpOutcome.BLOCKED_603: MetricSpec("ClearIp603", Unit.COUNT, "ClearIP blocked the call (603)"),
-    ClearIpOutcome.FORBIDDEN_403: MetricSpec("ClearIp403", Unit.COUNT, "ClearIP refused us (not whitelisted)"),
+    ClearIpOutcome.FORBIDDEN_403: MetricSpec(
+        "ClearIp403", Unit.COUNT, "ClearIP refused us (not whitelisted)"
+    ),
     ClearIpOutcome.OTHER: MetricSpec("ClearIpOther", Unit.COUNT, "ClearIP answered another final"),
     ClearIpOutcome.TIMEOUT: MetricSpec("ClearIpTimeout", Unit.COUNT, "No answer from ClearIP within timeout"),
     ClearIpOutcome.UNAVAILABLE: MetricSpec(

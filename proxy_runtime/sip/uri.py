@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -73,6 +74,12 @@ class SipUri:
         return "".join(out)
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9\-._]+")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+# Characters never allowed raw in a URI: controls, SP, DEL and the delimiters of a name-addr.
+_ILLEGAL_RE = re.compile(r'[\x00-\x20\x7f<>"]')
+
+
 def _split_hostport(hp: str) -> tuple[str, int | None]:
     if hp.startswith("["):
         end = hp.find("]")
@@ -82,22 +89,23 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
         rest = hp[end + 1 :]
         if rest and not rest.startswith(":"):
             raise UriError("garbage after IPv6 reference")
-        port_s = rest[1:] if rest else ""
-        if not host or any(c not in "0123456789abcdefABCDEF:." for c in host):
+        if rest == ":":
+            raise UriError("empty port")
+        port_s = rest[1:]
+        if _IPV6_RE.fullmatch(host) is None:
             raise UriError("bad IPv6 reference")
     else:
         host, sep, port_s = hp.partition(":")
         if sep and not port_s:
             raise UriError("empty port")
-    if not host:
-        raise UriError("empty host")
-    for ch in host:
-        if not (ch.isalnum() or ch in "-._:"):
-            raise UriError(f"bad character {ch!r} in host")
+        if not host:
+            raise UriError("empty host")
+        if _HOSTNAME_RE.fullmatch(host) is None:
+            raise UriError(f"bad host {host[:40]!r}")
     port: int | None = None
     if port_s:
-        if not port_s.isdigit() or len(port_s) > 5:
-            raise UriError(f"bad port {port_s!r}")
+        if not port_s.isdigit() or not port_s.isascii() or len(port_s) > 5:
+            raise UriError(f"bad port {port_s[:20]!r}")
         port = int(port_s)
         if port > 65535:
             raise UriError(f"port {port} out of range")
@@ -105,35 +113,45 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
 
 
 def parse_uri(text: str) -> SipUri:
-    """Parse a sip: or sips: URI. Other schemes raise UriError with status hint 416."""
+    """Parse a sip: or sips: URI. Other schemes raise UriError with status hint 416.
+
+    The user part may hold ';', '?', '/', ',' (RFC 3261 §25.1 user-unreserved) and never an
+    unescaped '@', so the first '@' ends it; escapes are kept as written (``user_unescaped``)."""
     text = text.strip()
     colon = text.find(":")
     if colon <= 0:
         raise UriError("no scheme")
     scheme = text[:colon].lower()
-    if scheme not in ("sip", "sips"):
-        raise UriError(f"unsupported URI scheme {scheme!r}", 416)
+    if scheme != "sip" and scheme != "sips":
+        raise UriError(f"unsupported URI scheme {scheme[:40]!r}", 416)
     rest = text[colon + 1 :]
-    if any(c in rest for c in " \t\r\n<>\""):
+    if _ILLEGAL_RE.search(rest) is not None:
         raise UriError("illegal character in URI")
-    rest, _, headers = rest.partition("?")
     user: str | None = None
     password: str | None = None
-    at = rest.rfind("@")
+    at = rest.find("@")
     if at >= 0:
         userinfo = rest[:at]
         rest = rest[at + 1 :]
         if not userinfo:
             raise UriError("empty user part")
-        # ';' is legal in the user part (telephone-subscriber), ':' splits the password.
         user, sep, pw = userinfo.partition(":")
+        if not user:
+            raise UriError("empty user part")
         password = pw if sep else None
-    hp, *param_parts = rest.split(";")
+    rest, _, headers = rest.partition("?")
+    if ";" in rest:
+        hp, *param_parts = rest.split(";")
+        params: dict[str, str | None] = {}
+        for p in param_parts:
+            if not p:
+                continue
+            k, sep, v = p.partition("=")
+            if not k:
+                raise UriError("URI parameter without a name")
+            params[k.lower()] = v if sep else None
+    else:
+        hp = rest
+        params = {}
     host, port = _split_hostport(hp)
-    params: dict[str, str | None] = {}
-    for p in param_parts:
-        if not p:
-            continue
-        k, sep, v = p.partition("=")
-        params[k.lower()] = v if sep else None
     return SipUri(scheme, user, password, host, port, params, headers)

@@ -1,0 +1,511 @@
+#!/usr/bin/env bash
+# Install, update or remove the ClearIP in-line SIP proxy on a Linux host with systemd.
+#
+# The same script runs from the EC2 user data (infra/user_data.sh) and by hand on a plain VM
+# (RHEL/Oracle Linux 8-9, Amazon Linux 2023, Debian 12). It
+#   - installs python3.11, tcpdump and openssl when missing (dnf/yum or apt-get),
+#   - copies the runtime to /opt/clearip-proxy/src and installs it into its own virtual environment
+#     /opt/clearip-proxy/venv with only requirements-runtime.txt,
+#   - writes /etc/clearip-proxy/settings.toml from the arguments (keys are the proxy's Settings fields),
+#   - creates a self-signed TLS certificate for the 5061 listener when none exists (replace it with
+#     your own: /etc/clearip-proxy/tls/cert.pem and key.pem; the script never overwrites them),
+#   - installs and starts the systemd unit clearip-proxy.service,
+#   - opens 5060/udp, 5060/tcp and 5061/tcp to the trusted CIDRs only (firewalld when it runs,
+#     else nftables).
+# It is idempotent: a second run with the same arguments changes nothing and says "unchanged".
+#
+# Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
+#        install.sh --uninstall [--root DIR]
+# Run with --help for the options.
+set -euo pipefail
+
+PREFIX=/opt/clearip-proxy
+CONF_DIR=/etc/clearip-proxy
+UNIT_DIR=/etc/systemd/system
+UNIT=clearip-proxy.service
+SERVICE_USER=clearip-proxy
+FW_ZONE=clearip-sip
+DEFAULT_CLEARIP_URI='sip:sip.clearip.com:5061;transport=tls'
+
+ROOT=''
+SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ALLOW=()
+ADVERTISE=''
+TIMEOUT='5'
+CLEARIP_URI="$DEFAULT_CLEARIP_URI"
+TRANSPORT=''
+PROXY_ID=''
+METRICS='auto'
+REGION=''
+PYTHON=''
+SKIP_VENV=0
+PACKAGES=1
+FIREWALL='auto'
+UNINSTALL=0
+KEEP_CONFIG=0
+CHANGES=0
+
+usage() {
+  cat <<'USAGE'
+Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
+       install.sh --uninstall [--keep-config] [--root DIR]
+
+  --allow CIDR[,CIDR]      trusted switch/carrier networks (required; repeatable; a prefix is
+                           required, 0.0.0.0/0 and ::/0 are refused)
+  --advertise ADDR|imds    public address for 1:1 NAT (Via, Record-Route, Contact); "imds" reads
+                           the instance's public IPv4 (Elastic IP) from EC2 metadata with IMDSv2
+  --timeout SECONDS        ClearIP answer timeout, > 0 and <= 60 (default 5)
+  --clearip-uri URI        ClearIP next hop (default sip:sip.clearip.com:5061;transport=tls)
+  --clearip-transport T    tls or tcp: rewrites the URI's transport (5061 <-> 5060 follows)
+  --proxy-id ID|imds       metric dimension; "imds" = EC2 instance id (default: host name)
+  --metrics SINK           auto, cloudwatch, log or off (default auto)
+  --aws-region REGION|imds region for CloudWatch, written to /etc/clearip-proxy/environment
+  --python PATH            interpreter for the venv (default python3.11, else python3 >= 3.11)
+  --source DIR             the unpacked release (default: this script's parent directory)
+  --root DIR               install into DIR as a scratch root: no packages, users, systemctl or
+                           firewall changes (for tests and image builds)
+  --skip-venv              copy files and write settings but do not create the virtual environment
+  --no-packages            do not install OS packages (python3.11, tcpdump, openssl)
+  --firewall MODE          auto, firewalld, nftables or none (default auto)
+  --uninstall              stop and remove the proxy, its unit, firewall rules and files
+  --keep-config            with --uninstall: keep /etc/clearip-proxy (settings, TLS key)
+  -h, --help               this text
+USAGE
+}
+
+log() { printf 'install.sh: %s\n' "$*"; }
+die() {
+  printf 'install.sh: error: %s\n' "$*" >&2
+  exit 2
+}
+changed() {
+  CHANGES=$((CHANGES + 1))
+  log "changed: $*"
+}
+
+# ---- arguments -------------------------------------------------------------------------------
+need_arg() {
+  if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value"; fi
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --allow)
+      need_arg "$@"
+      IFS=',' read -r -a _cidrs <<<"$2"
+      for _c in "${_cidrs[@]}"; do
+        _c="${_c// /}"
+        [ -n "$_c" ] && ALLOW+=("$_c")
+      done
+      shift 2
+      ;;
+    --advertise) need_arg "$@"; ADVERTISE="$2"; shift 2 ;;
+    --timeout) need_arg "$@"; TIMEOUT="$2"; shift 2 ;;
+    --clearip-uri) need_arg "$@"; CLEARIP_URI="$2"; shift 2 ;;
+    --clearip-transport) need_arg "$@"; TRANSPORT="$2"; shift 2 ;;
+    --proxy-id) need_arg "$@"; PROXY_ID="$2"; shift 2 ;;
+    --metrics) need_arg "$@"; METRICS="$2"; shift 2 ;;
+    --aws-region) need_arg "$@"; REGION="$2"; shift 2 ;;
+    --python) need_arg "$@"; PYTHON="$2"; shift 2 ;;
+    --source) need_arg "$@"; SOURCE="$2"; shift 2 ;;
+    --root) need_arg "$@"; ROOT="${2%/}"; shift 2 ;;
+    --skip-venv) SKIP_VENV=1; shift ;;
+    --no-packages) PACKAGES=0; shift ;;
+    --firewall) need_arg "$@"; FIREWALL="$2"; shift 2 ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    --keep-config) KEEP_CONFIG=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+
+if [ -n "$ROOT" ]; then
+  mkdir -p "$ROOT"
+  ROOT="$(cd "$ROOT" && pwd)"
+  PACKAGES=0
+fi
+R="$ROOT"
+# Touch the live system only without --root and when systemd runs.
+LIVE=0
+if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then LIVE=1; fi
+if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then die "run as root (or use --root DIR)"; fi
+
+# ---- helpers ---------------------------------------------------------------------------------
+imds() {
+  local token
+  token=$(curl -sf --max-time 3 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' \
+    http://169.254.169.254/latest/api/token) || return 1
+  curl -sf --max-time 3 -H "X-aws-ec2-metadata-token: $token" \
+    "http://169.254.169.254/latest/meta-data/$1"
+}
+
+imds_retry() {
+  local value='' i
+  for i in $(seq 30); do
+    if value=$(imds "$1") && [ -n "$value" ]; then
+      printf '%s\n' "$value"
+      return 0
+    fi
+    [ "$i" -lt 30 ] && sleep 2
+  done
+  return 1
+}
+
+valid_cidr() {
+  local c="$1" addr prefix
+  case "$c" in */*) ;; *) die "--allow $c: a bare address; write it with a prefix, e.g. $c/32" ;; esac
+  addr="${c%/*}"
+  prefix="${c##*/}"
+  [[ "$prefix" =~ ^[0-9]{1,3}$ ]] || die "--allow $c: bad prefix length"
+  if [[ "$addr" =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]]; then
+    local o
+    for o in "${BASH_REMATCH[@]:1}"; do [ "$o" -le 255 ] || die "--allow $c: not an IPv4 address"; done
+    [ "$prefix" -le 32 ] || die "--allow $c: prefix longer than 32"
+  elif [[ "$addr" =~ ^[0-9A-Fa-f:]+$ ]] && [[ "$addr" == *:* ]]; then
+    [ "$prefix" -le 128 ] || die "--allow $c: prefix longer than 128"
+  else
+    die "--allow $c: not a CIDR"
+  fi
+  [ "$prefix" -gt 0 ] || die "--allow $c admits the whole internet; list only trusted networks"
+}
+
+# Write $2 to path $1 (relative to the root) with mode $3 when the content differs.
+put_file() {
+  local dest="$R$1" content="$2" mode="$3" tmp
+  mkdir -p "$(dirname "$dest")"
+  tmp=$(mktemp "$(dirname "$dest")/.install.XXXXXX")
+  printf '%s' "$content" >"$tmp"
+  chmod "$mode" "$tmp"
+  if [ -f "$dest" ] && cmp -s "$tmp" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
+    rm -f "$tmp"
+    return 1
+  fi
+  mv -f "$tmp" "$dest"
+  changed "$1"
+  return 0
+}
+
+# Copy file $1 to path $2 (relative to the root) with mode $3 unless it is already there.
+sync_file() {
+  local src="$1" dest="$R$2" mode="$3"
+  if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
+    return 0
+  fi
+  mkdir -p "$(dirname "$dest")"
+  install -m "$mode" "$src" "$dest"
+  changed "$2"
+}
+
+with_transport() {
+  # Set ;transport= of a SIP URI; a standard port of the other transport follows (5061 <-> 5060).
+  local uri="$1" t="$2" base params other kept='' p
+  base="${uri%%;*}"
+  params=''
+  [ "$base" != "$uri" ] && params="${uri#*;}"
+  if [ "$t" = tls ]; then other=5060; else other=5061; fi
+  if [[ "$base" =~ :${other}$ ]]; then
+    base="${base%:*}:$([ "$t" = tls ] && echo 5061 || echo 5060)"
+  fi
+  IFS=';' read -r -a _params <<<"$params"
+  for p in "${_params[@]}"; do
+    case "${p,,}" in transport=*) ;; '') ;; *) kept="$kept;$p" ;; esac
+  done
+  printf '%s%s;transport=%s\n' "$base" "$kept" "$t"
+}
+
+toml_list() {
+  local out='' x
+  for x in "$@"; do out="$out${out:+, }\"$x\""; done
+  printf '[%s]' "$out"
+}
+
+pick_python() {
+  if [ -n "$PYTHON" ]; then
+    command -v "$PYTHON" >/dev/null || die "--python $PYTHON: not found"
+    return
+  fi
+  local c
+  for c in python3.11 python3.12 python3.13 python3; do
+    if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PYTHON="$c"
+      return
+    fi
+  done
+  die "no python >= 3.11: install python3.11 (dnf install python3.11 / apt-get install python3.11-venv)"
+}
+
+install_packages() {
+  local want=()
+  command -v python3.11 >/dev/null || want+=(python3.11)
+  command -v tcpdump >/dev/null || want+=(tcpdump)
+  command -v openssl >/dev/null || want+=(openssl)
+  if command -v apt-get >/dev/null; then
+    python3.11 -c 'import ensurepip' 2>/dev/null || want+=(python3.11-venv)
+    [ ${#want[@]} -eq 0 ] && return
+    log "installing ${want[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}"
+  elif command -v dnf >/dev/null || command -v yum >/dev/null; then
+    [ ${#want[@]} -eq 0 ] && return
+    log "installing ${want[*]}"
+    "$(command -v dnf || command -v yum)" install -y -q "${want[@]}"
+  else
+    [ ${#want[@]} -eq 0 ] || log "warning: no dnf/yum/apt-get; install ${want[*]} yourself"
+  fi
+}
+
+firewall_mode() {
+  case "$FIREWALL" in
+    none | firewalld | nftables) echo "$FIREWALL" ;;
+    auto)
+      if [ -z "$ROOT" ] && command -v firewall-cmd >/dev/null && firewall-cmd --state >/dev/null 2>&1; then
+        echo firewalld
+      elif [ -n "$ROOT" ] || command -v nft >/dev/null; then
+        echo nftables
+      else
+        echo none
+      fi
+      ;;
+    *) die "--firewall $FIREWALL: expected auto, firewalld, nftables or none" ;;
+  esac
+}
+
+nft_rules() {
+  local v4=() v6=() c joined
+  for c in "${ALLOW[@]}"; do
+    if [[ "$c" == *:* ]]; then v6+=("$c"); else v4+=("$c"); fi
+  done
+  printf '%s\n' "# Written by clearip-proxy install.sh: SIP (5060/udp, 5060/tcp, 5061/tcp) only from the" \
+    "# trusted CIDRs. Loaded by clearip-proxy.service (ExecStartPre) and by install.sh." \
+    "table inet clearip_proxy" "delete table inet clearip_proxy" "table inet clearip_proxy {"
+  if [ ${#v4[@]} -gt 0 ]; then
+    joined="${v4[*]}"
+    printf '  set trusted4 {\n    type ipv4_addr\n    flags interval\n    elements = { %s }\n  }\n' \
+      "${joined// /, }"
+  fi
+  if [ ${#v6[@]} -gt 0 ]; then
+    joined="${v6[*]}"
+    printf '  set trusted6 {\n    type ipv6_addr\n    flags interval\n    elements = { %s }\n  }\n' \
+      "${joined// /, }"
+  fi
+  printf '%s\n' "  chain input {" "    type filter hook input priority filter - 1; policy accept;" \
+    "    iif \"lo\" accept"
+  if [ ${#v4[@]} -gt 0 ]; then
+    printf '%s\n' "    ip saddr @trusted4 udp dport 5060 accept" "    ip saddr @trusted4 tcp dport { 5060, 5061 } accept"
+  fi
+  if [ ${#v6[@]} -gt 0 ]; then
+    printf '%s\n' "    ip6 saddr @trusted6 udp dport 5060 accept" "    ip6 saddr @trusted6 tcp dport { 5060, 5061 } accept"
+  fi
+  printf '%s\n' "    udp dport 5060 drop" "    tcp dport { 5060, 5061 } drop" "  }" "}"
+}
+
+firewalld_apply() {
+  local fw=(firewall-cmd --permanent --zone="$FW_ZONE") c p fw_changed=0 current
+  if ! firewall-cmd --permanent --get-zones | tr ' ' '\n' | grep -qx "$FW_ZONE"; then
+    firewall-cmd --permanent --new-zone="$FW_ZONE" >/dev/null
+    fw_changed=1
+  fi
+  current=$("${fw[@]}" --list-sources | tr ' ' '\n')
+  for c in "${ALLOW[@]}"; do
+    grep -qx "$c" <<<"$current" || { "${fw[@]}" --add-source="$c" >/dev/null; fw_changed=1; }
+  done
+  for c in $current; do
+    printf '%s\n' "${ALLOW[@]}" | grep -qx "$c" || { "${fw[@]}" --remove-source="$c" >/dev/null; fw_changed=1; }
+  done
+  current=$("${fw[@]}" --list-ports | tr ' ' '\n')
+  for p in 5060/udp 5060/tcp 5061/tcp; do
+    grep -qx "$p" <<<"$current" || { "${fw[@]}" --add-port="$p" >/dev/null; fw_changed=1; }
+  done
+  if [ "$fw_changed" = 1 ]; then
+    firewall-cmd --reload >/dev/null
+    changed "firewalld zone $FW_ZONE (sources: ${ALLOW[*]})"
+  fi
+}
+
+# ---- uninstall -------------------------------------------------------------------------------
+if [ "$UNINSTALL" = 1 ]; then
+  if [ "$LIVE" = 1 ]; then
+    systemctl disable --now "$UNIT" 2>/dev/null || true
+  fi
+  if [ -z "$ROOT" ]; then
+    if command -v firewall-cmd >/dev/null && firewall-cmd --state >/dev/null 2>&1 \
+      && firewall-cmd --permanent --get-zones | tr ' ' '\n' | grep -qx "$FW_ZONE"; then
+      firewall-cmd --permanent --delete-zone="$FW_ZONE" >/dev/null && firewall-cmd --reload >/dev/null
+    fi
+    if command -v nft >/dev/null; then nft delete table inet clearip_proxy 2>/dev/null || true; fi
+  fi
+  remove=("$R$UNIT_DIR/$UNIT" "$R$UNIT_DIR/$UNIT.d" "$R$PREFIX" "$R/usr/local/bin/clearip-proxy"
+    "$R/var/lib/clearip-proxy")
+  if [ "$KEEP_CONFIG" = 0 ]; then remove+=("$R$CONF_DIR"); fi
+  rm -rf -- "${remove[@]}"
+  if [ "$LIVE" = 1 ]; then systemctl daemon-reload; fi
+  if [ -z "$ROOT" ] && getent passwd "$SERVICE_USER" >/dev/null; then userdel "$SERVICE_USER" || true; fi
+  log "removed"
+  exit 0
+fi
+
+# ---- validate --------------------------------------------------------------------------------
+[ ${#ALLOW[@]} -gt 0 ] || die "--allow CIDR is required: the switches and carriers that may send SIP"
+for c in "${ALLOW[@]}"; do valid_cidr "$c"; done
+[[ "$TIMEOUT" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--timeout $TIMEOUT: not a number of seconds"
+awk -v t="$TIMEOUT" 'BEGIN { exit !(t > 0 && t <= 60) }' || die "--timeout $TIMEOUT: must be > 0 and <= 60"
+[[ "$TIMEOUT" == *.* ]] || TIMEOUT="$TIMEOUT.0"
+[[ "$CLEARIP_URI" =~ ^sips?:[^[:space:]\"\\]+$ ]] || die "--clearip-uri $CLEARIP_URI: not a SIP URI"
+case "$TRANSPORT" in
+  '') ;;
+  tls | tcp) CLEARIP_URI=$(with_transport "$CLEARIP_URI" "$TRANSPORT") ;;
+  *) die "--clearip-transport $TRANSPORT: expected tls or tcp" ;;
+esac
+case "$METRICS" in auto | cloudwatch | log | off) ;; *) die "--metrics $METRICS: expected auto, cloudwatch, log or off" ;; esac
+if [ ! -d "$SOURCE/proxy_runtime" ] || [ ! -f "$SOURCE/requirements-runtime.txt" ] \
+  || [ ! -f "$SOURCE/deploy/$UNIT" ]; then
+  die "--source $SOURCE: not a clearip-proxy release (proxy_runtime/, requirements-runtime.txt, deploy/)"
+fi
+SOURCE="$(cd "$SOURCE" && pwd)"
+if [ "$ADVERTISE" = imds ]; then
+  ADVERTISE=$(imds_retry public-ipv4) || die "--advertise imds: no public IPv4 in the instance metadata"
+fi
+[[ "$ADVERTISE" =~ ^[A-Za-z0-9.:-]*$ ]] || die "--advertise $ADVERTISE: not an address or host name"
+if [ "$PROXY_ID" = imds ]; then
+  PROXY_ID=$(imds_retry instance-id) || die "--proxy-id imds: no instance id in the instance metadata"
+fi
+[[ "$PROXY_ID" =~ ^[A-Za-z0-9._-]*$ ]] || die "--proxy-id $PROXY_ID: letters, digits, '.', '_' and '-' only"
+if [ "$REGION" = imds ]; then
+  REGION=$(imds_retry placement/region) || die "--aws-region imds: no region in the instance metadata"
+fi
+[[ "$REGION" =~ ^[a-z0-9-]*$ ]] || die "--aws-region $REGION: not a region name"
+
+# ---- install ---------------------------------------------------------------------------------
+[ "$PACKAGES" = 1 ] && install_packages
+if [ -z "$ROOT" ] && ! getent passwd "$SERVICE_USER" >/dev/null; then
+  useradd --system --home-dir /var/lib/clearip-proxy --no-create-home \
+    --shell "$(command -v nologin || echo /sbin/nologin)" "$SERVICE_USER"
+  changed "user $SERVICE_USER"
+fi
+
+# The runtime: proxy_runtime/, pyproject.toml, requirements-runtime.txt, deploy/. Files that left
+# the release are removed.
+declare -A WANT=()
+while IFS= read -r -d '' f; do
+  rel="${f#"$SOURCE"/}"
+  WANT["$rel"]=1
+  case "$rel" in *.sh) mode=755 ;; *) mode=644 ;; esac
+  sync_file "$f" "$PREFIX/src/$rel" "$mode"
+done < <(find "$SOURCE/proxy_runtime" "$SOURCE/deploy" "$SOURCE/pyproject.toml" \
+  "$SOURCE/requirements-runtime.txt" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z)
+while IFS= read -r -d '' f; do
+  rel="${f#"$R$PREFIX/src/"}"
+  [ -n "${WANT[$rel]:-}" ] || { rm -f "$f"; changed "removed $PREFIX/src/$rel"; }
+done < <(find "$R$PREFIX/src" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0)
+
+if [ "$SKIP_VENV" = 0 ]; then
+  VENV="$R$PREFIX/venv"
+  if [ ! -x "$VENV/bin/python" ]; then
+    pick_python
+    log "creating $PREFIX/venv with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+    changed "$PREFIX/venv"
+  fi
+  # Reinstall only when the release changed: the stamp is a hash of every runtime file.
+  stamp=$(cd "$R$PREFIX/src" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+    | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
+    build=$(mktemp -d)
+    cp -r "$R$PREFIX/src/." "$build/"
+    log "installing the runtime dependencies (requirements-runtime.txt) and the proxy"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+      -r "$build/requirements-runtime.txt"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$build"
+    rm -rf "$build"
+    printf '%s\n' "$stamp" >"$VENV/.release-sha256"
+    changed "$PREFIX/venv packages"
+  fi
+  if [ "$(readlink "$R/usr/local/bin/clearip-proxy" 2>/dev/null || true)" != "$PREFIX/venv/bin/clearip-proxy" ]; then
+    mkdir -p "$R/usr/local/bin"
+    ln -sfn "$PREFIX/venv/bin/clearip-proxy" "$R/usr/local/bin/clearip-proxy"
+    changed "/usr/local/bin/clearip-proxy"
+  fi
+fi
+
+# TLS for the 5061 listener: self-signed unless the operator put a certificate there.
+TLS_DIR="$CONF_DIR/tls"
+if [ ! -s "$R$TLS_DIR/cert.pem" ] || [ ! -s "$R$TLS_DIR/key.pem" ]; then
+  mkdir -p "$R$TLS_DIR"
+  chmod 750 "$R$TLS_DIR"
+  cn="${ADVERTISE:-$(hostname)}"
+  if [[ "$cn" =~ ^[0-9.]+$ ]] || [[ "$cn" == *:* ]]; then san="IP:$cn"; else san="DNS:$cn"; fi
+  ( umask 077
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
+      -subj "/CN=$cn" -addext "subjectAltName=$san" \
+      -keyout "$R$TLS_DIR/key.pem" -out "$R$TLS_DIR/cert.pem" 2>/dev/null )
+  chmod 644 "$R$TLS_DIR/cert.pem"
+  chmod 640 "$R$TLS_DIR/key.pem"
+  changed "$TLS_DIR (self-signed certificate for $cn; replace it with your own)"
+fi
+
+settings="# /etc/clearip-proxy/settings.toml, written by install.sh. Keys are the proxy's Settings fields.
+# Change values with: clearip-proxy set KEY VALUE --config /etc/clearip-proxy/settings.toml
+# (re-running install.sh rewrites this file from its arguments).
+allow = $(toml_list "${ALLOW[@]}")
+advertise = \"$ADVERTISE\"
+clearip = \"$CLEARIP_URI\"
+timeout = $TIMEOUT
+tls_cert = \"$TLS_DIR/cert.pem\"
+tls_key = \"$TLS_DIR/key.pem\"
+metrics = \"$METRICS\"
+"
+[ -n "$PROXY_ID" ] && settings="${settings}proxy_id = \"$PROXY_ID\"
+"
+put_file "$CONF_DIR/settings.toml" "$settings" 640 || true
+if [ -n "$REGION" ]; then
+  put_file "$CONF_DIR/environment" "AWS_REGION=$REGION
+AWS_DEFAULT_REGION=$REGION
+" 644 || true
+fi
+
+UNIT_CHANGED=0
+before=$CHANGES
+sync_file "$SOURCE/deploy/$UNIT" "$UNIT_DIR/$UNIT" 644
+
+MODE=$(firewall_mode)
+case "$MODE" in
+  nftables)
+    NFT_CHANGED=0
+    if put_file "$CONF_DIR/firewall.nft" "$(nft_rules)
+" 644; then NFT_CHANGED=1; fi
+    put_file "$UNIT_DIR/$UNIT.d/firewall.conf" "# Written by install.sh: load the SIP allow-list before the proxy starts.
+[Service]
+ExecStartPre=+$(command -v nft || echo /usr/sbin/nft) -f $CONF_DIR/firewall.nft
+" 644 || true
+    if [ -z "$ROOT" ] && [ "$NFT_CHANGED" = 1 ]; then nft -f "$CONF_DIR/firewall.nft"; fi
+    ;;
+  firewalld)
+    rm -f "$R$UNIT_DIR/$UNIT.d/firewall.conf" "$R$CONF_DIR/firewall.nft"
+    firewalld_apply
+    ;;
+  none) log "no firewall changes (--firewall none, or neither firewalld nor nft found)" ;;
+esac
+[ "$CHANGES" -gt "$before" ] && UNIT_CHANGED=1
+
+if [ -z "$ROOT" ] && getent group "$SERVICE_USER" >/dev/null; then
+  chown root:"$SERVICE_USER" "$CONF_DIR" "$CONF_DIR/settings.toml" "$TLS_DIR" "$TLS_DIR/key.pem"
+  chmod 750 "$CONF_DIR"
+fi
+
+if [ "$LIVE" = 1 ]; then
+  [ "$UNIT_CHANGED" = 1 ] && systemctl daemon-reload
+  systemctl is-enabled --quiet "$UNIT" 2>/dev/null || { systemctl enable --quiet "$UNIT"; changed "enabled $UNIT"; }
+  if [ "$CHANGES" -gt 0 ]; then
+    systemctl restart "$UNIT"
+    log "restarted $UNIT"
+  elif ! systemctl is-active --quiet "$UNIT"; then
+    systemctl start "$UNIT"
+    log "started $UNIT"
+  fi
+elif [ -z "$ROOT" ]; then
+  log "no systemd running: start it with $PREFIX/venv/bin/clearip-proxy run --config $CONF_DIR/settings.toml"
+fi
+
+if [ "$CHANGES" -eq 0 ]; then
+  log "unchanged"
+else
+  log "done: $CHANGES change(s)${ROOT:+ under $ROOT}"
+fi

@@ -1,0 +1,72 @@
+"""ClearIpProxyStack: the network, the proxies, their monitoring and operations, wired together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aws_cdk import CfnOutput, Stack
+from constructs import Construct
+
+from infra.fleet import REPO_ROOT, ProxyFleet
+from infra.monitoring import MonitoredProxy, ProxyMonitoring
+from infra.network import ProxyNetwork
+from infra.operations import ProxyOperations
+from infra.settings import DeploymentSettings
+
+
+class ClearIpProxyStack(Stack):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: DeploymentSettings,
+        source_dir: Path = REPO_ROOT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description="ClearIP in-line SIP proxies: VPC, redundant EC2 proxies with Elastic IPs, alarms, "
+            "dashboard, Session Manager documents",
+            **kwargs,
+        )
+        self.settings = settings
+        self.network = ProxyNetwork(self, "Network", sip_cidrs=settings.sip_cidrs, ssh_cidr=settings.ssh_cidr)
+        self.fleet = ProxyFleet(
+            self,
+            "Fleet",
+            vpc=self.network.vpc,
+            subnets=self.network.public_subnets,
+            security_group=self.network.security_group,
+            proxy_count=settings.proxy_count,
+            instance_type=settings.instance_type,
+            key_pair=settings.key_pair,
+            sip_cidrs=settings.sip_cidrs,
+            clearip_uri=settings.proxy_clearip_uri,
+            timeout=settings.timeout,
+            source_dir=source_dir,
+        )
+        self.monitoring = ProxyMonitoring(
+            self,
+            "Monitoring",
+            proxies=[
+                MonitoredProxy(name=p.name, instance_id=p.instance_id, public_ip=p.public_ip)
+                for p in self.fleet.proxies
+            ],
+            thresholds=settings.thresholds,
+            alarm_email=settings.alarm_email,
+        )
+        self.operations = ProxyOperations(self, "Operations", instance_role=self.fleet.role)
+
+        for p in self.fleet.proxies:
+            CfnOutput(self, f"{p.name}PublicIp", value=p.public_ip, description=f"{p.name}'s Elastic IP")
+            CfnOutput(self, f"{p.name}InstanceId", value=p.instance_id, description=f"{p.name}'s instance id")
+        CfnOutput(self, "DashboardUrl", value=self.monitoring.dashboard_url, description="CloudWatch dashboard")
+        CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn, description="SNS alarm topic")
+        CfnOutput(
+            self, "TraceBucketName", value=self.operations.trace_bucket.bucket_name, description="SIP traces"
+        )
+        for key, name in self.operations.document_names.items():
+            CfnOutput(self, f"{key}DocumentName", value=name, description=f"SSM document: {key}")

@@ -1,0 +1,232 @@
+"""Command line: ``clearip-proxy run | check-config | simulate | demo | set`` (``python -m proxy_runtime``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from proxy_runtime import settings as settings_mod
+from proxy_runtime.settings import Settings, SettingsError
+
+log = logging.getLogger("clearip")
+
+# flag -> settings field
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--udp", "udp", {"action": "append", "metavar": "HOST:PORT"}),
+    ("--tcp", "tcp", {"action": "append", "metavar": "HOST:PORT"}),
+    ("--tls", "tls", {"action": "append", "metavar": "HOST:PORT"}),
+    ("--tls-cert", "tls_cert", {"metavar": "FILE"}),
+    ("--tls-key", "tls_key", {"metavar": "FILE"}),
+    ("--advertise", "advertise", {"metavar": "ADDR"}),
+    ("--clearip", "clearip", {"metavar": "URI"}),
+    ("--clearip-ca", "clearip_ca", {"metavar": "FILE"}),
+    ("--clearip-server-name", "clearip_server_name", {"metavar": "NAME"}),
+    ("--timeout", "timeout", {"metavar": "SECONDS"}),
+    ("--ring-timeout", "ring_timeout", {"metavar": "SECONDS"}),
+    ("--allow", "allow", {"action": "append", "metavar": "CIDR"}),
+    ("--copy-header", "copy_headers", {"action": "append", "metavar": "NAME"}),
+    ("--emergency-number", "emergency_numbers", {"action": "append", "metavar": "NUMBER"}),
+    ("--emergency-action", "emergency_action", {"choices": settings_mod.EMERGENCY_ACTIONS}),
+    ("--emergency-route", "emergency_route", {"metavar": "URI"}),
+    ("--max-in-flight", "max_in_flight", {"metavar": "N"}),
+    ("--metrics", "metrics", {"metavar": "|".join(settings_mod.METRICS_SINKS)}),
+    ("--metrics-interval", "metrics_interval", {"metavar": "SECONDS"}),
+    ("--proxy-id", "proxy_id", {"metavar": "ID"}),
+    ("--log-level", "log_level", {"metavar": "LEVEL"}),
+]
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="settings file (flat TOML); env CLEARIP_PROXY_CONFIG")
+    for flag, dest, kw in _FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **kw)
+    p.add_argument("--log-numbers", dest="log_numbers", action="store_const", const=True, default=None)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for _, dest, _kw in _FLAGS:
+        v = getattr(args, dest, None)
+        if v is not None:
+            out[dest] = v
+    if getattr(args, "log_numbers", None):
+        out["log_numbers"] = True
+    # --emergency-number adds to the built-in 911/933 rather than replacing them.
+    if "emergency_numbers" in out:
+        out["emergency_numbers"] = list(settings_mod.DEFAULT_EMERGENCY_NUMBERS) + list(out["emergency_numbers"])
+    return out
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    config = args.config or os.environ.get("CLEARIP_PROXY_CONFIG")
+    return settings_mod.load(config, overrides=overrides_from(args))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def run_proxy(settings: Settings, config_args: argparse.Namespace | None = None) -> int:
+    from proxy_runtime.metrics.publisher import MetricsPublisher
+    from proxy_runtime.metrics.recorder import MetricsRecorder
+    from proxy_runtime.metrics.sinks import make_sink
+    from proxy_runtime.server import ProxyServer
+
+    recorder = MetricsRecorder(proxy_id=settings.proxy_id, log_numbers=settings.log_numbers)
+    loop = asyncio.get_running_loop()
+    try:
+        sink = await loop.run_in_executor(None, lambda: make_sink(settings.metrics, proxy_id=settings.proxy_id))
+    except ValueError as exc:
+        raise SettingsError("metrics", str(exc)) from None
+    publisher = MetricsPublisher(recorder, sink, interval=settings.metrics_interval)
+    server = ProxyServer(settings, recorder=recorder)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot open listeners: %s", exc)
+        await server.stop()
+        return 1
+    await publisher.start()
+    stop = asyncio.Event()
+
+    def on_term() -> None:
+        log.info("SIGTERM: draining (at most %.0f s)", settings.drain_timeout)
+        stop.set()
+
+    def on_hup() -> None:
+        if config_args is None:
+            return
+        try:
+            new = load_settings(config_args)
+        except SettingsError as exc:
+            log.error("reload refused, keeping the running settings: %s", exc)
+            return
+        restart = server.reload(new)
+        publisher.interval = new.metrics_interval
+        logging.getLogger().setLevel(new.log_level.upper())
+        log.info("settings reloaded%s", f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+        await server.drain()
+    finally:
+        await server.stop()
+        await publisher.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the runtime requirements
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        s = load_settings(args)
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(s.log_level)
+    _use_uvloop()
+    try:
+        return asyncio.run(run_proxy(s, args))
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        s = load_settings(args)
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+    print(settings_mod.to_toml(s), end="")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    """Persist one setting in the settings file (used by the Session Manager documents)."""
+    from proxy_runtime.settings_file import set_value
+
+    try:
+        set_value(args.config, args.key, args.value)
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.key} = {args.value} written to {args.config}; restart the proxy to apply")
+    return 0
+
+
+def cmd_simulate(argv: Sequence[str]) -> int:
+    from proxy_runtime import simulator
+
+    return simulator.main(list(argv))
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    from proxy_runtime import demo
+
+    return demo.main(list(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clearip-proxy", description="In-line SIP proxy for ClearIP")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the proxy")
+    _add_settings_flags(r)
+    c = sub.add_parser("check-config", help="validate the settings and print them as TOML")
+    _add_settings_flags(c)
+    st = sub.add_parser("set", help="persist one setting in the settings file")
+    st.add_argument("key")
+    st.add_argument("value")
+    st.add_argument("--config", required=True, metavar="FILE")
+    sub.add_parser("simulate", help="run the ClearIP simulator (see docs/SIMULATOR.md)", add_help=False)
+    sub.add_parser("demo", help="the proxy against the simulator, placing calls", add_help=False)
+    sub.add_parser("doctor", help="check settings, listeners, ClearIP, DNS, carriers, clock", add_help=False)
+    sub.add_parser("trace", help="capture a SIP trace from the running proxy", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with their own argument parsers.
+    if argv and argv[0] == "simulate":
+        return cmd_simulate(argv[1:])
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
+    if argv and argv[0] in ("doctor", "trace"):
+        from proxy_runtime import operations
+
+        return operations.main(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "set":
+        return cmd_set(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

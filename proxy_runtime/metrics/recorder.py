@@ -1,0 +1,180 @@
+"""Sans-I/O aggregation of call records and counters into intervals.
+
+No asyncio, no clock reads, no locks: the proxy's event loop calls :meth:`MetricsRecorder.record_call`,
+:meth:`~MetricsRecorder.incr` and :meth:`~MetricsRecorder.set_gauge` on the call path (each O(1), a
+few dictionary updates), and the publisher calls :meth:`~MetricsRecorder.close_interval` on the same
+loop once an interval. Memory is bounded: latencies are quantised (:func:`quantize_ms`), so a
+histogram never holds more than a few thousand distinct values whatever the call rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from proxy_runtime.metrics import names
+from proxy_runtime.metrics.names import MetricSpec
+from proxy_runtime.metrics.records import CallRecord, Distribution, GaugeStats, Interval, quantize_ms
+
+CALL_LOGGER = "clearip.calls"
+"""Logger of the per-call JSON line (one a finished call, at INFO)."""
+
+_call_log = logging.getLogger(CALL_LOGGER)
+
+DISTRIBUTION_METRICS: tuple[MetricSpec, ...] = (
+    names.CLEARIP_LATENCY,
+    names.POST_DIAL_DELAY,
+    names.CARRIER_ATTEMPTS,
+    names.ROUTE_ADVANCES,
+)
+"""Per-call figures published as Values/Counts histograms (percentiles work on them)."""
+
+GAUGE_METRICS: tuple[MetricSpec, ...] = (names.CLEARIP_CONNECTED, names.IN_FLIGHT)
+"""Published as statistic sets: Minimum, Maximum and Average of the samples within the interval."""
+
+COUNTER_METRICS: tuple[MetricSpec, ...] = tuple(
+    m for m in names.ALL_METRICS if m not in DISTRIBUTION_METRICS and m not in GAUGE_METRICS
+)
+"""Published every interval as one summed value, zeros included (Heartbeat is always 1)."""
+
+_DISTRIBUTION_NAMES = frozenset(m.name for m in DISTRIBUTION_METRICS)
+_GAUGE_NAMES = frozenset(m.name for m in GAUGE_METRICS)
+_OUTCOME_NAMES = {o: m.name for o, m in names.CLEARIP_OUTCOME_METRICS.items()}
+
+# Names looked up once, not per call.
+_CALLS = names.CALLS.name
+_ANSWERED = names.CALLS_ANSWERED.name
+_EMERGENCY = names.EMERGENCY_BYPASS.name
+_PROXY_FAILED = names.PROXY_FAILED_CALLS.name
+_OVERLOAD = names.OVERLOAD_REJECTED.name
+_LATENCY = names.CLEARIP_LATENCY.name
+_PDD = names.POST_DIAL_DELAY.name
+_ATTEMPTS = names.CARRIER_ATTEMPTS.name
+_ADVANCES = names.ROUTE_ADVANCES.name
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class MetricsRecorder:
+    """Folds call records, counters and gauges into the current interval."""
+
+    __slots__ = ("_counts", "_gauges", "_histograms", "_log_numbers", "_proxy_id", "_specs")
+
+    def __init__(self, *, proxy_id: str, log_numbers: bool = False) -> None:
+        self._proxy_id = proxy_id
+        self._log_numbers = log_numbers
+        self._specs: dict[str, MetricSpec] = {m.name: m for m in names.ALL_METRICS}
+        self._counts: dict[str, int] = dict.fromkeys((m.name for m in COUNTER_METRICS), 0)
+        self._histograms: dict[str, dict[float, int]] = {m.name: {} for m in DISTRIBUTION_METRICS}
+        # name -> [min, max, last, sum, count]. Gauges start at 0 (not connected, nothing in
+        # flight), so they are published from the first interval and an alarm never lacks data.
+        self._gauges: dict[str, list[float]] = {m.name: [0.0, 0.0, 0.0, 0.0, 1.0] for m in GAUGE_METRICS}
+
+    @property
+    def proxy_id(self) -> str:
+        return self._proxy_id
+
+    # ---- the call path -----------------------------------------------------------------------
+    def record_call(self, rec: CallRecord) -> None:
+        """Fold one finished call into the interval and log its JSON line on ``clearip.calls``."""
+        counts = self._counts
+        counts[_CALLS] += 1
+        if 200 <= rec.final_status < 300:
+            counts[_ANSWERED] += 1
+        if rec.emergency:
+            counts[_EMERGENCY] += 1
+        if rec.proxy_failed:
+            counts[_PROXY_FAILED] += 1
+        if rec.overload_rejected:
+            counts[_OVERLOAD] += 1
+        if rec.clearip_outcome is not None:
+            counts[_OUTCOME_NAMES[rec.clearip_outcome]] += 1
+        hist = self._histograms
+        if rec.clearip_latency_ms is not None and math.isfinite(rec.clearip_latency_ms):
+            h = hist[_LATENCY]
+            v = quantize_ms(rec.clearip_latency_ms)
+            h[v] = h.get(v, 0) + 1
+        if rec.post_dial_delay_ms is not None and math.isfinite(rec.post_dial_delay_ms):
+            h = hist[_PDD]
+            v = quantize_ms(rec.post_dial_delay_ms)
+            h[v] = h.get(v, 0) + 1
+        if rec.carrier_attempts > 0 or rec.route_advances > 0:
+            # Over routed calls only: Average reads "attempts per routed call".
+            h = hist[_ATTEMPTS]
+            a = float(max(0, rec.carrier_attempts))
+            h[a] = h.get(a, 0) + 1
+            h = hist[_ADVANCES]
+            a = float(max(0, rec.route_advances))
+            h[a] = h.get(a, 0) + 1
+        if _call_log.isEnabledFor(logging.INFO):
+            _call_log.info(self.call_line(rec))
+
+    def call_line(self, rec: CallRecord) -> str:
+        """The per-call JSON line (phone numbers only when ``log_numbers``)."""
+        line: dict[str, object] = {
+            "event": "call",
+            "proxy": self._proxy_id,
+            "call_id": rec.call_id,
+            "outcome": None if rec.clearip_outcome is None else rec.clearip_outcome.value,
+            "clearip_ms": _ms(rec.clearip_latency_ms),
+            "attempts": rec.carrier_attempts,
+            "advances": rec.route_advances,
+            "status": rec.final_status,
+            "pdd_ms": _ms(rec.post_dial_delay_ms),
+            "emergency": rec.emergency,
+            "proxy_failed": rec.proxy_failed,
+            "overload": rec.overload_rejected,
+            "reason": rec.reason,
+        }
+        if self._log_numbers:
+            line["caller"] = rec.caller
+            line["callee"] = rec.callee
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+
+    def incr(self, spec: MetricSpec, n: int = 1) -> None:
+        """Add ``n`` to a counter (MALFORMED_MESSAGES, UNTRUSTED_DROPPED, CLEARIP_RECONNECTS, ...)."""
+        name = spec.name
+        if name in _DISTRIBUTION_NAMES or name in _GAUGE_NAMES:
+            raise ValueError(f"{name} is not a counter")
+        counts = self._counts
+        if name in counts:
+            counts[name] += n
+        else:
+            self._specs.setdefault(name, spec)
+            counts[name] = n
+
+    def set_gauge(self, spec: MetricSpec, value: float) -> None:
+        """Sample a gauge (CLEARIP_CONNECTED, IN_FLIGHT); the interval keeps min, max, last, mean."""
+        name = spec.name
+        if name not in _GAUGE_NAMES:
+            raise ValueError(f"{name} is not a gauge")
+        value = float(value)
+        g = self._gauges[name]
+        if value < g[0]:
+            g[0] = value
+        if value > g[1]:
+            g[1] = value
+        g[2] = value
+        g[3] += value
+        g[4] += 1.0
+
+    # ---- once an interval --------------------------------------------------------------------
+    def close_interval(self, timestamp: float) -> Interval:
+        """Return the interval's figures (Heartbeat = 1) stamped ``timestamp``; start a new one."""
+        specs = self._specs
+        counts = {specs[name]: n for name, n in self._counts.items()}
+        counts[names.HEARTBEAT] = counts.get(names.HEARTBEAT, 0) + 1
+        distributions = {
+            specs[name]: Distribution.from_mapping(h) for name, h in self._histograms.items() if h
+        }
+        gauges = {
+            specs[name]: GaugeStats(g[0], g[1], g[2], g[3], int(g[4])) for name, g in self._gauges.items()
+        }
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._histograms = {name: {} for name in self._histograms}
+        # A gauge keeps its last value into the next interval, as its first sample.
+        self._gauges = {name: [g[2], g[2], g[2], g[2], 1.0] for name, g in self._gauges.items()}
+        return Interval(timestamp, counts, distributions, gauges)

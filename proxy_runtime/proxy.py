@@ -1,0 +1,1060 @@
+"""The transaction-stateful proxy core, sans-I/O.
+
+Bytes come in with their source and ``now`` (:meth:`ProxyCore.receive`); what must go out is handed
+to the ``send(target, data, error_key)`` callable the transport adapter injected; the adapter calls
+:meth:`ProxyCore.handle_timer` at :meth:`ProxyCore.next_deadline` and reports failures with
+:meth:`ProxyCore.transport_error` and :meth:`ProxyCore.set_clearip_up`. Nothing here reads a clock
+or touches a socket, so RFC 3261's timers run in tests on a fake clock.
+
+Call flow (DESIGN §2): an initial INVITE gets 100 Trying and goes to ClearIP with its Request-URI
+unchanged; ClearIP's 302 is ACKed by the client transaction, the configured headers are copied
+into the INVITE, and the INVITE is serial-forked to the Contacts in q order; any other final is
+relayed. In-dialog requests follow Record-Route / Route (loose routing) and need no dialog state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from proxy_runtime import routing
+from proxy_runtime.metrics import names
+from proxy_runtime.metrics.names import ClearIpOutcome
+from proxy_runtime.metrics.records import CallRecord
+from proxy_runtime.metrics.recorder import MetricsRecorder
+from proxy_runtime.settings import Settings
+from proxy_runtime.sip.message import (
+    ParseError,
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    Via,
+    make_response,
+    parse_message,
+    parse_name_addr,
+    parse_via,
+    split_list,
+    try_parse_for_reply,
+)
+from proxy_runtime.sip.transaction import (
+    DEFAULT_TIMERS,
+    ClientTransaction,
+    Event,
+    ServerTransaction,
+    TimerSettings,
+    Verdict,
+)
+from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
+
+log = logging.getLogger("clearip.proxy")
+
+CLEARIP = "clearip"  # the transport name of the persistent ClearIP connection
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER, MESSAGE, SUBSCRIBE"
+IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a message goes or came from. ``conn_id`` names a stream connection (0: any/new)."""
+
+    transport: str  # "udp" | "tcp" | "tls" | "clearip"
+    host: str
+    port: int
+    conn_id: int = 0
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport != "udp"
+
+
+SendFn = Callable[[Target, bytes, object], None]
+
+
+@dataclass(slots=True)
+class Branch:
+    """One carrier attempt of a serial fork."""
+
+    call: Call
+    request: SipRequest
+    target: Target
+    started: float
+    ct: ClientTransaction | None = None
+    provisional: bool = False
+    cancel_sent: bool = False
+    abandoned: bool = False  # no provisional in time, or the call moved on: absorb what comes
+
+
+@dataclass(slots=True)
+class Call:
+    """An initial INVITE: its server transaction, the ClearIP leg and the carrier branches."""
+
+    st: ServerTransaction
+    request: SipRequest
+    source: Target
+    received: float
+    phase: str = "clearip"  # clearip -> fork -> done
+    deadline: float | None = None
+    clearip_ct: ClientTransaction | None = None
+    clearip_request: SipRequest | None = None
+    clearip_sent: float = 0.0
+    clearip_outcome: ClearIpOutcome | None = None
+    clearip_latency_ms: float | None = None
+    base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
+    targets: list[SipUri] = field(default_factory=list)
+    next_target: int = 0
+    branch: Branch | None = None
+    responses: list[SipResponse] = field(default_factory=list)
+    attempts: int = 0
+    cancelled: bool = False
+    answered: bool = False
+    pdd_ms: float | None = None
+    emergency: bool = False
+    proxy_failed: bool = False
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Relay:
+    """A request forwarded along the route set (in-dialog requests, pre-routed requests)."""
+
+    st: ServerTransaction
+    ct: ClientTransaction
+    request: SipRequest
+    target: Target
+
+
+class _CancelOwner:
+    """Owner of the CANCELs we send: their responses need no action."""
+
+
+_CANCEL = _CancelOwner()
+
+
+class ProxyCore:
+    def __init__(
+        self,
+        settings: Settings,
+        send: SendFn,
+        *,
+        advertise: str,
+        ports: dict[str, int],
+        own_hosts: Iterable[str] = (),
+        recorder: MetricsRecorder | None = None,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        instance: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self._send = send
+        self.advertise = advertise
+        self.ports = dict(ports)
+        self.own_hosts = {advertise.lower(), *(h.lower() for h in own_hosts)}
+        self.recorder = recorder
+        self.timers = timers
+        self._instance = instance or os.urandom(3).hex()
+        self._branch_prefix = "z9hG4bK" + self._instance
+        self._seq = itertools.count(1)
+        self._heap: list[tuple[float, int, object]] = []
+        self._server: dict[tuple[str, str, str], ServerTransaction] = {}
+        self._client: dict[tuple[str, str], ClientTransaction] = {}
+        self._calls: dict[tuple[str, str, str], Call] = {}  # by server transaction key
+        self.clearip_up = False
+        self.draining = False
+        self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
+        self._trusted_cache: dict[str, bool] = {}
+        self._networks = settings.allow_networks
+        self._clearip_uri = settings.clearip_uri
+        self._clearip_target = Target(CLEARIP, self._clearip_uri.host, self._clearip_uri.port or 5061)
+        self._last_403_log = -1e9
+
+    # =========================================================================================
+    # Adapter-facing API
+    # =========================================================================================
+    @property
+    def in_flight(self) -> int:
+        """Initial INVITEs not yet answered with a final response."""
+        return len(self._calls)
+
+    def update_settings(self, settings: Settings) -> None:
+        """Hot reload: what can change without dropping calls (timeouts, allow-list, headers...)."""
+        self.settings = settings
+        self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
+        self._networks = settings.allow_networks
+        self._trusted_cache.clear()
+
+    def is_trusted(self, host: str) -> bool:
+        ok = self._trusted_cache.get(host)
+        if ok is None:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                ok = False
+            else:
+                if ip.version == 6 and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                ok = any(ip in net for net in self._networks)
+            if len(self._trusted_cache) > 10000:
+                self._trusted_cache.clear()
+            self._trusted_cache[host] = ok
+        return ok
+
+    def receive(self, data: bytes, source: Target, now: float, *, trusted: bool = False) -> None:
+        """A datagram or a framed stream message arrived from ``source``."""
+        if not trusted and source.transport != CLEARIP and not self.is_trusted(source.host):
+            self._incr(names.UNTRUSTED_DROPPED)
+            return
+        try:
+            msg = parse_message(data, datagram=source.transport == "udp")
+        except ParseError as exc:
+            self.malformed(data, source, exc, now)
+            return
+        try:
+            if isinstance(msg, SipRequest):
+                self._on_request(msg, source, now)
+            elif isinstance(msg, SipResponse):
+                self._on_response(msg, source, now)
+        except ParseError as exc:  # a header that only failed when the proxy needed it
+            self.malformed(data, source, exc, now)
+
+    def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
+        """Count it; answer a request with ``exc.status_hint`` when it has a usable Via."""
+        self._incr(names.MALFORMED_MESSAGES)
+        req = try_parse_for_reply(data)
+        if req is None:
+            log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
+            return
+        resp = make_response(req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')])
+        try:
+            target = self._response_target(req.top_via, source)
+        except ParseError:
+            return
+        self._send(target, resp.serialize(), None)
+
+    def set_clearip_up(self, up: bool, now: float) -> None:
+        """The ClearIP connection went up or down. Down: every call waiting on ClearIP gets 503 now."""
+        was = self.clearip_up
+        self.clearip_up = up
+        self._gauge(names.CLEARIP_CONNECTED, 1.0 if up else 0.0)
+        if was and not up:
+            for call in list(self._calls.values()):
+                if call.phase == "clearip" and call.clearip_ct is not None:
+                    call.clearip_ct.terminate()
+                    self._client.pop(call.clearip_ct.key, None)  # type: ignore[call-overload]
+                    call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+                    self._fail_call(call, 503, "ClearIP connection lost", now)
+
+    def transport_error(self, key: object, now: float) -> None:
+        """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
+        ct = self._client.get(key)  # type: ignore[call-overload]
+        if ct is None:
+            return
+        if ct.transport_error() is Event.TRANSPORT_ERROR:
+            self._client.pop(ct.key, None)  # type: ignore[call-overload]
+            self._client_failed(ct, 503, "transport error", now)
+
+    def start_drain(self) -> None:
+        self.draining = True
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            when, _, obj = heap[0]
+            if getattr(obj, "deadline", None) == when:
+                return when
+            heapq.heappop(heap)  # stale entry
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, obj = heapq.heappop(heap)
+            if getattr(obj, "deadline", None) != when:
+                continue
+            if isinstance(obj, ClientTransaction):
+                self._client_timer(obj, now)
+            elif isinstance(obj, ServerTransaction):
+                ev = obj.on_timer(now)
+                if ev is Event.TIMEOUT:
+                    log.debug("no ACK for final response on %s", obj.key)
+                if obj.terminated:
+                    self._server.pop(obj.key, None)  # type: ignore[call-overload]
+                else:
+                    self._schedule(obj)
+            elif isinstance(obj, Call):
+                self._call_timer(obj, now)
+
+    # =========================================================================================
+    # Timers
+    # =========================================================================================
+    def _schedule(self, obj: ClientTransaction | ServerTransaction | Call) -> None:
+        d = obj.deadline
+        if d is not None:
+            heapq.heappush(self._heap, (d, next(self._seq), obj))
+
+    def _client_timer(self, ct: ClientTransaction, now: float) -> None:
+        ev = ct.on_timer(now)
+        if ct.terminated:
+            self._client.pop(ct.key, None)  # type: ignore[call-overload]
+        else:
+            self._schedule(ct)
+        if ev is Event.TIMEOUT:
+            self._client_failed(ct, 408, "request timeout", now)
+
+    def _set_call_deadline(self, call: Call, when: float | None) -> None:
+        call.deadline = when
+        self._schedule(call)
+
+    def _call_timer(self, call: Call, now: float) -> None:
+        call.deadline = None
+        if call.phase == "clearip":
+            # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
+            call.clearip_outcome = ClearIpOutcome.TIMEOUT
+            if call.clearip_ct is not None and call.clearip_request is not None:
+                self._send_cancel(call.clearip_request, self._clearip_target, now)
+            self._fail_call(call, 503, f"ClearIP did not answer within {self.settings.timeout:g} s", now)
+        elif call.phase == "fork" and call.branch is not None:
+            br = call.branch
+            if not br.provisional:
+                # No provisional response from this Contact within `timeout`: advance.
+                br.abandoned = True
+                call.responses.append(self._synth(call.request, 408, "No response from carrier"))
+                self._advance(call, now)
+            else:
+                # Rang past the ring limit: cancel and give up (ringing again elsewhere would
+                # ring the same callee twice).
+                self._cancel_branch(br, now)
+                br.abandoned = True
+                call.responses.append(self._synth(call.request, 408, "Ring timeout"))
+                self._finish_best(call, now)
+
+    # =========================================================================================
+    # Requests
+    # =========================================================================================
+    def _on_request(self, req: SipRequest, source: Target, now: float) -> None:
+        method = req.method
+        if method == "ACK":
+            self._on_ack(req, source, now)
+            return
+        if method == "CANCEL":
+            self._on_cancel(req, source, now)
+            return
+        via = req.top_via
+        key = _server_key(req, via, method)
+        st = self._server.get(key)
+        if st is not None:
+            st.receive_request(now)  # a retransmission: absorbed, last response resent
+            return
+        self._stamp_via(req, via, source)
+        if method == "OPTIONS" and self._is_for_me(req):
+            status = 503 if self.draining else 200
+            self._answer(req, via, source, key, status, now, extra=[("Allow", ALLOW), ("Accept", "application/sdp")])
+            return
+        mf_text = req.get("max-forwards")
+        max_forwards = int(mf_text) if mf_text is not None else 70
+        if max_forwards <= 0:
+            self._answer(req, via, source, key, 483, now)
+            return
+        if self._is_loop(req):
+            self._answer(req, via, source, key, 482, now)
+            return
+        self._pop_own_routes(req)
+        in_dialog = req.to_tag is not None
+        if in_dialog or req.has("route"):
+            if not req.has("route") and self._uri_is_me(req.uri):
+                self._answer(req, via, source, key, 481, now)  # nowhere to go
+                return
+            self._relay(req, via, source, key, now)
+            return
+        if method == "INVITE":
+            self._new_call(req, via, source, key, now)
+        elif method in IN_DIALOG_ONLY:
+            self._answer(req, via, source, key, 481, now)  # e.g. BYE without a dialog
+        else:
+            self._answer(req, via, source, key, 405, now, extra=[("Allow", ALLOW)])
+
+    def _on_ack(self, req: SipRequest, source: Target, now: float) -> None:
+        via = req.top_via
+        st = self._server.get(_server_key(req, via, "INVITE"))
+        if st is not None and st.receive_ack(now):
+            self._schedule(st)
+            return  # ACK for our non-2xx final (hop-by-hop)
+        # ACK for a 2xx: end to end, along the route set, statelessly.
+        mf = req.get("max-forwards")
+        if mf is not None and int(mf) <= 0:
+            return
+        if self._is_loop(req):
+            return
+        self._pop_own_routes(req)
+        if not req.has("route") and self._uri_is_me(req.uri):
+            return
+        try:
+            target = self._next_hop(req)
+        except (UriError, ParseError):
+            return
+        branch = f"{self._branch_prefix}a{zlib.crc32(via.branch.encode() + req.call_id.encode()):08x}"
+        out = self._prepare_forward(req, target, branch)
+        self._send(target, out.serialize(), None)
+
+    def _on_cancel(self, req: SipRequest, source: Target, now: float) -> None:
+        via = req.top_via
+        cancel_key = _server_key(req, via, "CANCEL")
+        st = self._server.get(cancel_key)
+        if st is not None:
+            st.receive_request(now)
+            return
+        self._stamp_via(req, via, source)
+        invite_key = _server_key(req, via, "INVITE")
+        invite_st = self._server.get(invite_key)
+        if invite_st is None:
+            self._answer(req, via, source, cancel_key, 481, now)
+            return
+        self._answer(req, via, source, cancel_key, 200, now)
+        call = self._calls.get(invite_key)
+        if call is not None:
+            self._cancel_call(call, now)
+            return
+        relay = invite_st.owner
+        if isinstance(relay, Relay) and not invite_st.has_final:
+            self._send_cancel(relay.request, relay.target, now)
+            self._respond(invite_st, make_response(relay.request, 487, to_tag=self._instance), now)
+
+    # --- replying ----------------------------------------------------------------------------
+    def _answer(
+        self,
+        req: SipRequest,
+        via: Via,
+        source: Target,
+        key: tuple[str, str, str],
+        status: int,
+        now: float,
+        *,
+        extra: list[tuple[str, str]] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Answer a request ourselves, through a server transaction (absorbs retransmissions)."""
+        st = self._new_server_txn(req, via, source, key)
+        resp = make_response(req, status, reason, to_tag=self._instance, extra=extra)
+        self._respond(st, resp, now)
+
+    def _respond(self, st: ServerTransaction, resp: SipResponse, now: float) -> None:
+        st.send_response(resp.serialize(), resp.status, now)
+        if st.terminated:
+            self._server.pop(st.key, None)  # type: ignore[call-overload]
+        else:
+            self._schedule(st)
+
+    def _new_server_txn(
+        self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str]
+    ) -> ServerTransaction:
+        target = self._response_target(via, source)
+        send = self._send
+
+        def transmit(data: bytes) -> None:
+            send(target, data, None)
+
+        st = ServerTransaction(
+            key, transmit, invite=req.method == "INVITE", reliable=source.reliable, timers=self.timers
+        )
+        self._server[key] = st
+        return st
+
+    def _response_target(self, via: Via, source: Target) -> Target:
+        """RFC 3261 §18.2.2 with RFC 3581: streams answer on the connection; UDP to the source IP,
+        at the rport when the client asked for it, else at the Via's port."""
+        if source.transport != "udp":
+            return source
+        rport = via.params.get("rport")
+        if rport:
+            return Target("udp", source.host, int(rport))
+        if "rport" in via.params:
+            return Target("udp", source.host, source.port)
+        return Target("udp", source.host, via.port or 5060)
+
+    def _stamp_via(self, req: SipRequest, via: Via, source: Target) -> None:
+        """Add received= (when the source IP differs from sent-by) and fill an empty rport."""
+        if source.transport == CLEARIP:
+            return
+        changed = False
+        if "rport" in via.params and via.params["rport"] is None:
+            via.params["rport"] = str(source.port)
+            changed = True
+        if via.host != source.host:
+            via.params["received"] = source.host
+            changed = True
+        if changed:
+            # Rewrite the top Via value in place, keeping the header's position.
+            for i, h in enumerate(req.headers):
+                if h[0] == "via":
+                    rest = split_list(h[2])[1:]
+                    req.headers[i] = ["via", h[1], ", ".join([str(via), *rest])]
+                    break
+
+    # --- routing helpers ---------------------------------------------------------------------
+    def _uri_is_me(self, uri_text: str) -> bool:
+        try:
+            uri = parse_uri(uri_text)
+        except UriError:
+            return False
+        return self._is_me(uri)
+
+    def _is_me(self, uri: SipUri) -> bool:
+        if uri.host not in self.own_hosts:
+            return False
+        port = uri.port or uri.default_port
+        return port in self.ports.values()
+
+    def _is_for_me(self, req: SipRequest) -> bool:
+        """An out-of-dialog request with no Route beyond us: the proxy answers it itself (OPTIONS
+        health checks from switches; ClearIP only takes INVITEs)."""
+        if req.to_tag is not None:
+            return False
+        return all(self._route_is_me(r) for r in req.values("route"))
+
+    def _route_is_me(self, value: str) -> bool:
+        try:
+            return self._is_me(parse_uri(parse_name_addr(value).uri))
+        except (ParseError, UriError):
+            return False
+
+    def _pop_own_routes(self, req: SipRequest) -> None:
+        """RFC 3261 §16.4: remove the top Route values that point at us (two with double RR)."""
+        while True:
+            top = req.first_value("route")
+            if top is None or not self._route_is_me(top):
+                return
+            req.pop_first_value("route")
+
+    def _is_loop(self, req: SipRequest) -> bool:
+        """RFC 3261 §16.3 step 4: our own Via with the same loop hash means the request came back
+        unchanged (a spiral changes the Request-URI and so the hash)."""
+        prefix = self._branch_prefix
+        if not any(prefix in v for v in req.get_all("via")):
+            return False
+        marker = f"{prefix}{self._loop_hash(req)}"
+        for value in req.values("via"):
+            if marker in value:
+                try:
+                    if parse_via(value).branch.startswith(marker):
+                        return True
+                except ParseError:
+                    continue
+        return False
+
+    @staticmethod
+    def _loop_hash(req: SipRequest) -> str:
+        cseq = req.get("cseq") or ""
+        text = f"{req.uri}|{req.from_tag}|{req.call_id}|{cseq.split()[0] if cseq else ''}"
+        return f"{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}"
+
+    def _new_branch(self, req: SipRequest) -> str:
+        return f"{self._branch_prefix}{self._loop_hash(req)}x{next(self._seq):x}"
+
+    def _next_hop(self, req: SipRequest) -> Target:
+        route = req.first_value("route")
+        uri = parse_uri(parse_name_addr(route).uri) if route else parse_uri(req.uri)
+        return self.target_for(uri)
+
+    @staticmethod
+    def target_for(uri: SipUri) -> Target:
+        host = (uri.params.get("maddr") or uri.host).lower()
+        return Target(uri.transport, host, uri.port or uri.default_port)
+
+    def _via_for(self, transport: str, branch: str) -> str:
+        if transport == CLEARIP:
+            t = "TLS" if self._clearip_uri.transport == "tls" else "TCP"
+        else:
+            t = transport.upper()
+        port = self.ports.get(t.lower()) or self.ports.get("tcp") or self.ports.get("udp") or 5060
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        return f"SIP/2.0/{t} {host}:{port};branch={branch}"
+
+    def _record_route(self, transport: str) -> str:
+        port = self.ports.get(transport) or self.ports.get("udp") or 5060
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        tparam = "" if transport == "udp" else f";transport={transport}"
+        return f"<sip:{host}:{port}{tparam};lr>"
+
+    def _prepare_forward(self, req: SipRequest, target: Target, branch: str) -> SipRequest:
+        """Copy with Max-Forwards decremented and our Via on top (RFC 3261 §16.6)."""
+        out = req.copy()
+        mf = out.get("max-forwards")
+        out.set("Max-Forwards", str(int(mf) - 1) if mf is not None else "70")
+        out.add("Via", self._via_for(target.transport, branch), first=True)
+        return out
+
+    def _add_record_route(self, out: SipRequest, inbound: str, outbound: str) -> None:
+        """Record-Route; double (RFC 5658) when the two legs use different transports."""
+        if inbound == outbound:
+            out.add("Record-Route", self._record_route(outbound), first=True)
+            return
+        out.add("Record-Route", self._record_route(inbound).replace(";lr>", ";lr;r2=on>"), first=True)
+        out.add("Record-Route", self._record_route(outbound).replace(";lr>", ";lr;r2=on>"), first=True)
+
+    def _send_cancel(self, invite: SipRequest, target: Target, now: float) -> None:
+        """CANCEL a request we forwarded (RFC 3261 §9.1): same R-URI, top Via, Call-ID, From, To,
+        CSeq number and Route."""
+        cancel = SipRequest("CANCEL", invite.uri)
+        top_via = invite.first_value("via") or ""
+        cancel.headers.append(["via", "Via", top_via])
+        for h in invite.headers:
+            if h[0] in ("from", "to", "call-id", "route", "max-forwards"):
+                cancel.headers.append(list(h))
+        seq, _ = invite.cseq
+        cancel.headers.append(["cseq", "CSeq", f"{seq} CANCEL"])
+        branch = parse_via(top_via).branch
+        key = (branch, "CANCEL")
+        if key in self._client:
+            return
+        data = cancel.serialize()
+        send = self._send
+
+        def transmit(d: bytes) -> None:
+            send(target, d, key)
+
+        ct = ClientTransaction(
+            key, data, transmit, invite=False, reliable=target.reliable, now=now, timers=self.timers
+        )
+        ct.owner = _CANCEL
+        self._client[key] = ct
+        self._schedule(ct)
+
+    def _build_ack(self, request: SipRequest, response: object) -> bytes:
+        """ACK for a non-2xx final (RFC 3261 §17.1.1.3)."""
+        assert isinstance(response, SipResponse)
+        ack = SipRequest("ACK", request.uri)
+        ack.headers.append(["via", "Via", request.first_value("via") or ""])
+        for h in request.headers:
+            if h[0] in ("from", "call-id", "route"):
+                ack.headers.append(list(h))
+        ack.headers.append(["to", "To", response.get("to") or request.get("to") or ""])
+        ack.headers.append(["cseq", "CSeq", f"{request.cseq[0]} ACK"])
+        ack.headers.append(["max-forwards", "Max-Forwards", "70"])
+        return ack.serialize()
+
+    def _start_client(
+        self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
+    ) -> ClientTransaction:
+        data = out.serialize()
+        send = self._send
+
+        def transmit(d: bytes) -> None:
+            send(target, d, key)
+
+        invite = out.method == "INVITE"
+        ct = ClientTransaction(
+            key,
+            data,
+            transmit,
+            invite=invite,
+            reliable=target.reliable,
+            now=now,
+            timers=self.timers,
+            build_ack=(lambda resp: self._build_ack(out, resp)) if invite else None,
+        )
+        ct.owner = owner
+        if not ct.terminated:
+            self._client[key] = ct
+            self._schedule(ct)
+        return ct
+
+    # =========================================================================================
+    # Relaying along the route set (in-dialog and pre-routed requests)
+    # =========================================================================================
+    def _relay(self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float) -> None:
+        try:
+            target = self._next_hop(req)
+        except (UriError, ParseError) as exc:
+            self._answer(req, via, source, key, 400, now, reason=f"Bad Route or Request-URI: {exc.reason}"[:80])
+            return
+        st = self._new_server_txn(req, via, source, key)
+        if req.method == "INVITE":
+            self._respond(st, make_response(req, 100), now)
+        branch = self._new_branch(req)
+        out = self._prepare_forward(req, target, branch)
+        ckey = (branch, req.method)
+        relay = Relay(st, None, out, target)  # type: ignore[arg-type]
+        st.owner = relay
+        relay.ct = self._start_client(out, target, ckey, relay, now)
+
+    # =========================================================================================
+    # Calls: initial INVITEs
+    # =========================================================================================
+    def _new_call(self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float) -> None:
+        st = self._new_server_txn(req, via, source, key)
+        call = Call(st, req, source, now)
+        st.owner = call
+        self._calls[key] = call
+        self._respond(st, make_response(req, 100), now)
+        s = self.settings
+        if self.draining:
+            self._fail_call(call, 503, "proxy is shutting down", now, retry_after=True)
+            return
+        if len(self._calls) > s.max_in_flight:
+            self._incr(names.OVERLOAD_REJECTED)
+            self._fail_call(call, 503, "proxy overloaded", now, retry_after=True)
+            return
+        if self._emergency.matches(routing.dialled_number(req)):
+            call.emergency = True
+            if s.emergency_action == "route" and s.emergency_route:
+                call.phase = "fork"
+                call.base = req
+                call.targets = [parse_uri(s.emergency_route)]
+                self._advance(call, now)
+            else:
+                # Never wait on ClearIP for an emergency call: the switch takes its direct route.
+                self._fail_call(call, 503, "emergency call: use the direct emergency route", now, failed=False)
+            return
+        if not self.clearip_up:
+            call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self._fail_call(call, 503, "ClearIP unreachable", now)
+            return
+        branch = self._new_branch(req)
+        out = self._prepare_forward(req, self._clearip_target, branch)
+        call.clearip_request = out
+        call.clearip_sent = now
+        call.clearip_ct = self._start_client(out, self._clearip_target, (branch, "INVITE"), call, now)
+        self._set_call_deadline(call, now + s.timeout)
+
+    def _cancel_call(self, call: Call, now: float) -> None:
+        if call.st.has_final or call.phase == "done":
+            return
+        call.cancelled = True
+        if call.phase == "clearip" and call.clearip_request is not None:
+            self._send_cancel(call.clearip_request, self._clearip_target, now)
+        br = call.branch
+        if br is not None and not br.abandoned:
+            self._cancel_branch(br, now)
+        self._finish(call, make_response(call.request, 487, to_tag=self._instance), now, reason="cancelled by caller")
+
+    def _cancel_branch(self, br: Branch, now: float) -> None:
+        if br.cancel_sent:
+            return
+        if br.provisional:
+            br.cancel_sent = True
+            self._send_cancel(br.request, br.target, now)
+        else:
+            br.abandoned = True  # CANCEL once a provisional arrives (RFC 3261 §9.1)
+
+    def _advance(self, call: Call, now: float) -> None:
+        """Start the next carrier attempt, or finish with the best response."""
+        while call.next_target < len(call.targets) and not call.cancelled:
+            uri = call.targets[call.next_target]
+            call.next_target += 1
+            base = call.base or call.request
+            out = base.copy()
+            out.uri = str(uri)
+            out.remove("route")
+            target = self.target_for(uri)
+            if (
+                self.settings.large_over_tcp
+                and target.transport == "udp"
+                and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
+            ):
+                target = Target("tcp", target.host, target.port)
+            inbound = call.source.transport
+            self._add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
+            branch = self._new_branch(out)
+            mf = out.get("max-forwards")
+            out.set("Max-Forwards", str(int(mf) - 1) if mf is not None else "70")
+            out.add("Via", self._via_for(target.transport, branch), first=True)
+            call.attempts += 1
+            br = Branch(call, out, target, now)
+            call.branch = br
+            br.ct = self._start_client(out, target, (branch, "INVITE"), br, now)
+            if br.ct.terminated:
+                continue
+            self._set_call_deadline(call, now + self.settings.timeout)
+            return
+        self._finish_best(call, now)
+
+    def _finish_best(self, call: Call, now: float) -> None:
+        best = routing.best_response(call.responses)
+        if best is None:
+            self._fail_call(call, 503, "no usable carrier route", now)
+            return
+        self._finish(call, best, now, reason=f"all {call.attempts} carrier attempt(s) failed")
+
+    def _fail_call(
+        self, call: Call, status: int, text: str, now: float, *, retry_after: bool = False, failed: bool = True
+    ) -> None:
+        """The proxy itself ends the call: 503 with a Reason header naming the cause."""
+        extra = [("Reason", f'SIP;cause={status};text="{text}"')]
+        if retry_after:
+            extra.append(("Retry-After", "5"))
+        call.proxy_failed = failed
+        resp = make_response(call.request, status, to_tag=self._instance, extra=extra)
+        self._finish(call, resp, now, reason=text)
+
+    def _finish(self, call: Call, resp: SipResponse, now: float, *, reason: str) -> None:
+        """Send the call's final response (once) and write its record."""
+        if call.phase == "done":
+            return
+        call.phase = "done"
+        call.deadline = None
+        self._respond(call.st, resp, now)
+        self._calls.pop(call.st.key, None)  # type: ignore[call-overload]
+        if call.pdd_ms is None:
+            call.pdd_ms = (now - call.received) * 1000.0
+        call.reason = reason
+        self._record(call, resp.status)
+
+    # --- responses to the ClearIP leg and the carrier branches --------------------------------
+    def _on_clearip_response(self, call: Call, resp: SipResponse, now: float) -> None:
+        status = resp.status
+        if status < 200 or call.phase != "clearip":
+            return
+        call.clearip_latency_ms = (now - call.clearip_sent) * 1000.0
+        call.clearip_outcome = routing.clearip_outcome(status)
+        if status == 403:
+            self._warn_403(now)
+        if routing.clearip_action(resp) is routing.ClearIpAction.FORK:
+            call.phase = "fork"
+            base = call.request.copy()
+            routing.copy_headers(resp, base, self.settings.copy_headers)
+            call.base = base
+            call.targets = routing.carrier_targets(resp)
+            self._set_call_deadline(call, None)
+            self._advance(call, now)
+            return
+        out = resp.copy()
+        out.pop_first_value("via")
+        self._finish(call, out, now, reason=f"ClearIP {status}")
+
+    def _on_branch_response(self, call: Call, br: Branch, resp: SipResponse, now: float) -> None:
+        status = resp.status
+        if br.abandoned or call.branch is not br:
+            # A branch we gave up on: cancel it if it rings; hang up if it answers.
+            if status < 200 and status > 100 and not br.cancel_sent:
+                br.cancel_sent = True
+                self._send_cancel(br.request, br.target, now)
+            elif 200 <= status < 300:
+                if call.st.state.value == "accepted" and not call.cancelled and call.answered:
+                    self._forward_upstream(call, resp, now)  # RFC 3261 §16.7: 2xx always go up
+                else:
+                    self._hang_up(br, resp, now)
+            return
+        if status < 200:
+            if not br.provisional:
+                br.provisional = True
+                if call.cancelled:
+                    self._cancel_branch(br, now)
+                    return
+                self._set_call_deadline(call, now + self.settings.ring_timeout)
+            if status > 100:
+                if call.pdd_ms is None:
+                    call.pdd_ms = (now - call.received) * 1000.0
+                self._forward_upstream(call, resp, now)
+            return
+        if status < 300:
+            if call.cancelled or call.phase == "done":
+                if not call.answered:
+                    self._hang_up(br, resp, now)  # answered after the caller cancelled
+                else:
+                    self._forward_upstream(call, resp, now)  # 2xx retransmission
+                return
+            call.answered = True
+            out = resp.copy()
+            out.pop_first_value("via")
+            self._finish(call, out, now, reason=f"answered by carrier {call.attempts}")
+            return
+        # A failure from this Contact.
+        if call.phase == "done":
+            return
+        call.responses.append(self._strip_via(resp))
+        if not call.cancelled and routing.should_advance(status, advance_on_4xx=self.settings.advance_on_4xx):
+            self._advance(call, now)
+        else:
+            self._finish_best(call, now)
+
+    def _forward_upstream(self, call: Call, resp: SipResponse, now: float) -> None:
+        out = resp.copy()
+        out.pop_first_value("via")
+        call.st.send_response(out.serialize(), out.status, now)
+        self._schedule(call.st)
+
+    @staticmethod
+    def _strip_via(resp: SipResponse) -> SipResponse:
+        out = resp.copy()
+        out.pop_first_value("via")
+        return out
+
+    def _hang_up(self, br: Branch, resp: SipResponse, now: float) -> None:
+        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
+        contact = resp.first_value("contact")
+        if not contact:
+            return
+        try:
+            remote = parse_uri(parse_name_addr(contact).uri)
+        except (ParseError, UriError):
+            return
+        route_set = list(reversed(resp.values("record-route")))
+        # Our own Record-Route entries are at the end of the callee's view; drop them.
+        route_set = [r for r in route_set if not self._route_is_me(r)]
+        target = self._next_hop_from(route_set, remote)
+        cseq = br.request.cseq[0]
+        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
+            req = SipRequest(method, str(remote))
+            branch = self._new_branch(br.request) + method[0].lower()
+            req.headers.append(["via", "Via", self._via_for(target.transport, branch)])
+            for r in route_set:
+                req.headers.append(["route", "Route", r])
+            for h in br.request.headers:
+                if h[0] in ("from", "call-id"):
+                    req.headers.append(list(h))
+            req.headers.append(["to", "To", resp.get("to") or ""])
+            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
+            req.headers.append(["max-forwards", "Max-Forwards", "70"])
+            if method == "ACK":
+                self._send(target, req.serialize(), None)
+            else:
+                self._start_client(req, target, (branch, "BYE"), _CANCEL, now)
+
+    def _next_hop_from(self, route_set: list[str], remote: SipUri) -> Target:
+        if route_set:
+            try:
+                return self.target_for(parse_uri(parse_name_addr(route_set[0]).uri))
+            except (ParseError, UriError):
+                pass
+        return self.target_for(remote)
+
+    def _client_failed(self, ct: ClientTransaction, status: int, text: str, now: float) -> None:
+        """A client transaction timed out or could not be sent."""
+        owner = ct.owner
+        if isinstance(owner, Call):
+            call = owner
+            if call.phase == "clearip" and ct is call.clearip_ct:
+                call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+                self._fail_call(call, 503, f"ClearIP {text}", now)
+        elif isinstance(owner, Branch):
+            call = owner.call
+            if call.branch is not owner or owner.abandoned or call.phase != "fork":
+                return
+            owner.abandoned = True
+            call.responses.append(self._synth(call.request, 503 if status != 408 else 408, f"carrier {text}"))
+            if call.cancelled:
+                self._finish_best(call, now)
+            else:
+                self._advance(call, now)
+        elif isinstance(owner, Relay) and not owner.st.has_final:
+            r = make_response(owner.request, status, to_tag=self._instance)
+            r.pop_first_value("via")  # our own Via, from the forwarded copy
+            self._respond(owner.st, r, now)
+
+    def _synth(self, req: SipRequest, status: int, text: str) -> SipResponse:
+        return make_response(
+            req, status, to_tag=self._instance, extra=[("Reason", f'SIP;cause={status};text="{text}"')]
+        )
+
+    # =========================================================================================
+    # Responses
+    # =========================================================================================
+    def _on_response(self, resp: SipResponse, source: Target, now: float) -> None:
+        via = resp.top_via
+        _, method = resp.cseq
+        key = (via.branch, method)
+        ct = self._client.get(key)
+        if ct is None:
+            self._stray_response(resp, via, source, now)
+            return
+        verdict = ct.receive_response(resp, resp.status, now)
+        if ct.terminated:
+            self._client.pop(key, None)
+        else:
+            self._schedule(ct)
+        if verdict is Verdict.ABSORB:
+            return
+        owner = ct.owner
+        if isinstance(owner, Branch):
+            self._on_branch_response(owner.call, owner, resp, now)
+        elif isinstance(owner, Call):
+            self._on_clearip_response(owner, resp, now)
+        elif isinstance(owner, Relay):
+            out = resp.copy()
+            out.pop_first_value("via")
+            if resp.status >= 200 and method == "INVITE" and resp.status < 300:
+                owner.st.send_response(out.serialize(), out.status, now)
+                self._schedule(owner.st)
+            elif resp.status > 100 or method != "INVITE":
+                self._respond(owner.st, out, now)
+
+    def _stray_response(self, resp: SipResponse, via: Via, source: Target, now: float) -> None:
+        """No transaction: forward a 2xx to INVITE statelessly (RFC 3261 §16.7); drop the rest."""
+        if not (200 <= resp.status < 300 and resp.cseq[1] == "INVITE"):
+            return
+        if not via.branch.startswith(self._branch_prefix):
+            return  # not our Via: a forged or misrouted response
+        out = resp.copy()
+        out.pop_first_value("via")
+        nxt = out.first_value("via")
+        if nxt is None:
+            return
+        up = parse_via(nxt)
+        host = up.params.get("received") or up.host
+        rport = up.params.get("rport")
+        transport = up.transport.lower()
+        port = int(rport) if rport else (up.port or (5061 if transport == "tls" else 5060))
+        self._send(Target(transport, host, port), out.serialize(), None)
+
+    # =========================================================================================
+    # Metrics
+    # =========================================================================================
+    def _incr(self, spec: names.MetricSpec) -> None:
+        if self.recorder is not None:
+            self.recorder.incr(spec)
+
+    def _gauge(self, spec: names.MetricSpec, value: float) -> None:
+        if self.recorder is not None:
+            self.recorder.set_gauge(spec, value)
+
+    def _record(self, call: Call, status: int) -> None:
+        if self.recorder is None:
+            return
+        number = routing.dialled_number(call.request) or ""
+        try:
+            caller = parse_uri(parse_name_addr(call.request.get("from") or "").uri).user or ""
+        except (ParseError, UriError):
+            caller = ""
+        self.recorder.record_call(
+            CallRecord(
+                call_id=call.request.call_id,
+                clearip_outcome=call.clearip_outcome,
+                clearip_latency_ms=call.clearip_latency_ms,
+                carrier_attempts=call.attempts,
+                route_advances=max(0, call.attempts - 1),
+                final_status=status,
+                post_dial_delay_ms=call.pdd_ms,
+                emergency=call.emergency,
+                proxy_failed=call.proxy_failed,
+                overload_rejected="overloaded" in call.reason,
+                caller=caller,
+                callee=number,
+                reason=call.reason,
+            )
+        )
+        self._gauge(names.IN_FLIGHT, float(len(self._calls)))
+
+    def _warn_403(self, now: float) -> None:
+        if now - self._last_403_log >= 60:
+            self._last_403_log = now
+            log.error(
+                "ClearIP answered 403 Forbidden: this proxy's public address (%s) is not whitelisted "
+                "in the ClearIP account; calls are being refused",
+                self.advertise,
+            )
+
+
+def _server_key(req: SipMessage, via: Via, method: str) -> tuple[str, str, str]:
+    """RFC 3261 §17.2.3: branch + sent-by + method (ACK and CANCEL look up the INVITE's).
+    Without the magic cookie (RFC 2543 clients), Call-ID, From tag and CSeq number stand in."""
+    branch = via.branch
+    host, port = via.sent_by
+    sent_by = f"{host}:{port}"
+    if branch.startswith("z9hG4bK"):
+        return (branch, sent_by, method)
+    cseq = req.get("cseq") or ""
+    return (f"2543|{req.call_id}|{req.from_tag}|{cseq.split()[0] if cseq else ''}|{branch}", sent_by, method)

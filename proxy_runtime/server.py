@@ -1,0 +1,421 @@
+"""The asyncio adapter around :class:`~proxy_runtime.proxy.ProxyCore`: listeners, the ClearIP
+link, outbound connections, one timer, metrics publishing, drain and reload.
+
+The core is fed from the sockets and re-armed with one ``loop.call_at`` at its next deadline,
+like aioquic's protocol adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from proxy_runtime.metrics import names
+from proxy_runtime.metrics.recorder import MetricsRecorder
+from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
+from proxy_runtime.settings import HostPort, Settings
+from proxy_runtime.sip.framing import FramingError
+from proxy_runtime.sip.message import ParseError
+from proxy_runtime.transport import tls
+from proxy_runtime.transport.clearip import ClearIpLink
+from proxy_runtime.transport.stream import StreamConnection
+from proxy_runtime.transport.udp import UdpEndpoint
+
+log = logging.getLogger("clearip.server")
+
+PARTIAL_MESSAGE_TIMEOUT = 10.0  # a started message must complete within this (slow-loris guard)
+
+
+@dataclass
+class Listener:
+    transport: str
+    bound: HostPort
+    server: asyncio.AbstractServer | None = None
+    udp: UdpEndpoint | None = None
+
+
+@dataclass
+class _Outbound:
+    conn: StreamConnection
+    keys: list[object] = field(default_factory=list)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def guess_advertise(settings: Settings) -> str:
+    """The address to put in Via/Record-Route when --advertise is not set."""
+    if settings.advertise:
+        return settings.advertise
+    for hp in (*settings.udp, *settings.tcp, *settings.tls):
+        if hp.host not in ("0.0.0.0", "::"):
+            return hp.host
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+        if not addr.startswith("127."):
+            return addr
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+class ProxyServer:
+    def __init__(self, settings: Settings, *, recorder: MetricsRecorder | None = None) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self.listeners: list[Listener] = []
+        self.core: ProxyCore | None = None
+        self.link: ClearIpLink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._udp_out: UdpEndpoint | None = None
+        self._conns: dict[int, StreamConnection] = {}
+        self._by_peer: dict[tuple[str, str, int], StreamConnection] = {}
+        self._per_source: dict[str, int] = defaultdict(int)
+        self._outbound_pending: dict[int, list[object]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._dns: dict[str, str] = {}
+        self._tls_client: ssl.SSLContext | None = None
+        self._tls_server: ssl.SSLContext | None = None
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        s = self.settings
+        if s.tls:
+            self._tls_server = tls.server_context(s.tls_cert, s.tls_key)
+        for hp in s.udp:
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: UdpEndpoint(self._on_datagram), local_addr=(hp.host, hp.port)
+            )
+            sockname = transport.get_extra_info("sockname")
+            self.listeners.append(Listener("udp", HostPort(hp.host, sockname[1]), udp=proto))
+        for name, hps, ctx in (("tcp", s.tcp, None), ("tls", s.tls, self._tls_server)):
+            for hp in hps:
+                srv = await loop.create_server(
+                    lambda n=name: self._new_stream(n, outbound=False),  # type: ignore[misc]
+                    hp.host,
+                    hp.port,
+                    ssl=ctx,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+                port = srv.sockets[0].getsockname()[1]
+                self.listeners.append(Listener(name, HostPort(hp.host, port), server=srv))
+        udp = [lst for lst in self.listeners if lst.udp is not None]
+        if udp:
+            self._udp_out = udp[0].udp
+        else:
+            _, self._udp_out = await loop.create_datagram_endpoint(
+                lambda: UdpEndpoint(self._on_datagram), local_addr=("0.0.0.0", 0)
+            )
+        ports: dict[str, int] = {}
+        for lst in self.listeners:
+            ports.setdefault(lst.transport, lst.bound.port)
+        advertise = guess_advertise(s)
+        own = {advertise, "127.0.0.1", "localhost"}
+        own.update(lst.bound.host for lst in self.listeners if lst.bound.host not in ("0.0.0.0", "::"))
+        with contextlib.suppress(OSError):
+            own.update(socket.gethostbyname_ex(socket.gethostname())[2])
+        self.core = ProxyCore(s, self._send, advertise=advertise, ports=ports, own_hosts=own, recorder=self.recorder)
+        uri = s.clearip_uri
+        use_tls = uri.transport == "tls"
+        self._tls_client = tls.client_context(s.clearip_ca or None)
+        self.link = ClearIpLink(
+            self,
+            host=uri.host,
+            port=uri.port or uri.default_port,
+            ssl_context=self._tls_client if use_tls else None,
+            server_name=s.clearip_server_name or uri.host,
+            keepalive_interval=s.keepalive_interval,
+            reconnect_max=s.reconnect_max,
+            max_size=s.max_message_size,
+            on_state=self._clearip_state,
+        )
+        self.link.start()
+        self._sweeper = loop.create_task(self._sweep(), name="stream-sweeper")
+        desc = ", ".join(f"{lst.transport}:{lst.bound}" for lst in self.listeners)
+        log.info("ready: listening on %s; advertising %s; ClearIP %s", desc, advertise, s.clearip)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lst in self.listeners:
+            out.setdefault(lst.transport, lst.bound.port)
+        return out
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking new calls (OPTIONS and INVITEs get 503) and wait for calls in flight."""
+        assert self.core is not None and self._loop is not None
+        self.core.start_drain()
+        limit = self.settings.drain_timeout if timeout is None else timeout
+        deadline = self._loop.time() + limit
+        while self.core.in_flight and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained (%d call(s) still in flight)", self.core.in_flight)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.link is not None:
+            await self.link.stop()
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+            if lst.udp is not None and lst.udp.transport is not None:
+                lst.udp.transport.close()
+        for conn in list(self._conns.values()):
+            conn.close()
+        if self._udp_out is not None and self._udp_out.transport is not None:
+            self._udp_out.transport.close()
+        for lst in self.listeners:
+            if lst.server is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lst.server.wait_closed(), 1.0)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.stopped.set()
+
+    def reload(self, settings: Settings) -> list[str]:
+        """Apply what can change without dropping calls; return what needs a restart."""
+        needs_restart = [
+            name
+            for name in ("udp", "tcp", "tls", "tls_cert", "tls_key", "advertise", "clearip", "clearip_ca")
+            if getattr(settings, name) != getattr(self.settings, name)
+        ]
+        self.settings = settings
+        if self.core is not None:
+            self.core.update_settings(settings)
+        return needs_restart
+
+    # ------------------------------------------------------------------------------------------
+    # The core's timer
+    # ------------------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        core = self.core
+        assert core is not None and self._loop is not None
+        d = core.next_deadline()
+        if d is None:
+            return
+        if self._timer is None or d < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = d
+            self._timer = self._loop.call_at(d, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        assert self.core is not None and self._loop is not None
+        self.core.handle_timer(self._loop.time())
+        self._kick()
+
+    # ------------------------------------------------------------------------------------------
+    # Inbound
+    # ------------------------------------------------------------------------------------------
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        core = self.core
+        if core is None or self._loop is None:
+            return
+        if len(data) <= 4 and not data.strip():
+            return  # keep-alive CRLF over UDP
+        core.receive(data, Target("udp", addr[0], addr[1]), self._loop.time())
+        self._kick()
+
+    def _new_stream(self, name: str, *, outbound: bool) -> StreamConnection:
+        assert self._loop is not None
+        return StreamConnection(self, name, outbound=outbound, max_size=self.settings.max_message_size, clock=self._loop.time)
+
+    # StreamOwner protocol
+    def stream_opened(self, conn: StreamConnection) -> bool:
+        host = conn.peer[0]
+        if conn.transport_name == CLEARIP or conn.outbound:
+            return True  # ours: outbound connections were registered when we started them
+        if not conn.outbound:
+            core = self.core
+            if core is None or not core.is_trusted(host):
+                if self.recorder is not None:
+                    self.recorder.incr(names.UNTRUSTED_DROPPED)
+                return False
+            if self._per_source[host] >= self.settings.max_connections_per_source:
+                log.warning("refused connection from %s: over %d connections", host, self.settings.max_connections_per_source)
+                return False
+        self._per_source[host] += 1
+        self._conns[conn.conn_id] = conn
+        self._by_peer[(conn.transport_name, host, conn.peer[1])] = conn
+        return True
+
+    def stream_message(self, conn: StreamConnection, data: bytes) -> None:
+        core = self.core
+        if core is None or self._loop is None:
+            return
+        if conn.transport_name == CLEARIP:
+            source = Target(CLEARIP, conn.peer[0], conn.peer[1], conn.conn_id)
+        else:
+            source = Target(conn.transport_name, conn.peer[0], conn.peer[1], conn.conn_id)
+        core.receive(data, source, self._loop.time(), trusted=conn.outbound)
+        self._kick()
+
+    def stream_framing_error(self, conn: StreamConnection, exc: FramingError) -> None:
+        core = self.core
+        if core is None or self._loop is None:
+            return
+        log.info("closing %s connection from %s:%d: %s", conn.transport_name, *conn.peer, exc.reason)
+        if exc.head and conn.transport_name != CLEARIP:
+            source = Target(conn.transport_name, conn.peer[0], conn.peer[1], conn.conn_id)
+            core.malformed(exc.head + b"\r\n\r\n", source, exc, self._loop.time())
+        elif self.recorder is not None:
+            self.recorder.incr(names.MALFORMED_MESSAGES)
+
+    def stream_closed(self, conn: StreamConnection, exc: Exception | None) -> None:
+        if self._conns.pop(conn.conn_id, None) is not None:
+            host = conn.peer[0]
+            self._per_source[host] -= 1
+            if self._per_source[host] <= 0:
+                del self._per_source[host]
+            key = (conn.transport_name, host, conn.peer[1])
+            if self._by_peer.get(key) is conn:
+                del self._by_peer[key]
+        if conn.transport_name == CLEARIP and self.link is not None:
+            self.link.connection_lost()
+        keys = self._outbound_pending.pop(conn.conn_id, [])
+        if keys and self.core is not None and self._loop is not None:
+            for k in keys:
+                self.core.transport_error(k, self._loop.time())
+            self._kick()
+
+    def _clearip_state(self, up: bool) -> None:
+        if self.core is not None and self._loop is not None:
+            self.core.set_clearip_up(up, self._loop.time())
+            if up and self.recorder is not None and self.link is not None and self.link.reconnects:
+                self.recorder.incr(names.CLEARIP_RECONNECTS)
+            self._kick()
+
+    async def _sweep(self) -> None:
+        """Close idle connections and ones stuck mid-message (slow-loris)."""
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._loop.time()
+            for conn in list(self._conns.values()):
+                if conn.transport_name == CLEARIP:
+                    continue
+                if conn.partial_since is not None and now - conn.partial_since > PARTIAL_MESSAGE_TIMEOUT:
+                    log.info("closing %s:%d: message not completed in %.0f s", *conn.peer, PARTIAL_MESSAGE_TIMEOUT)
+                    conn.close()
+                elif now - conn.last_activity > self.settings.idle_timeout:
+                    conn.close()
+
+    # ------------------------------------------------------------------------------------------
+    # Outbound
+    # ------------------------------------------------------------------------------------------
+    def _send(self, target: Target, data: bytes, key: object) -> None:
+        t = target.transport
+        if t == "udp":
+            if _is_ip(target.host):
+                assert self._udp_out is not None
+                self._udp_out.sendto(data, (target.host, target.port))
+            else:
+                self._resolve_then(target, data, key)
+            return
+        if t == CLEARIP:
+            if self.link is None or not self.link.send(data):
+                self._error_soon(key)
+            return
+        conn = self._conns.get(target.conn_id) if target.conn_id else None
+        if conn is None or conn.closed:
+            conn = self._by_peer.get((t, target.host, target.port))
+        if conn is not None and not conn.closed:
+            conn.write(data)
+            if key is not None and conn.transport is None:
+                self._outbound_pending.setdefault(conn.conn_id, []).append(key)
+            return
+        self._connect(target, data, key)
+
+    def _error_soon(self, key: object) -> None:
+        if key is None or self._loop is None:
+            return
+
+        def fire() -> None:
+            if self.core is not None and self._loop is not None:
+                self.core.transport_error(key, self._loop.time())
+                self._kick()
+
+        self._loop.call_soon(fire)
+
+    def _resolve_then(self, target: Target, data: bytes, key: object) -> None:
+        assert self._loop is not None
+        cached = self._dns.get(target.host)
+        if cached:
+            self._send(Target(target.transport, cached, target.port, target.conn_id), data, key)
+            return
+
+        async def resolve() -> None:
+            assert self._loop is not None
+            try:
+                infos = await self._loop.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
+            except OSError:
+                self._error_soon(key)
+                return
+            addr = str(infos[0][4][0])
+            if len(self._dns) > 1000:
+                self._dns.clear()
+            self._dns[target.host] = addr
+            self._send(Target(target.transport, addr, target.port, target.conn_id), data, key)
+
+        self._loop.create_task(resolve())
+
+    def _connect(self, target: Target, data: bytes, key: object) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        conn = self._new_stream(target.transport, outbound=True)
+        conn.pending.append(data)
+        conn.peer = (target.host, target.port)
+        # Register now so further sends to this peer queue on the same connection.
+        self._conns[conn.conn_id] = conn
+        self._by_peer[(target.transport, target.host, target.port)] = conn
+        self._per_source[target.host] += 1
+        if key is not None:
+            self._outbound_pending.setdefault(conn.conn_id, []).append(key)
+        ctx = self._tls_client if target.transport == "tls" else None
+
+        async def connect() -> None:
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: conn,
+                        target.host,
+                        target.port,
+                        ssl=ctx,
+                        server_hostname=target.host if ctx else None,
+                    ),
+                    self.settings.timeout,
+                )
+                self._outbound_pending.pop(conn.conn_id, None)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                log.info("cannot connect to %s %s:%d: %s", target.transport, target.host, target.port, exc)
+                conn.closed = True
+                self.stream_closed(conn, exc)
+
+        loop.create_task(connect())
+
+    # stream_opened for outbound connections is called from connection_made; peers were
+    # registered in _connect, so only inbound ones are counted there.
+
+
+__all__ = ["ParseError", "ProxyServer"]

@@ -1,0 +1,155 @@
+"""The one persistent TLS/TCP connection to ClearIP: connect, keep alive, reconnect with backoff.
+
+RFC 5626 §3.5.1 CRLF keep-alive: a CRLF CRLF "ping" every ``keepalive_interval``; if no byte comes
+back within ``pong_timeout`` the connection is taken as dead, closed and made again. The link
+reports up/down to its owner, which fails every call waiting on ClearIP at once when it drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+
+from proxy_runtime.sip.framing import PING
+from proxy_runtime.transport.stream import StreamConnection, StreamOwner
+
+log = logging.getLogger("clearip.link")
+
+
+class ClearIpLink:
+    def __init__(
+        self,
+        owner: StreamOwner,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str,
+        keepalive_interval: float,
+        reconnect_max: float,
+        max_size: int,
+        on_state: Callable[[bool], None],
+        connect_timeout: float = 5.0,
+        pong_timeout: float = 10.0,
+    ) -> None:
+        self._owner = owner
+        self.host = host
+        self.port = port
+        self._ssl = ssl_context
+        self._server_name = server_name
+        self.keepalive_interval = keepalive_interval
+        self.reconnect_max = reconnect_max
+        self._max_size = max_size
+        self._on_state = on_state
+        self._connect_timeout = connect_timeout
+        self._pong_timeout = pong_timeout
+        self.conn: StreamConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lost: asyncio.Event = asyncio.Event()
+        self._awaiting_pong_since: float | None = None
+        self.reconnects = 0
+        self.last_error = ""
+        self.tls_version: str | None = None
+        self.connected_once = asyncio.Event()
+
+    @property
+    def up(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="clearip-link")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.conn is not None:
+            self.conn.close()
+
+    def send(self, data: bytes) -> bool:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return False
+        conn.write(data)
+        return True
+
+    def connection_lost(self) -> None:
+        """Called by the owner when our connection closed."""
+        self._lost.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            self._lost.clear()
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: StreamConnection(
+                            self._owner,
+                            "clearip",
+                            outbound=True,
+                            max_size=self._max_size,
+                            clock=loop.time,
+                        ),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self._server_name if self._ssl else None,
+                    ),
+                    self._connect_timeout,
+                )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                attempt += 1
+                delay = min(self.reconnect_max, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
+                log.warning(
+                    "ClearIP %s:%s unreachable (%s); retrying in %.1f s", self.host, self.port, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            assert isinstance(proto, StreamConnection)
+            self.conn = proto
+            if proto.transport is not None:
+                ssl_obj = proto.transport.get_extra_info("ssl_object")
+                self.tls_version = ssl_obj.version() if ssl_obj is not None else None
+            self._awaiting_pong_since = None
+            if attempt > 0 or self.connected_once.is_set():
+                self.reconnects += 1
+            attempt = 0
+            self.last_error = ""
+            log.info("ClearIP connection up: %s:%s (%s)", self.host, self.port, self.tls_version or "tcp")
+            self.connected_once.set()
+            self._on_state(True)
+            await self._keepalive(proto)
+            self.conn = None
+            self._on_state(False)
+            log.warning("ClearIP connection down: %s:%s", self.host, self.port)
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+
+    async def _keepalive(self, conn: StreamConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while not conn.closed:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.keepalive_interval)
+                return
+            except TimeoutError:
+                pass
+            if conn.closed:
+                return
+            if self._awaiting_pong_since is not None and conn.last_received >= self._awaiting_pong_since:
+                self._awaiting_pong_since = None  # something came back: the connection is alive
+            if self._awaiting_pong_since is not None and loop.time() - self._awaiting_pong_since > self._pong_timeout:
+                log.warning("ClearIP keep-alive unanswered for %.0f s: reconnecting", self._pong_timeout)
+                conn.close()
+                return
+            if loop.time() - conn.last_activity >= self.keepalive_interval:
+                if self._awaiting_pong_since is None:
+                    self._awaiting_pong_since = loop.time()
+                conn.write(PING)
