@@ -48,7 +48,7 @@ class Proxy:
 
     @property
     def public_ip(self) -> str:
-        return self.elastic_ip.attr_public_ip
+        return self.elastic_ip.ref  # Ref of an EIP is its public address
 
 
 def render_user_data(values: Mapping[str, str]) -> str:
@@ -187,7 +187,7 @@ class ProxyFleet(Construct):
                         "RESOURCE": stack.get_logical_id(cfn),
                         "REGION": Aws.REGION,
                         "ASSET_URL": self.asset.s3_object_url,
-                        "ELASTIC_IP": eip.attr_public_ip,
+                        "ELASTIC_IP": eip.ref,
                         "SIP_CIDRS": ",".join(sip_cidrs),
                         "CLEARIP_URI": clearip_uri,
                         "TIMEOUT": f"{timeout:g}",

@@ -354,11 +354,13 @@ def _summarise(
         finals = sorted(set(finals), key=finals.index)
         if invites:
             ids = invites[0].request.get_all("identity")
-            size = sum(len(v) for v in ids)
-            tag = f"{len(ids)} Identity, {size} B" if ids else "no Identity"
-            seen.append(f"{name}: INVITE ({tag}) -> {'/'.join(map(str, finals)) or '?'}")
+            seen.append(f"{name} {'/'.join(map(str, finals)) or '?'}")
             if call.check_identity and ids != clearip_identity:
                 problems.append(f"carrier {name} did not get ClearIP's Identity headers byte for byte")
+            elif ids:
+                size = ", ".join(f"{len(v)} B" for v in ids)
+                same = " = ClearIP's, byte for byte" if ids == clearip_identity else ""
+                notes.append(f"carrier {name} got INVITE with {len(ids)} Identity ({size}){same}")
             pai = invites[0].request.get("p-asserted-identity")
             if pai:
                 notes.append(f"carrier {name} got P-Asserted-Identity: {pai}")
@@ -367,7 +369,7 @@ def _summarise(
             problems.append(f"carrier {name} should not have been tried")
         elif expected is not None and finals != expected:
             problems.append(f"carrier {name} should have answered {expected}, answered {finals or 'nothing'}")
-    carriers_text = "; ".join(seen) or "-"
+    carriers_text = ", ".join(seen) or "-"
 
     if result.status != call.expect_status:
         got = result.status if result.status is not None else (result.error or "nothing")
@@ -389,7 +391,7 @@ def _summarise(
 
 
 def print_table(outcomes: list[Outcome], out: TextIO) -> None:
-    head = ("#", "call", "number", "ClearIP said", "carriers saw", "switch got", "time", "")
+    head = ("#", "call", "number", "ClearIP said", "carriers saw", "switch got", "time", "check")
     rows: list[tuple[str, ...]] = []
     for i, o in enumerate(outcomes, 1):
         r = o.result
@@ -459,6 +461,12 @@ async def run_demo(
         except (RuntimeError, OSError) as exc:
             write(f"demo: could not start the proxy: {exc}\n")
             return 1
+        # The proxy may say "ready" before its ClearIP connection is up; calls would then (rightly) get
+        # an immediate 503. Wait for the simulator to see the connection.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sim.endpoint.accepted.wait(), READY_WAIT)
+        if not sim.endpoint.accepted.is_set():
+            write("demo: the proxy did not connect to the ClearIP simulator\n")
         write(f"proxy ready after {time.monotonic() - t0:.1f} s; placing calls...\n\n")
         outcomes: list[Outcome] = []
         carriers = {"A": carrier_a, "B": carrier_b}
@@ -468,7 +476,7 @@ async def run_demo(
                 call.number,
                 (LOOPBACK, proxy_port),
                 call.transport,
-                time_limit=clearip_timeout + 6.0,
+                time_limit=clearip_timeout + 3.0,
                 hold=0.05,
             )
             await asyncio.sleep(0.05)  # let the last ACK/BYE responses land before summarising

@@ -211,6 +211,12 @@ class SipEndpoint:
         self._conns: set[StreamConnection] = set()
         self._outbound: dict[tuple[Transport, Addr], StreamConnection] = {}
         self._client_ssl: ssl.SSLContext | None = None
+        self.accepted = asyncio.Event()  # set when a stream listener accepted a connection
+
+    @property
+    def connections(self) -> int:
+        """Stream connections open now (accepted and outbound)."""
+        return len(self._conns)
 
     # --- listening ---------------------------------------------------------------------------
     async def listen_udp(self, host: str, port: int) -> Addr:
@@ -233,6 +239,7 @@ class SipEndpoint:
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             conn = StreamConnection(self, transport, reader, writer)
             self._conns.add(conn)
+            self.accepted.set()
             conn.start()
 
         server = await asyncio.start_server(on_client, host, port, ssl=ssl_context)

@@ -695,7 +695,6 @@ class ProxyCore:
             self._fail_call(call, 503, "proxy is shutting down", now, retry_after=True)
             return
         if len(self._calls) > s.max_in_flight:
-            self._incr(names.OVERLOAD_REJECTED)
             self._fail_call(call, 503, "proxy overloaded", now, retry_after=True)
             return
         if self._emergency.matches(routing.dialled_number(req)):

@@ -124,7 +124,12 @@ class MetricsPublisher:
     async def _tick_loop(self) -> None:
         while True:
             end = self._period_start + self.interval
-            await asyncio.sleep(max(0.0, end - self._clock()))
+            now = self._clock()
+            if end - now > self.interval:  # the wall clock stepped back: do not wait for it
+                end = now + self.interval
+                if self.align:
+                    end = (math.floor(now / self.interval) + 1) * self.interval
+            await asyncio.sleep(max(0.0, end - now))
             self._close_current()
             if self.align:
                 # Skip boundaries missed (a suspended host), stamping the next interval correctly.

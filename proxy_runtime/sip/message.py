@@ -91,6 +91,13 @@ _QUOTED_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 # List scanning: a quoted string (to its end, or to the end of the text), <...>, or a comma.
 _LIST_SCAN_RE = re.compile(r'"[^"\\]*(?:\\.?[^"\\]*)*"?|<[^>]*>?|,', re.S)
 _VIA_PROTO_RE = re.compile(r"([^/ \t]+)[ \t]*/[ \t]*([^/ \t]+)[ \t]*/[ \t]*([^/ \t;]+)[ \t]+")
+_BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+# The usual, canonical Via: "SIP/2.0/UDP host:port;p=v;p" (no LWS, no quotes). Others take the
+# general path.
+_VIA_FAST_RE = re.compile(
+    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) ([A-Za-z0-9\-._]+|\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\])"
+    r"(?::([0-9]{1,5}))?((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[^;\x00-\x20\"]+)?)*)"
+)
 _VIA_HOST_RE = re.compile(r"[A-Za-z0-9\-._]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 _SPECIAL_NAMES = {
     "call-id": "Call-ID",
@@ -269,6 +276,20 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
     """One Via value. LWS around '/' and ':' is tolerated (RFC 4475 §3.1.1.1). ``strict`` also
     rejects empty or malformed parameters and an empty port (RFC 4475 §3.1.2.1)."""
     value = value.strip()
+    m = _VIA_FAST_RE.fullmatch(value)
+    if m is not None:
+        transport, host, port_s, ptext = m.groups()
+        port = int(port_s) if port_s else None
+        if port is not None and not 0 < port < 65536:
+            raise ParseError(f"bad Via port {port_s!r}")
+        params: dict[str, str | None] = {}
+        if ptext:
+            for part in ptext[1:].split(";"):
+                k, sep, v = part.partition("=")
+                params[k.lower()] = v if sep else None
+        if host[0] == "[":
+            host = host[1:-1]
+        return Via(transport.upper(), host.lower(), port, params, SIP_VERSION)
     if value.startswith("SIP/2.0/"):
         sp = value.find(" ", 8)
         tab = value.find("\t", 8)
@@ -654,17 +675,13 @@ def find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | 
     """Where the head ends: (length of the head without its last line end, offset of the body),
     or None when there is no empty line yet. Accepts CRLF and bare LF line ends. ``start`` lets a
     stream reader resume where it stopped looking (it must back off 3 bytes itself)."""
-    a = data.find(b"\n\r\n", start)
-    b = data.find(b"\n\n", start, a if a >= 0 else len(data))
-    if b >= 0:
-        end, body = b, b + 2
-    elif a >= 0:
-        end, body = a, a + 3
-    else:
+    m = _BLANK_LINE_RE.search(data, start)
+    if m is None:
         return None
+    end = m.start()
     if end > 0 and data[end - 1] == 13:  # CR
         end -= 1
-    return end, body
+    return end, m.end()
 
 
 def split_head(data: bytes) -> tuple[bytes, bytes]:
@@ -677,9 +694,12 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
 
 def _head_lines(text: str) -> list[str]:
     """Lines of a head: CRLF (the norm) or bare LF; a CR elsewhere is an error (header smuggling)."""
-    lf = text.count("\n")
-    if text.count("\r") == lf and text.count("\r\n") == lf:
-        return text.split("\r\n")
+    lines = text.split("\r\n")
+    for line in lines:
+        if "\n" in line or "\r" in line:
+            break
+    else:
+        return lines
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if line.endswith("\r"):
@@ -862,14 +882,9 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
             raise ParseError("header component in the Request-URI")
     if not headers[first["call-id"]][2]:
         raise ParseError("empty Call-ID")
-    for k in ("from", "to"):
-        na = parse_name_addr(headers[first[k]][2], strict=True)
-        scheme = na.uri[:5].lower()
-        if scheme.startswith("sip:") or scheme == "sips:":
-            try:
-                parse_uri(na.uri)
-            except UriError as exc:
-                raise ParseError(f"bad {canonical_name(k)} URI: {exc.reason}") from None
+    # From and To: name-addr syntax only (the proxy reads their tags, never routes on their URIs).
+    parse_name_addr(headers[first["from"]][2], strict=True)
+    parse_name_addr(headers[first["to"]][2], strict=True)
     for value in vias:
         if "," in value:
             elements = _split_strict(value, "Via")

@@ -200,3 +200,23 @@ def test_off_sink_sends_nothing() -> None:
         assert pub.dropped_intervals == 0 and pub.sent_intervals >= 2
 
     run(main())
+
+
+def test_wall_clock_stepping_back_does_not_stall_the_ticker() -> None:
+    async def main() -> None:
+        offset = 0.0
+        loop = asyncio.get_running_loop()
+
+        def clock() -> float:
+            return 1_800_000_000.0 + loop.time() + offset
+
+        sink = FakeSink()
+        pub = publisher(sink, clock=clock)
+        await pub.start()
+        await until(lambda: len(sink.sent) >= 1)
+        offset = -3600.0  # NTP steps the clock back an hour
+        n = len(sink.sent)
+        await until(lambda: len(sink.sent) >= n + 3, limit=5.0)
+        await pub.stop()
+
+    run(main())

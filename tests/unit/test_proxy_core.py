@@ -1,0 +1,319 @@
+"""The proxy core, sans-I/O: bytes in, (target, bytes) out, on a fake clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
+from proxy_runtime.settings import load
+from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+
+SWITCH = Target("udp", "10.0.0.5", 5060)
+CARRIER_A = ("192.0.2.10", 5060)
+CARRIER_B = ("198.51.100.20", 5080)
+IDENTITY_1 = "eyJhbGciOiJFUzI1NiJ9." + "A" * 700 + ";info=<https://cert.example/c.pem>;alg=ES256;ppt=shaken"
+IDENTITY_2 = "eyJhbGciOiJFUzI1NiJ9." + "B" * 700 + ';info=<https://cert.example/c.pem>;alg=ES256;ppt="div"'
+
+
+class Net:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Target, bytes, object]] = []
+
+    def __call__(self, target: Target, data: bytes, key: object) -> None:
+        self.sent.append((target, data, key))
+
+    def take(self) -> list[tuple[Target, SipRequest | SipResponse]]:
+        out = [(t, parse_message(d, datagram=False)) for t, d, _ in self.sent]
+        self.sent.clear()
+        return out  # type: ignore[return-value]
+
+
+def make_core(**overrides: object) -> tuple[ProxyCore, Net]:
+    s = load(environ={}, overrides={"allow": ["10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"], "timeout": 5})
+    if overrides:
+        s = replace(s, **overrides)  # type: ignore[arg-type]
+    net = Net()
+    core = ProxyCore(s, net, advertise="203.0.113.7", ports={"udp": 5060, "tcp": 5060}, instance="t35t")
+    core.set_clearip_up(True, 0.0)
+    return core, net
+
+
+def invite(number: str = "+15551234567", branch: str = "z9hG4bKsw1", extra: str = "") -> bytes:
+    body = b"v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+    head = (
+        f"INVITE sip:{number}@acme.sip.clearip.com SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 10.0.0.5:5060;branch={branch}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        f"To: <sip:{number}@acme.sip.clearip.com>\r\n"
+        "Call-ID: call-1@10.0.0.5\r\n"
+        "CSeq: 1 INVITE\r\n"
+        "Contact: <sip:+12125550100@10.0.0.5:5060>\r\n"
+        "Identity: old-identity-from-switch\r\n"
+        f"{extra}"
+        "Content-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def response_to(req: SipRequest, status: int, reason: str, extra: str = "", to_tag: str = "far") -> bytes:
+    vias = "".join(f"Via: {v}\r\n" for v in req.values("via"))
+    to = req.get("to") or ""
+    if status > 100 and ";tag=" not in to:
+        to += f";tag={to_tag}"
+    return (
+        f"SIP/2.0 {status} {reason}\r\n{vias}From: {req.get('from')}\r\nTo: {to}\r\n"
+        f"Call-ID: {req.call_id}\r\nCSeq: {req.get('cseq')}\r\n{extra}Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def redirect(req: SipRequest) -> bytes:
+    extra = (
+        f"Identity: {IDENTITY_1}\r\nIdentity: {IDENTITY_2}\r\n"
+        'P-Asserted-Identity: "[V] Alice" <sip:+12125550100@acme.example;verstat=TN-Validation-Passed>\r\n'
+        f"Contact: <sip:+15551234567@{CARRIER_A[0]}>;q=0.5, "
+        f"<sip:+15551234567@{CARRIER_B[0]}:{CARRIER_B[1]}>;q=0.9\r\n"
+    )
+    return response_to(req, 302, "Moved Temporarily", extra, to_tag="cip")
+
+
+def to_clearip(core: ProxyCore, net: Net, now: float = 0.0, data: bytes | None = None) -> SipRequest:
+    core.receive(data or invite(), SWITCH, now)
+    out = net.take()
+    assert [type(m).__name__ for _, m in out] == ["SipResponse", "SipRequest"]
+    trying = out[0][1]
+    assert isinstance(trying, SipResponse) and trying.status == 100
+    target, req = out[1]
+    assert target.transport == CLEARIP
+    assert isinstance(req, SipRequest)
+    return req
+
+
+def clearip_reply(core: ProxyCore, data: bytes, now: float) -> None:
+    core.receive(data, Target(CLEARIP, "127.0.0.1", 5061, 1), now)
+
+
+def test_invite_goes_to_clearip_with_request_uri_unchanged() -> None:
+    core, net = make_core()
+    req = to_clearip(core, net)
+    assert req.uri == "sip:+15551234567@acme.sip.clearip.com"
+    assert req.get("max-forwards") == "69"
+    assert req.top_via.host == "203.0.113.7"
+    assert req.top_via.transport == "TLS"
+    assert len(req.values("via")) == 2
+    assert core.in_flight == 1
+
+
+def test_302_copies_identity_headers_and_forks_in_q_order() -> None:
+    core, net = make_core()
+    req = to_clearip(core, net)
+    clearip_reply(core, redirect(req), 0.05)
+    out = net.take()
+    ack = [m for t, m in out if t.transport == CLEARIP]
+    assert len(ack) == 1 and isinstance(ack[0], SipRequest) and ack[0].method == "ACK"
+    carrier = [(t, m) for t, m in out if t.transport != CLEARIP]
+    assert len(carrier) == 1
+    target, fwd = carrier[0]
+    assert (target.host, target.port) == CARRIER_B  # q=0.9 first
+    assert isinstance(fwd, SipRequest)
+    assert fwd.uri == f"sip:+15551234567@{CARRIER_B[0]}:{CARRIER_B[1]}"
+    assert fwd.get_all("identity") == [IDENTITY_1, IDENTITY_2]  # byte for byte, both, old one replaced
+    assert "verstat=TN-Validation-Passed" in (fwd.get("p-asserted-identity") or "")
+    assert fwd.get_all("record-route") == ["<sip:203.0.113.7:5060;lr>"]
+    assert fwd.body.startswith(b"v=0")
+
+
+def advance_to_carrier(core: ProxyCore, net: Net) -> tuple[SipRequest, SipRequest]:
+    req = to_clearip(core, net)
+    clearip_reply(core, redirect(req), 0.05)
+    fwd = [m for t, m in net.take() if t.transport != CLEARIP][0]
+    assert isinstance(fwd, SipRequest)
+    return req, fwd
+
+
+def test_carrier_503_advances_to_next_contact_then_200_reaches_switch() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 503, "Service Unavailable"), Target("udp", *CARRIER_B), 0.1)
+    out = net.take()
+    assert isinstance(out[0][1], SipRequest) and out[0][1].method == "ACK"  # hop-by-hop ACK of the 503
+    target, second = out[1]
+    assert (target.host, target.port) == (CARRIER_A[0], 5060)
+    assert isinstance(second, SipRequest) and second.method == "INVITE"
+    assert second.get_all("identity") == [IDENTITY_1, IDENTITY_2]
+    core.receive(response_to(second, 180, "Ringing"), Target("udp", CARRIER_A[0], 5060), 0.2)
+    core.receive(response_to(second, 200, "OK", "Contact: <sip:callee@192.0.2.10>\r\n"), Target("udp", CARRIER_A[0], 5060), 0.3)
+    up = [m for t, m in net.take() if t == SWITCH]
+    assert [m.status for m in up if isinstance(m, SipResponse)] == [180, 200]
+    assert len(up[-1].values("via")) == 1  # our Via removed
+    assert core.in_flight == 0
+
+
+def test_no_provisional_within_timeout_advances() -> None:
+    core, net = make_core()
+    advance_to_carrier(core, net)
+    core.handle_timer(4.9)
+    out = net.take()
+    # Timer A retransmits to carrier B over UDP meanwhile; carrier A is not tried yet.
+    assert {t.host for t, m in out if isinstance(m, SipRequest)} == {CARRIER_B[0]}
+    core.handle_timer(5.06)
+    invites = [(t, m) for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE" and t.host == CARRIER_A[0]]
+    assert len(invites) == 1
+
+
+def test_all_contacts_fail_returns_best_response() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 503, "Service Unavailable"), Target("udp", *CARRIER_B), 0.1)
+    second = [m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE"][0]
+    core.receive(response_to(second, 486, "Busy Here"), Target("udp", CARRIER_A[0], 5060), 0.2)
+    finals = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
+    assert [m.status for m in finals] == [486]  # 4xx beats 5xx
+
+
+def test_6xx_from_carrier_stops_the_fork() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 603, "Decline"), Target("udp", *CARRIER_B), 0.1)
+    out = net.take()
+    assert not [m for t, m in out if isinstance(m, SipRequest) and m.method == "INVITE"]
+    assert [m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)] == [603]
+
+
+@pytest.mark.parametrize("status", [503, 404, 403, 480, 603])
+def test_clearip_finals_are_relayed(status: int) -> None:
+    core, net = make_core()
+    req = to_clearip(core, net)
+    extra = 'Reason: SIP;cause=603;text="Network Blocked"\r\nCall-Info: <https://clearip.example/why>;purpose=info\r\n'
+    clearip_reply(core, response_to(req, status, "Whatever", extra if status == 603 else ""), 0.05)
+    up = [m for t, m in net.take() if t == SWITCH]
+    assert len(up) == 1 and isinstance(up[0], SipResponse)
+    assert up[0].status == status
+    if status == 603:
+        assert up[0].get("reason") == 'SIP;cause=603;text="Network Blocked"'
+        assert up[0].get("call-info") == "<https://clearip.example/why>;purpose=info"
+
+
+def test_clearip_timeout_answers_503_with_reason_at_timeout() -> None:
+    core, net = make_core()
+    to_clearip(core, net)
+    core.handle_timer(4.99)
+    assert not [m for t, m in net.take() if t == SWITCH]
+    assert core.next_deadline() == pytest.approx(5.0)
+    core.handle_timer(5.0)
+    out = net.take()
+    up = [m for t, m in out if t == SWITCH]
+    assert isinstance(up[0], SipResponse) and up[0].status == 503
+    assert "ClearIP did not answer" in (up[0].get("reason") or "")
+    assert any(isinstance(m, SipRequest) and m.method == "CANCEL" for t, m in out if t.transport == CLEARIP)
+
+
+def test_clearip_down_answers_503_at_once_and_drop_fails_waiting_calls() -> None:
+    core, net = make_core()
+    to_clearip(core, net)
+    core.set_clearip_up(False, 1.0)
+    up = [m for t, m in net.take() if t == SWITCH]
+    assert isinstance(up[0], SipResponse) and up[0].status == 503
+    core.receive(invite(branch="z9hG4bKsw2"), SWITCH, 2.0)
+    out = net.take()
+    assert [m.status for _, m in out if isinstance(m, SipResponse)] == [100, 503]
+    assert not [t for t, _ in out if t.transport == CLEARIP]
+
+
+@pytest.mark.parametrize("number", ["911", "+1911", "1911", "933", "+1933"])
+def test_emergency_numbers_never_wait_on_clearip(number: str) -> None:
+    core, net = make_core()
+    core.receive(invite(number), SWITCH, 0.0)
+    out = net.take()
+    assert not [t for t, _ in out if t.transport == CLEARIP]
+    assert [m.status for _, m in out if isinstance(m, SipResponse)] == [100, 503]
+
+
+def test_retransmitted_invite_is_absorbed_not_forwarded_twice() -> None:
+    core, net = make_core()
+    to_clearip(core, net)
+    core.receive(invite(), SWITCH, 0.5)
+    out = net.take()
+    assert not [t for t, _ in out if t.transport == CLEARIP]
+    assert [m.status for _, m in out if isinstance(m, SipResponse)] == [100]
+
+
+def test_cancel_after_ringing_cancels_branch_and_answers_487() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 180, "Ringing"), Target("udp", *CARRIER_B), 0.1)
+    net.take()
+    cancel = (
+        "CANCEL sip:+15551234567@acme.sip.clearip.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKsw1\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        "To: <sip:+15551234567@acme.sip.clearip.com>\r\nCall-ID: call-1@10.0.0.5\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    core.receive(cancel, SWITCH, 0.2)
+    out = net.take()
+    assert sorted(m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)) == [200, 487]
+    cancels = [(t, m) for t, m in out if isinstance(m, SipRequest) and m.method == "CANCEL"]
+    assert len(cancels) == 1 and (cancels[0][0].host, cancels[0][0].port) == CARRIER_B
+    assert cancels[0][1].top_via.branch == first.top_via.branch
+
+
+def test_max_forwards_zero_gets_483_and_untrusted_gets_nothing() -> None:
+    core, net = make_core()
+    core.receive(invite().replace(b"Max-Forwards: 70", b"Max-Forwards: 0"), SWITCH, 0.0)
+    assert [m.status for _, m in net.take() if isinstance(m, SipResponse)] == [483]
+    core.receive(invite(branch="z9hG4bKother"), Target("udp", "172.16.0.1", 5060), 0.0)
+    assert net.take() == []
+
+
+def test_malformed_request_with_via_gets_400() -> None:
+    core, net = make_core()
+    bad = invite().replace(b"CSeq: 1 INVITE", b"CSeq: 1 BYE")
+    core.receive(bad, SWITCH, 0.0)
+    out = net.take()
+    assert [m.status for _, m in out if isinstance(m, SipResponse)] == [400]
+
+
+def test_in_dialog_bye_follows_route_and_pops_our_route() -> None:
+    core, net = make_core()
+    bye = (
+        f"BYE sip:callee@{CARRIER_A[0]}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKbye1\r\n"
+        "Route: <sip:203.0.113.7:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        "To: <sip:+15551234567@acme.sip.clearip.com>;tag=far\r\nCall-ID: call-1@10.0.0.5\r\nCSeq: 2 BYE\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    core.receive(bye, SWITCH, 0.0)
+    out = net.take()
+    assert len(out) == 1
+    target, fwd = out[0]
+    assert (target.host, target.port) == (CARRIER_A[0], 5060)
+    assert isinstance(fwd, SipRequest) and not fwd.has("route")
+    core.receive(response_to(fwd, 200, "OK"), Target("udp", CARRIER_A[0], 5060), 0.1)
+    up = net.take()
+    assert up[0][0] == SWITCH and isinstance(up[0][1], SipResponse) and up[0][1].status == 200
+
+
+def test_loop_is_detected() -> None:
+    core, net = make_core()
+    req = to_clearip(core, net)
+    # The request comes back to us unchanged (a routing loop).
+    core.receive(req.serialize(), SWITCH, 0.1)
+    out = net.take()
+    assert [m.status for _, m in out if isinstance(m, SipResponse)] == [482]
+
+
+def test_overload_answers_503_retry_after() -> None:
+    core, net = make_core(max_in_flight=1)
+    to_clearip(core, net)
+    core.receive(invite(branch="z9hG4bKsw2").replace(b"call-1", b"call-2"), SWITCH, 0.1)
+    out = net.take()
+    finals = [m for _, m in out if isinstance(m, SipResponse) and m.status == 503]
+    assert finals and finals[0].get("retry-after") == "5"
+
+
+def test_drain_answers_options_and_invites_503() -> None:
+    core, net = make_core()
+    core.start_drain()
+    core.receive(invite(), SWITCH, 0.0)
+    assert [m.status for _, m in net.take() if isinstance(m, SipResponse)] == [100, 503]
