@@ -286,6 +286,3 @@ class ProxyMonitoring(Construct):
                 width=12,
             ),
         )
-        self.dashboard.add_widgets(
-            cw.AlarmStatusWidget(title="Alarms", alarms=list(self.alarms), width=24),
-        )

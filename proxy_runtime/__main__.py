@@ -1,4 +1,4 @@
-"""Command line: ``clearip-proxy run | check-config | simulate | demo | set`` (``python -m proxy_runtime``)."""
+"""Command line: ``clearip-proxy run | check-config | set | simulate | demo | doctor | trace``."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["log_numbers"] = True
     # --emergency-number adds to the built-in 911/933 rather than replacing them.
     if "emergency_numbers" in out:
-        out["emergency_numbers"] = list(settings_mod.DEFAULT_EMERGENCY_NUMBERS) + list(out["emergency_numbers"])
+        out["emergency_numbers"] = list(settings_mod.DEFAULT_EMERGENCY_NUMBERS) + list(
+            out["emergency_numbers"]
+        )
     return out
 
 
@@ -85,7 +87,9 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
     recorder = MetricsRecorder(proxy_id=settings.proxy_id, log_numbers=settings.log_numbers)
     loop = asyncio.get_running_loop()
     try:
-        sink = await loop.run_in_executor(None, lambda: make_sink(settings.metrics, proxy_id=settings.proxy_id))
+        sink = await loop.run_in_executor(
+            None, lambda: make_sink(settings.metrics, proxy_id=settings.proxy_id)
+        )
     except ValueError as exc:
         raise SettingsError("metrics", str(exc)) from None
     publisher = MetricsPublisher(recorder, sink, interval=settings.metrics_interval)
@@ -114,7 +118,9 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         restart = server.reload(new)
         publisher.interval = new.metrics_interval
         logging.getLogger().setLevel(new.log_level.upper())
-        log.info("settings reloaded%s", f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
+        log.info(
+            "settings reloaded%s", f"; needs a restart to apply: {', '.join(restart)}" if restart else ""
+        )
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
@@ -215,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
     if argv and argv[0] in ("doctor", "trace"):
-        from proxy_runtime import operations
+        from proxy_runtime import operations  # type: ignore[attr-defined,unused-ignore]
 
-        return operations.main(argv)
+        return int(operations.main(argv))
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)

@@ -171,6 +171,8 @@ def free_port(host: str = LOOPBACK) -> int:
 class RunningProxy(Protocol):
     async def stop(self) -> None: ...
 
+    async def wait_clearip(self, limit: float) -> bool: ...
+
     def tail(self) -> list[str]: ...
 
 
@@ -181,6 +183,16 @@ class _InProcessProxy:
     async def stop(self) -> None:
         await self.server.stop()
 
+    async def wait_clearip(self, limit: float) -> bool:
+        core = getattr(self.server, "core", None)
+        if core is None or not hasattr(core, "clearip_up"):
+            return False
+        for _ in range(max(1, int(limit / 0.02))):  # the core has no event to await: poll its flag
+            if core.clearip_up:
+                return True
+            await asyncio.sleep(0.02)
+        return bool(core.clearip_up)
+
     def tail(self) -> list[str]:
         return []
 
@@ -190,6 +202,7 @@ class _SubprocessProxy:
         self.proc = proc
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
         self.ready = asyncio.Event()
+        self.clearip_up = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
 
     def watch(self, stream: asyncio.StreamReader | None) -> None:
@@ -206,6 +219,8 @@ class _SubprocessProxy:
             log.debug("proxy: %s", text)
             if "ready" in text.lower():
                 self.ready.set()
+            if "clearip connection up" in text.lower():
+                self.clearip_up.set()
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -223,6 +238,11 @@ class _SubprocessProxy:
 
     def tail(self) -> list[str]:
         return list(self.lines)[-20:]
+
+    async def wait_clearip(self, limit: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.clearip_up.wait(), limit)
+        return self.clearip_up.is_set()
 
 
 def proxy_server_class() -> Any | None:
@@ -467,6 +487,8 @@ async def run_demo(
             await asyncio.wait_for(sim.endpoint.accepted.wait(), READY_WAIT)
         if not sim.endpoint.accepted.is_set():
             write("demo: the proxy did not connect to the ClearIP simulator\n")
+        elif not await proxy.wait_clearip(3.0):
+            await asyncio.sleep(0.5)  # no way to see the proxy's own view: give it a moment
         write(f"proxy ready after {time.monotonic() - t0:.1f} s; placing calls...\n\n")
         outcomes: list[Outcome] = []
         carriers = {"A": carrier_a, "B": carrier_b}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from proxy_runtime import routing
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.names import ClearIpOutcome
-from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.metrics.recorder import MetricsRecorder
+from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
 from proxy_runtime.sip.message import (
     ParseError,
@@ -124,9 +124,9 @@ class Relay:
     """A request forwarded along the route set (in-dialog requests, pre-routed requests)."""
 
     st: ServerTransaction
-    ct: ClientTransaction
     request: SipRequest
     target: Target
+    ct: ClientTransaction | None = None
 
 
 class _CancelOwner:
@@ -160,9 +160,9 @@ class ProxyCore:
         self._branch_prefix = "z9hG4bK" + self._instance
         self._seq = itertools.count(1)
         self._heap: list[tuple[float, int, object]] = []
-        self._server: dict[tuple[str, str, str], ServerTransaction] = {}
-        self._client: dict[tuple[str, str], ClientTransaction] = {}
-        self._calls: dict[tuple[str, str, str], Call] = {}  # by server transaction key
+        self._server: dict[object, ServerTransaction] = {}
+        self._client: dict[object, ClientTransaction] = {}
+        self._calls: dict[object, Call] = {}  # by server transaction key
         self.clearip_up = False
         self.draining = False
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
@@ -228,7 +228,9 @@ class ProxyCore:
         if req is None:
             log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
             return
-        resp = make_response(req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')])
+        resp = make_response(
+            req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')]
+        )
         try:
             target = self._response_target(req.top_via, source)
         except ParseError:
@@ -244,17 +246,17 @@ class ProxyCore:
             for call in list(self._calls.values()):
                 if call.phase == "clearip" and call.clearip_ct is not None:
                     call.clearip_ct.terminate()
-                    self._client.pop(call.clearip_ct.key, None)  # type: ignore[call-overload]
+                    self._client.pop(call.clearip_ct.key, None)
                     call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
                     self._fail_call(call, 503, "ClearIP connection lost", now)
 
     def transport_error(self, key: object, now: float) -> None:
         """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
-        ct = self._client.get(key)  # type: ignore[call-overload]
+        ct = self._client.get(key)
         if ct is None:
             return
         if ct.transport_error() is Event.TRANSPORT_ERROR:
-            self._client.pop(ct.key, None)  # type: ignore[call-overload]
+            self._client.pop(ct.key, None)
             self._client_failed(ct, 503, "transport error", now)
 
     def start_drain(self) -> None:
@@ -282,7 +284,7 @@ class ProxyCore:
                 if ev is Event.TIMEOUT:
                     log.debug("no ACK for final response on %s", obj.key)
                 if obj.terminated:
-                    self._server.pop(obj.key, None)  # type: ignore[call-overload]
+                    self._server.pop(obj.key, None)
                 else:
                     self._schedule(obj)
             elif isinstance(obj, Call):
@@ -299,7 +301,7 @@ class ProxyCore:
     def _client_timer(self, ct: ClientTransaction, now: float) -> None:
         ev = ct.on_timer(now)
         if ct.terminated:
-            self._client.pop(ct.key, None)  # type: ignore[call-overload]
+            self._client.pop(ct.key, None)
         else:
             self._schedule(ct)
         if ev is Event.TIMEOUT:
@@ -352,7 +354,9 @@ class ProxyCore:
         self._stamp_via(req, via, source)
         if method == "OPTIONS" and self._is_for_me(req):
             status = 503 if self.draining else 200
-            self._answer(req, via, source, key, status, now, extra=[("Allow", ALLOW), ("Accept", "application/sdp")])
+            self._answer(
+                req, via, source, key, status, now, extra=[("Allow", ALLOW), ("Accept", "application/sdp")]
+            )
             return
         mf_text = req.get("max-forwards")
         max_forwards = int(mf_text) if mf_text is not None else 70
@@ -444,7 +448,7 @@ class ProxyCore:
     def _respond(self, st: ServerTransaction, resp: SipResponse, now: float) -> None:
         st.send_response(resp.serialize(), resp.status, now)
         if st.terminated:
-            self._server.pop(st.key, None)  # type: ignore[call-overload]
+            self._server.pop(st.key, None)
         else:
             self._schedule(st)
 
@@ -665,11 +669,15 @@ class ProxyCore:
     # =========================================================================================
     # Relaying along the route set (in-dialog and pre-routed requests)
     # =========================================================================================
-    def _relay(self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float) -> None:
+    def _relay(
+        self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float
+    ) -> None:
         try:
             target = self._next_hop(req)
         except (UriError, ParseError) as exc:
-            self._answer(req, via, source, key, 400, now, reason=f"Bad Route or Request-URI: {exc.reason}"[:80])
+            self._answer(
+                req, via, source, key, 400, now, reason=f"Bad Route or Request-URI: {exc.reason}"[:80]
+            )
             return
         st = self._new_server_txn(req, via, source, key)
         if req.method == "INVITE":
@@ -677,14 +685,16 @@ class ProxyCore:
         branch = self._new_branch(req)
         out = self._prepare_forward(req, target, branch)
         ckey = (branch, req.method)
-        relay = Relay(st, None, out, target)  # type: ignore[arg-type]
+        relay = Relay(st, out, target)
         st.owner = relay
         relay.ct = self._start_client(out, target, ckey, relay, now)
 
     # =========================================================================================
     # Calls: initial INVITEs
     # =========================================================================================
-    def _new_call(self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float) -> None:
+    def _new_call(
+        self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str], now: float
+    ) -> None:
         st = self._new_server_txn(req, via, source, key)
         call = Call(st, req, source, now)
         st.owner = call
@@ -706,7 +716,9 @@ class ProxyCore:
                 self._advance(call, now)
             else:
                 # Never wait on ClearIP for an emergency call: the switch takes its direct route.
-                self._fail_call(call, 503, "emergency call: use the direct emergency route", now, failed=False)
+                self._fail_call(
+                    call, 503, "emergency call: use the direct emergency route", now, failed=False
+                )
             return
         if not self.clearip_up:
             call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
@@ -728,7 +740,9 @@ class ProxyCore:
         br = call.branch
         if br is not None and not br.abandoned:
             self._cancel_branch(br, now)
-        self._finish(call, make_response(call.request, 487, to_tag=self._instance), now, reason="cancelled by caller")
+        self._finish(
+            call, make_response(call.request, 487, to_tag=self._instance), now, reason="cancelled by caller"
+        )
 
     def _cancel_branch(self, br: Branch, now: float) -> None:
         if br.cancel_sent:
@@ -779,7 +793,14 @@ class ProxyCore:
         self._finish(call, best, now, reason=f"all {call.attempts} carrier attempt(s) failed")
 
     def _fail_call(
-        self, call: Call, status: int, text: str, now: float, *, retry_after: bool = False, failed: bool = True
+        self,
+        call: Call,
+        status: int,
+        text: str,
+        now: float,
+        *,
+        retry_after: bool = False,
+        failed: bool = True,
     ) -> None:
         """The proxy itself ends the call: 503 with a Reason header naming the cause."""
         extra = [("Reason", f'SIP;cause={status};text="{text}"')]
@@ -796,7 +817,7 @@ class ProxyCore:
         call.phase = "done"
         call.deadline = None
         self._respond(call.st, resp, now)
-        self._calls.pop(call.st.key, None)  # type: ignore[call-overload]
+        self._calls.pop(call.st.key, None)
         if call.pdd_ms is None:
             call.pdd_ms = (now - call.received) * 1000.0
         call.reason = reason

@@ -217,7 +217,9 @@ def validate(s: Settings) -> Settings:
         try:
             parse_uri(s.emergency_route)
         except UriError:
-            raise SettingsError("emergency_route", "a SIP URI is required when emergency_action = route") from None
+            raise SettingsError(
+                "emergency_route", "a SIP URI is required when emergency_action = route"
+            ) from None
     if s.metrics not in METRICS_SINKS:
         raise SettingsError("metrics", f"must be one of {', '.join(METRICS_SINKS)}, got {s.metrics!r}")
     if s.advertise:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import SettingsError
+from proxy_runtime.sip.uri import SipUri, parse_uri
 
 _LIST_KEYS = {"udp", "tcp", "tls", "allow", "copy_headers", "emergency_numbers"}
 
@@ -34,19 +35,23 @@ def set_value(path: str | os.PathLike[str], key: str, value: str) -> None:
         if value not in ("tls", "tcp"):
             raise SettingsError("clearip_transport", "must be tls or tcp")
         current = tomllib.loads(text).get("clearip", settings_mod.DEFAULT_CLEARIP_URI) if text else None
-        uri = settings_mod.parse_uri(current or settings_mod.DEFAULT_CLEARIP_URI)
+        uri = parse_uri(current or settings_mod.DEFAULT_CLEARIP_URI)
         port = uri.port
         if port in (5060, 5061, None):
             port = 5061 if value == "tls" else 5060
         params = {k: v for k, v in uri.params.items() if k != "transport"}
         params["transport"] = value
-        new = settings_mod.SipUri("sip", uri.user, None, uri.host, port, params, "")
+        new = SipUri("sip", uri.user, None, uri.host, port, params, "")
         key, value = "clearip", str(new)
     if key not in settings_mod.Settings.__dataclass_fields__:
         raise SettingsError(key, "unknown setting")
     line = f"{key} = {_toml_value(key, value)}"
     pattern = re.compile(rf"^{re.escape(key)}\s*=.*$", re.MULTILINE)
-    new_text = pattern.sub(line, text, count=1) if pattern.search(text) else text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+    new_text = (
+        pattern.sub(line, text, count=1)
+        if pattern.search(text)
+        else text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+    )
     # Validate the whole file as the proxy would read it before replacing it.
     with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=p.parent, delete=False) as tmp:
         tmp.write(new_text)

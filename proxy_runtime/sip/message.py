@@ -278,18 +278,18 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
     value = value.strip()
     m = _VIA_FAST_RE.fullmatch(value)
     if m is not None:
-        transport, host, port_s, ptext = m.groups()
-        port = int(port_s) if port_s else None
-        if port is not None and not 0 < port < 65536:
-            raise ParseError(f"bad Via port {port_s!r}")
-        params: dict[str, str | None] = {}
-        if ptext:
-            for part in ptext[1:].split(";"):
+        f_transport, f_host, f_port, f_params = m.groups()
+        f_portn = int(f_port) if f_port else None
+        if f_portn is not None and not 0 < f_portn < 65536:
+            raise ParseError(f"bad Via port {f_port!r}")
+        f_pdict: dict[str, str | None] = {}
+        if f_params:
+            for part in f_params[1:].split(";"):
                 k, sep, v = part.partition("=")
-                params[k.lower()] = v if sep else None
-        if host[0] == "[":
-            host = host[1:-1]
-        return Via(transport.upper(), host.lower(), port, params, SIP_VERSION)
+                f_pdict[k.lower()] = v if sep else None
+        if f_host[0] == "[":
+            f_host = f_host[1:-1]
+        return Via(f_transport.upper(), f_host.lower(), f_portn, f_pdict, SIP_VERSION)
     if value.startswith("SIP/2.0/"):
         sp = value.find(" ", 8)
         tab = value.find("\t", 8)
@@ -338,10 +338,10 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
         raise ParseError(f"empty Via port {sent_by[:60]!r}")
     if not host or _VIA_HOST_RE.fullmatch(host) is None:
         raise ParseError(f"bad Via host {host[:60]!r}")
-    if strict:
-        params = _parse_params_strict(param_text, "Via") if semi else {}
-    else:
+    if not strict:
         params = parse_params(param_text)
+    else:
+        params = _parse_params_strict(param_text, "Via") if semi else {}
     proto = SIP_VERSION if ver == "2.0" and name == "SIP" else f"{name}/{ver}"
     return Via(transport.upper(), host.lower(), port, params, proto)
 
@@ -414,7 +414,9 @@ def parse_name_addr(value: str, *, strict: bool = False) -> NameAddr:
             params = parse_params(tail.lstrip(";"))
         return NameAddr(display, uri, params, True)
     if strict and value.startswith('"'):
-        raise ParseError("unterminated quoted display name" if _QUOTED_RE.match(value) is None else "no <uri>")
+        raise ParseError(
+            "unterminated quoted display name" if _QUOTED_RE.match(value) is None else "no <uri>"
+        )
     # addr-spec: params after the URI belong to the header, not the URI (RFC 3261 §20).
     uri, semi, ptext = value.partition(";")
     uri = uri.strip()
@@ -611,7 +613,9 @@ class SipMessage:
 class SipRequest(SipMessage):
     __slots__ = ("method", "uri")
 
-    def __init__(self, method: str, uri: str, headers: list[list[str]] | None = None, body: bytes = b"") -> None:
+    def __init__(
+        self, method: str, uri: str, headers: list[list[str]] | None = None, body: bytes = b""
+    ) -> None:
         super().__init__(headers, body)
         self.method = method
         self.uri = uri
@@ -629,7 +633,9 @@ class SipRequest(SipMessage):
 class SipResponse(SipMessage):
     __slots__ = ("reason", "status")
 
-    def __init__(self, status: int, reason: str, headers: list[list[str]] | None = None, body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, reason: str, headers: list[list[str]] | None = None, body: bytes = b""
+    ) -> None:
         super().__init__(headers, body)
         self.status = status
         self.reason = reason
@@ -886,11 +892,7 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
     parse_name_addr(headers[first["from"]][2], strict=True)
     parse_name_addr(headers[first["to"]][2], strict=True)
     for value in vias:
-        if "," in value:
-            elements = _split_strict(value, "Via")
-        else:
-            elements = [value]
-        for v in elements:
+        for v in _split_strict(value, "Via") if "," in value else [value]:
             parse_via(v, strict=True)
     for value in contacts:
         if value == "*":
@@ -904,6 +906,8 @@ def _split_strict(value: str, what: str) -> list[str]:
     out = []
     start = 0
     commas = _list_commas(value) if '"' in value or "<" in value else _plain_commas(value)
+    if len(commas) >= MAX_HEADERS:  # a value flood costs like a header flood
+        raise ParseError(f"too many {what} values")
     for i in [*commas, len(value)]:
         part = value[start:i].strip()
         if not part:

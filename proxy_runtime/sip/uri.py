@@ -128,20 +128,18 @@ def parse_uri(text: str) -> SipUri:
     text = text.strip()
     m = _FAST_RE.fullmatch(text)
     if m is not None:
-        scheme, user, password, host, port_s, ptext, headers = m.groups()
-        port: int | None = None
-        if port_s:
-            port = int(port_s)
-            if port > 65535:
-                raise UriError(f"port {port} out of range")
-        params: dict[str, str | None] = {}
-        if ptext:
-            for p in ptext[1:].split(";"):
+        f_scheme, f_user, f_pw, f_host, f_port, f_params, f_headers = m.groups()
+        f_portn = int(f_port) if f_port else None
+        if f_portn is not None and f_portn > 65535:
+            raise UriError(f"port {f_portn} out of range")
+        f_pdict: dict[str, str | None] = {}
+        if f_params:
+            for p in f_params[1:].split(";"):
                 k, sep, v = p.partition("=")
-                params[k.lower()] = v if sep else None
-        if host[0] == "[":
-            host = host[1:-1]
-        return SipUri(scheme.lower(), user, password, host.lower(), port, params, headers or "")
+                f_pdict[k.lower()] = v if sep else None
+        if f_host[0] == "[":
+            f_host = f_host[1:-1]
+        return SipUri(f_scheme.lower(), f_user, f_pw, f_host.lower(), f_portn, f_pdict, f_headers or "")
     colon = text.find(":")
     if colon <= 0:
         raise UriError("no scheme")

@@ -145,7 +145,10 @@ class ClearIpLink:
                 return
             if self._awaiting_pong_since is not None and conn.last_received >= self._awaiting_pong_since:
                 self._awaiting_pong_since = None  # something came back: the connection is alive
-            if self._awaiting_pong_since is not None and loop.time() - self._awaiting_pong_since > self._pong_timeout:
+            if (
+                self._awaiting_pong_since is not None
+                and loop.time() - self._awaiting_pong_since > self._pong_timeout
+            ):
                 log.warning("ClearIP keep-alive unanswered for %.0f s: reconnecting", self._pong_timeout)
                 conn.close()
                 return

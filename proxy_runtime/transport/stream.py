@@ -54,15 +54,15 @@ class StreamConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = tr = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         if not self.owner.stream_opened(self):
-            transport.abort()
+            tr.abort()
             self.closed = True
             return
         if self.pending:
-            transport.write(b"".join(self.pending))
+            tr.write(b"".join(self.pending))
             self.pending.clear()
 
     def data_received(self, data: bytes) -> None:

@@ -87,7 +87,9 @@ def direct_to_proxy(
 ) -> Call:
     """ClearIP (and a carrier it would route to) are up, but the test expects neither to be asked."""
     carrier = lab.carrier("carrier1", "carrier_answer.xml", "udp") if with_carrier else None
-    keys = dict(CLEARIP_KEYS, contacts=contact_list([(CALLED, carrier, 0.9)]) if carrier else f"<sip:{HOST}:9>")
+    keys = dict(
+        CLEARIP_KEYS, contacts=contact_list([(CALLED, carrier, 0.9)]) if carrier else f"<sip:{HOST}:9>"
+    )
     clearip = lab.clearip(clearip_scenario, keys)
     proxy = lab.proxy(clearip.port, **(proxy_kw or {}))
     switch = lab.switch(switch_scenario, proxy, switch_transport, **(switch_kw or {}))

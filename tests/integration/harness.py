@@ -377,7 +377,14 @@ class ProxyProcess:
             args += ["--tcp", f"{HOST}:{self.port}"]
         if tls:
             assert tls_cert and tls_key
-            args += ["--tls", f"{HOST}:{self.tls_port}", "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+            args += [
+                "--tls",
+                f"{HOST}:{self.tls_port}",
+                "--tls-cert",
+                str(tls_cert),
+                "--tls-key",
+                str(tls_key),
+            ]
         args += ["--clearip", clearip]
         if clearip_ca:
             args += ["--clearip-ca", str(clearip_ca)]
@@ -548,7 +555,7 @@ class Sipp:
     def describe(self) -> str:
         lines = [f"=== SIPp {self.name}: {self.scenario.name} ({self.transport}, port {self.port}) "]
         lines.append(f"exit code: {self.exit_code if self.proc else 'not started'}")
-        lines.append("cmd: " + " ".join(self.args))
+        lines.append("cmd: " + " ".join(a if len(a) < 100 else a[:60] + "..." for a in self.args))
         msgs = self.messages()
         lines += [f"  {m.direction:8} {m.transport} {m.start_line}" for m in msgs] or ["  (no messages)"]
         if self.err_path.exists() and self.err_path.stat().st_size:
@@ -833,12 +840,19 @@ class Lab:
         self.sipps.append(s)
         return s
 
-    def clearip(self, scenario: str, keys: dict[str, str] | None = None, calls: int = 1, **kw: object) -> Sipp:
+    def clearip(
+        self, scenario: str, keys: dict[str, str] | None = None, calls: int = 1, **kw: object
+    ) -> Sipp:
         """ClearIP stand-in: SIPp UAS over TCP, started (port bound) before the proxy connects."""
         return self.sipp("clearip", scenario, transport="tcp", keys=keys, calls=calls, **kw).start_server()
 
     def carrier(
-        self, name: str, scenario: str, transport: str = "udp", keys: dict[str, str] | None = None, **kw: object
+        self,
+        name: str,
+        scenario: str,
+        transport: str = "udp",
+        keys: dict[str, str] | None = None,
+        **kw: object,
     ) -> Sipp:
         return self.sipp(name, scenario, transport=transport, keys=keys, **kw).start_server()
 

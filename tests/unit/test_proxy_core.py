@@ -41,7 +41,9 @@ def make_core(**overrides: object) -> tuple[ProxyCore, Net]:
 
 
 def invite(number: str = "+15551234567", branch: str = "z9hG4bKsw1", extra: str = "") -> bytes:
-    body = b"v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+    body = (
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+    )
     head = (
         f"INVITE sip:{number}@acme.sip.clearip.com SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP 10.0.0.5:5060;branch={branch}\r\n"
@@ -129,7 +131,7 @@ def test_302_copies_identity_headers_and_forks_in_q_order() -> None:
 def advance_to_carrier(core: ProxyCore, net: Net) -> tuple[SipRequest, SipRequest]:
     req = to_clearip(core, net)
     clearip_reply(core, redirect(req), 0.05)
-    fwd = [m for t, m in net.take() if t.transport != CLEARIP][0]
+    fwd = next(m for t, m in net.take() if t.transport != CLEARIP)
     assert isinstance(fwd, SipRequest)
     return req, fwd
 
@@ -145,7 +147,11 @@ def test_carrier_503_advances_to_next_contact_then_200_reaches_switch() -> None:
     assert isinstance(second, SipRequest) and second.method == "INVITE"
     assert second.get_all("identity") == [IDENTITY_1, IDENTITY_2]
     core.receive(response_to(second, 180, "Ringing"), Target("udp", CARRIER_A[0], 5060), 0.2)
-    core.receive(response_to(second, 200, "OK", "Contact: <sip:callee@192.0.2.10>\r\n"), Target("udp", CARRIER_A[0], 5060), 0.3)
+    core.receive(
+        response_to(second, 200, "OK", "Contact: <sip:callee@192.0.2.10>\r\n"),
+        Target("udp", CARRIER_A[0], 5060),
+        0.3,
+    )
     up = [m for t, m in net.take() if t == SWITCH]
     assert [m.status for m in up if isinstance(m, SipResponse)] == [180, 200]
     assert len(up[-1].values("via")) == 1  # our Via removed
@@ -160,7 +166,11 @@ def test_no_provisional_within_timeout_advances() -> None:
     # Timer A retransmits to carrier B over UDP meanwhile; carrier A is not tried yet.
     assert {t.host for t, m in out if isinstance(m, SipRequest)} == {CARRIER_B[0]}
     core.handle_timer(5.06)
-    invites = [(t, m) for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE" and t.host == CARRIER_A[0]]
+    invites = [
+        (t, m)
+        for t, m in net.take()
+        if isinstance(m, SipRequest) and m.method == "INVITE" and t.host == CARRIER_A[0]
+    ]
     assert len(invites) == 1
 
 
@@ -168,7 +178,7 @@ def test_all_contacts_fail_returns_best_response() -> None:
     core, net = make_core()
     _, first = advance_to_carrier(core, net)
     core.receive(response_to(first, 503, "Service Unavailable"), Target("udp", *CARRIER_B), 0.1)
-    second = [m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE"][0]
+    second = next(m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE")
     core.receive(response_to(second, 486, "Busy Here"), Target("udp", CARRIER_A[0], 5060), 0.2)
     finals = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
     assert [m.status for m in finals] == [486]  # 4xx beats 5xx
@@ -247,10 +257,12 @@ def test_cancel_after_ringing_cancels_branch_and_answers_487() -> None:
     core.receive(response_to(first, 180, "Ringing"), Target("udp", *CARRIER_B), 0.1)
     net.take()
     cancel = (
-        "CANCEL sip:+15551234567@acme.sip.clearip.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKsw1\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
-        "To: <sip:+15551234567@acme.sip.clearip.com>\r\nCall-ID: call-1@10.0.0.5\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"CANCEL sip:+15551234567@acme.sip.clearip.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKsw1\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        b"To: <sip:+15551234567@acme.sip.clearip.com>\r\nCall-ID: call-1@10.0.0.5\r\n"
+        b"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    )
     core.receive(cancel, SWITCH, 0.2)
     out = net.take()
     assert sorted(m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)) == [200, 487]
@@ -279,7 +291,8 @@ def test_in_dialog_bye_follows_route_and_pops_our_route() -> None:
     core, net = make_core()
     bye = (
         f"BYE sip:callee@{CARRIER_A[0]}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKbye1\r\n"
-        "Route: <sip:203.0.113.7:5060;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        "Route: <sip:203.0.113.7:5060;lr>\r\nMax-Forwards: 70\r\n"
+        "From: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
         "To: <sip:+15551234567@acme.sip.clearip.com>;tag=far\r\nCall-ID: call-1@10.0.0.5\r\nCSeq: 2 BYE\r\n"
         "Content-Length: 0\r\n\r\n"
     ).encode()

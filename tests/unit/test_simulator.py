@@ -1,0 +1,259 @@
+"""The ClearIP simulator's pure parts: rules, PASSporTs, the answers it builds. No sockets."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy_runtime.simulator import (
+    DEFAULT_RULES,
+    DEFAULT_RULES_TOML,
+    DEFAULT_X5U,
+    Rule,
+    RulesError,
+    build_answer,
+    decode_passport,
+    load_rules,
+    make_passport,
+    normalize_number,
+    parse_rules,
+)
+from proxy_runtime.sip.message import SipRequest, parse_message, parse_name_addr
+
+EXAMPLE_RULES = Path(__file__).resolve().parents[2] / "examples" / "simulator-rules.toml"
+
+
+def invite(number: str = "+12125551234", from_number: str = "+13035550100") -> SipRequest:
+    raw = (
+        f"INVITE sip:{number}@acme.sip.clearip.com SIP/2.0\r\n"
+        "Via: SIP/2.0/TCP 10.0.0.1:5060;branch=z9hG4bKabc123;rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f'From: "Caller" <sip:{from_number}@10.0.0.1>;tag=f1\r\n'
+        f"To: <sip:{number}@acme.sip.clearip.com>\r\n"
+        "Call-ID: call-1@10.0.0.1\r\n"
+        "CSeq: 1 INVITE\r\n"
+        "Contact: <sip:switch@10.0.0.1:5060;transport=tcp>\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    msg = parse_message(raw, datagram=False)
+    assert isinstance(msg, SipRequest)
+    return msg
+
+
+RULES = parse_rules(
+    tomllib.loads(
+        """
+[[rule]]
+name = "exact"
+numbers = ["+12125550001", "12125550002"]
+action = "reject"
+status = 404
+
+[[rule]]
+name = "prefix"
+prefixes = ["1212555"]
+action = "reject"
+status = 503
+
+[[rule]]
+name = "blocked"
+prefixes = ["1900"]
+action = "block"
+
+[[rule]]
+name = "dead"
+numbers = ["18005550000"]
+action = "silence"
+
+[[rule]]
+name = "slow"
+numbers = ["18005550001"]
+action = "delay"
+delay_ms = 250
+contacts = ["sip:{user}@192.0.2.1"]
+
+[default]
+contacts = ["sip:{user}@192.0.2.10", "sip:{number}@198.51.100.20;transport=tcp", "sip:{e164}@203.0.113.5"]
+"""
+    )
+)
+
+
+# --- rule matching ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "rule"),
+    [
+        ("+12125550001", "exact"),  # exact, with +
+        ("12125550001", "exact"),  # exact, without + (E.164 either way)
+        ("+12125550002", "exact"),  # rule written without +, number with
+        ("+12125550003", "prefix"),  # first match wins: not exact, so the prefix
+        ("12125559999", "prefix"),
+        ("+19005551234", "blocked"),
+        ("+12125550001;npdi", "exact"),  # user parameters ignored
+        ("+1-212-555-0001", "exact"),  # visual separators ignored
+        ("+14155550100", "default"),
+        ("18005550000", "dead"),
+    ],
+)
+def test_rule_matching(user: str, rule: str) -> None:
+    assert RULES.match(user).name == rule
+
+
+def test_first_match_wins_in_file_order() -> None:
+    rules = parse_rules(
+        {
+            "rule": [
+                {"name": "broad", "prefixes": ["1"], "action": "reject", "status": 480},
+                {"name": "narrow", "numbers": ["12125550001"], "action": "reject", "status": 404},
+            ]
+        }
+    )
+    assert rules.match("+12125550001").name == "broad"
+
+
+def test_normalize_number() -> None:
+    assert normalize_number("+1 (212) 555-1234") == "12125551234"
+    assert normalize_number("+12125551234;rn=+12125550000;npdi") == "12125551234"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"rule": [{"numbers": ["1"], "action": "explode"}]}, "action must be one of"),
+        ({"rule": [{"numbers": ["1"], "action": "reject"}]}, "needs status"),
+        ({"rule": [{"numbers": ["1"], "action": "redirect"}]}, "needs contacts"),
+        ({"rule": [{"action": "reject", "status": 404}]}, "needs numbers or prefixes"),
+        ({"rule": [{"numbers": ["abc"], "action": "reject", "status": 404}]}, "not a number"),
+        ({"rule": [{"numbers": ["1"], "action": "reject", "status": 404, "colour": "red"}]}, "unknown key"),
+        ({"rule": [{"numbers": ["1"], "action": "delay", "contacts": ["sip:a@b"]}]}, "delay_ms > 0"),
+        (
+            {"rule": [{"numbers": ["1"], "action": "redirect", "contacts": ["sip:a@b"], "q": [0.5, 0.4]}]},
+            "one value per contact",
+        ),
+        ({"rules": []}, "unknown top-level"),
+    ],
+)
+def test_bad_rules_are_refused_with_the_reason(data: dict[str, object], message: str) -> None:
+    with pytest.raises(RulesError, match=message):
+        parse_rules(data)
+
+
+def test_builtin_and_example_rules_load() -> None:
+    assert parse_rules(tomllib.loads(DEFAULT_RULES_TOML)) == DEFAULT_RULES
+    assert DEFAULT_RULES.match("+19005550000").action == "block"
+    assert DEFAULT_RULES.match("+14155550100").action == "redirect"
+    example = load_rules(EXAMPLE_RULES)
+    assert example.rules and example.default.action == "redirect"
+
+
+def test_missing_rules_file() -> None:
+    with pytest.raises(RulesError, match="no such rules file"):
+        load_rules("/nonexistent/rules.toml")
+
+
+# --- PASSporT ---------------------------------------------------------------------------------
+
+
+def test_passport_shape() -> None:
+    before = int(time.time())
+    token = make_passport("+13035550100", "+12125551234", attest="B", pad_to=700)
+    header, payload, signature = decode_passport(token)
+    assert header == {"alg": "ES256", "ppt": "shaken", "typ": "passport", "x5u": DEFAULT_X5U}
+    assert payload["attest"] == "B"
+    assert payload["orig"] == {"tn": "13035550100"}
+    assert payload["dest"] == {"tn": ["12125551234"]}
+    assert before <= payload["iat"] <= int(time.time())
+    assert len(payload["origid"]) == 36  # a UUID
+    assert len(signature) == 64  # the size of an ES256 (P-256) signature
+    assert all(c.isalnum() or c in "-_." for c in token)  # base64url, no padding
+    assert 650 <= len(token) <= 720
+
+
+def test_div_passport() -> None:
+    header, payload, _ = decode_passport(
+        make_passport("13035550100", "12125551234", ppt="div", div="14155550100")
+    )
+    assert header["ppt"] == "div"
+    assert payload["div"] == {"tn": "14155550100"}
+    assert "attest" not in payload
+
+
+def test_redirect_answer() -> None:
+    req = invite("+14155550100")
+    resp = build_answer(RULES.match("+14155550100"), req, "tt1", now=1_700_000_000)
+    assert resp is not None
+    assert (resp.status, resp.reason) == (302, "Moved Temporarily")
+    assert resp.call_id == req.call_id and resp.to_tag == "tt1" and resp.get("via") == req.get("via")
+    identities = resp.get_all("identity")
+    assert len(identities) == 1
+    ident = identities[0]
+    assert 700 <= len(ident) <= 1000
+    assert ident.endswith(f";info=<{DEFAULT_X5U}>;alg=ES256;ppt=shaken")
+    header, payload, _ = decode_passport(ident)
+    assert header["x5u"] == DEFAULT_X5U
+    assert payload["iat"] == 1_700_000_000
+    assert payload["orig"] == {"tn": "13035550100"} and payload["dest"] == {"tn": ["14155550100"]}
+    contacts = [parse_name_addr(c) for c in resp.values("contact")]
+    assert [c.uri for c in contacts] == [
+        "sip:+14155550100@192.0.2.10",
+        "sip:14155550100@198.51.100.20;transport=tcp",
+        "sip:+14155550100@203.0.113.5",
+    ]
+    assert [c.q for c in contacts] == [0.99, 0.98, 0.97]
+    # It survives a round trip through the parser unchanged.
+    again = parse_message(resp.serialize(), datagram=False)
+    assert again.get_all("identity") == identities
+
+
+def test_redirect_options_div_pai_quoted_ppt_and_q() -> None:
+    rule = Rule(
+        "inbound",
+        "redirect",
+        numbers=("1",),
+        contacts=("sip:switch-a@10.1.1.1", "sip:switch-b@10.1.1.2"),
+        q=(0.7, 0.3),
+        contact_lines=True,
+        div=True,
+        div_from="+14155550199",
+        pai=True,
+        pai_name="[V] Alice Smith",
+        quote_ppt=True,
+        identity_size=0,
+    )
+    resp = build_answer(rule, invite(), "t")
+    assert resp is not None
+    shaken, div = resp.get_all("identity")
+    assert shaken.endswith(';ppt="shaken"')
+    assert div.endswith(';ppt="div"')
+    assert decode_passport(div)[1]["div"] == {"tn": "14155550199"}
+    assert "pad" not in decode_passport(shaken)[1]
+    pai = resp.get("p-asserted-identity")
+    assert pai is not None
+    assert pai.startswith('"[V] Alice Smith" <sip:+13035550100@')
+    assert "verstat=TN-Validation-Passed" in pai
+    assert resp.get_all("contact") == ["<sip:switch-a@10.1.1.1>;q=0.7", "<sip:switch-b@10.1.1.2>;q=0.3"]
+
+
+def test_603_plus() -> None:
+    resp = build_answer(RULES.match("+19005550000"), invite("+19005550000"), "t")
+    assert resp is not None
+    assert (resp.status, resp.reason) == (603, "Network Blocked")
+    reason = resp.get("reason")
+    assert reason is not None
+    assert reason.startswith("SIP;cause=603;") and 'text="Network Blocked"' in reason
+    assert resp.get("call-info")
+    assert not resp.has("contact") and not resp.has("identity")
+
+
+def test_reject_and_silence() -> None:
+    resp = build_answer(RULES.match("+12125550003"), invite("+12125550003"), "t")
+    assert resp is not None and (resp.status, resp.reason) == (503, "Service Unavailable")
+    custom = Rule("r", "reject", numbers=("1",), status=480, reason="Try Later")
+    resp = build_answer(custom, invite(), "t")
+    assert resp is not None and (resp.status, resp.reason) == (480, "Try Later")
+    assert build_answer(RULES.match("18005550000"), invite("18005550000"), "t") is None
