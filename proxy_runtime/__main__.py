@@ -9,10 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from proxy_runtime.control import ControlServer
+    from proxy_runtime.server import ProxyServer
 
 log = logging.getLogger("clearip")
 
@@ -101,6 +105,7 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         await server.stop()
         return 1
     await publisher.start()
+    control = await _start_control(server, config_args)
     stop = asyncio.Event()
 
     def on_term() -> None:
@@ -116,6 +121,8 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
             log.error("reload refused, keeping the running settings: %s", exc)
             return
         restart = server.reload(new)
+        if control is not None:
+            control.settings_changed()
         publisher.interval = new.metrics_interval
         logging.getLogger().setLevel(new.log_level.upper())
         log.info(
@@ -125,16 +132,37 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if control is not None:
+        loop.add_signal_handler(signal.SIGUSR1, control.toggle_trace)
     try:
         await stop.wait()
         await server.drain()
     finally:
+        if control is not None:
+            await control.stop()
         await server.stop()
         await publisher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+async def _start_control(server: ProxyServer, config_args: argparse.Namespace | None) -> ControlServer | None:
+    """The local control socket (status, traces: see proxy_runtime/control.py); ``off`` disables it.
+    A proxy that cannot open it still carries calls: the failure is logged, not fatal."""
+    from proxy_runtime import control as control_mod
+
+    path = getattr(config_args, "control_socket", None) or os.environ.get(control_mod.ENV_SOCKET) or ""
+    if path == "off":
+        return None
+    ctl = control_mod.ControlServer(server, path or control_mod.default_socket_path())
+    try:
+        await ctl.start()
+    except OSError as exc:
+        log.warning("no control socket (doctor/trace cannot reach this proxy): %s", exc)
+        return None
+    return ctl
 
 
 def _use_uvloop() -> None:
@@ -200,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the proxy")
     _add_settings_flags(r)
+    r.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="local control socket for doctor/trace ('off' to disable); env CLEARIP_CONTROL_SOCKET; "
+        "default /run/clearip-proxy/control.sock, else $XDG_RUNTIME_DIR or /tmp",
+    )
     c = sub.add_parser("check-config", help="validate the settings and print them as TOML")
     _add_settings_flags(c)
     st = sub.add_parser("set", help="persist one setting in the settings file")

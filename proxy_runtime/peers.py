@@ -850,6 +850,12 @@ class SimulatedSwitch:
         from_hdr = f'"Switch" <sip:{from_num}@{self.host}>;tag={new_tag()}'
         to_hdr = f"<sip:{to_number}@{dom}>"
         result = CallResult(to_number, call_id)
+        if transport != "udp":
+            try:  # connect first: without a listener of that kind, Via names the connection's address
+                await self.endpoint.connect(transport, proxy)
+            except (OSError, ConnectionError, ssl.SSLError) as exc:
+                result.error = f"connect failed: {exc}"
+                return result
         branch = new_branch()
         try:
             sdp_host = self.endpoint.local_addr(transport)[0]

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,14 +291,7 @@ def make_identity(seed: str, ppt: str = "shaken", quoted_ppt: bool = False, size
         "dest": {"tn": ["15555550100"]},
         "iat": 1790000000 + rng.randrange(100000),
         "orig": {"tn": "12025550100"},
-        "origid": "%08x-%04x-4%03x-a%03x-%012x"
-        % (
-            rng.getrandbits(32),
-            rng.getrandbits(16),
-            rng.getrandbits(12),
-            rng.getrandbits(12),
-            rng.getrandbits(48),
-        ),
+        "origid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
     }
     if ppt == "div":
         payload["div"] = {"tn": "12025550199"}
@@ -935,7 +929,8 @@ CALLER_IDENTITY = make_identity("caller-own-identity", size=400)
 
 
 def contact_list(entries: Iterable[tuple[str, Sipp, float]]) -> str:
-    """A 302 Contact header value: ``(user, carrier, q)`` each becomes ``<sip:user@127.0.0.1:port[;transport=tcp]>;q=``."""
+    """A 302 Contact header value: each ``(user, carrier, q)`` becomes
+    ``<sip:user@127.0.0.1:port[;transport=tcp]>;q=Q``."""
     out = []
     for user, carrier, q in entries:
         tp = ";transport=tcp" if carrier.transport == "tcp" else ""

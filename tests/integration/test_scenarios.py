@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.flows import PAI_VERSTAT
 from tests.integration.harness import Lab, contact_list, make_identity
 
 pytestmark = pytest.mark.sipp
@@ -64,7 +65,7 @@ def test_switch_against_clearip_directly(lab: Lab, scenario, keys, status):
             "identity1": make_identity("a"),
             "identity2": make_identity("b"),
             "identity3": make_identity("c", ppt="div", quoted_ppt=True),
-            "pai": '"[V] Alice Caller" <sip:+12025550100@clearip.example;user=phone;verstat=TN-Validation-Passed>',
+            "pai": PAI_VERSTAT,
             "contacts": contact_list([("+15555550100", dummy, 0.9), ("+15555550100", dummy, 0.5)]),
         }
     clearip = lab.clearip(scenario, keys)

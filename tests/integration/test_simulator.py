@@ -235,7 +235,7 @@ def test_unparsable_request_gets_400() -> None:
             sock.setblocking(False)
             try:
                 bad = _raw_invite("+12125551234", sock.getsockname()[1], "z9hG4bKbad1").replace(
-                    b"CSeq: 1 INVITE", b"CSeq: one INVITE"
+                    b"Max-Forwards: 70", b"Max-Forwards: lots"
                 )
                 await loop.sock_sendto(sock, bad, addr(sim, "udp"))
                 resp = parse_message(await asyncio.wait_for(loop.sock_recv(sock, 65535), 2))
@@ -313,3 +313,40 @@ def test_demo_passes(mode: Any) -> None:
     status = asyncio.run(asyncio.wait_for(run_demo(out=out, mode=mode), 60))
     assert status == 0, out.getvalue()
     assert "9/9 calls ended as expected" in out.getvalue()
+
+
+def test_redirect_over_tls(tmp_path: Any) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    from proxy_runtime.simulator import server_ssl_context
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run(
+        [openssl, *args],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+    async def body() -> None:
+        sim = ClearIpSimulator(RULES)
+        await sim.start(tls=[("127.0.0.1", 0)], ssl_context=server_ssl_context(str(cert), str(key)))
+        try:
+            async with switch() as sw:
+                ctx = ssl.create_default_context(cafile=str(cert))
+                ctx.check_hostname = False
+                sw.endpoint.set_client_ssl(ctx)
+                r = await sw.call("+12125551234", addr(sim, "tls"), "tls", time_limit=3)
+                assert r.status == 302 and r.final is not None and r.final.get("identity")
+                assert r.final.top_via.transport == "TLS"
+        finally:
+            await sim.stop()
+
+    run(body)

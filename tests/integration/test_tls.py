@@ -16,6 +16,7 @@ from tests.integration.harness import (
     HOST,
     Lab,
     SipMessage,
+    Sipp,
     SipStreamClient,
     TestPki,
     TlsRelay,
@@ -106,7 +107,7 @@ def test_options_over_tls_gets_200(lab: Lab, pki: TestPki) -> None:
     assert clearip.received() == []
 
 
-def _clearip_over_tls(lab: Lab, pki: TestPki, ca_for_proxy) -> tuple:
+def _clearip_over_tls(lab: Lab, pki: TestPki, ca_for_proxy: object) -> tuple[Sipp, Sipp, TlsRelay, object]:
     carrier = lab.carrier("carrier1", "carrier_answer.xml", "udp")
     keys = dict(CLEARIP_KEYS, contacts=contact_list([(CALLED, carrier, 1.0)]))
     clearip = lab.clearip("clearip_302.xml", keys)
