@@ -168,7 +168,10 @@ class ControlServer:
                 return {"ok": True, "trace": self.trace_status()}
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown cmd {cmd!r}; use status, trace-start, trace-stop, trace-status"}
+        return {
+            "ok": False,
+            "error": f"unknown cmd {cmd!r}; use status, trace-start, trace-stop, trace-status",
+        }
 
     # --- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -848,15 +848,14 @@ class ProxyCore:
     def _on_branch_response(self, call: Call, br: Branch, resp: SipResponse, now: float) -> None:
         status = resp.status
         if br.abandoned or call.branch is not br:
-            # A branch we gave up on: cancel it if it rings; hang up if it answers.
-            if status < 200 and status > 100 and not br.cancel_sent:
-                br.cancel_sent = True
-                self._send_cancel(br.request, br.target, now)
-            elif 200 <= status < 300:
-                if call.st.state.value == "accepted" and not call.cancelled and call.answered:
-                    self._forward_upstream(call, resp, now)  # RFC 3261 §16.7: 2xx always go up
-                else:
-                    self._hang_up(br, resp, now)
+            # A branch we gave up on: cancel it if it rings; hang up if it answers, so the call
+            # is never connected twice.
+            if status < 200:
+                if not br.cancel_sent:
+                    br.cancel_sent = True
+                    self._send_cancel(br.request, br.target, now)
+            elif status < 300 and not (call.answered and call.branch is br):
+                self._hang_up(br, resp, now)
             return
         if status < 200:
             if not br.provisional:

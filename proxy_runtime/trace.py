@@ -174,7 +174,7 @@ def mask_message(data: bytes) -> bytes:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -208,11 +208,7 @@ class PcapEncoder:
             ip = ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
         # Decrypted TLS (switch listener or ClearIP) appears as TCP from our SIP port 5060 side, so
         # Wireshark's SIP dissector (not TLS, registered on 5061) reads it.
-        if transport in ("udp", "tcp"):
-            port = self.ports.get(transport, 5060)
-        else:
-            port = self.ports.get("tcp", 5060)
-        return str(ip), port
+        return str(ip), self.ports.get(transport if transport in ("udp", "tcp") else "tcp", 5060)
 
     def packets(self, direction: str, transport: str, peer: tuple[str, int], data: bytes) -> list[bytes]:
         try:

@@ -575,13 +575,13 @@ def _select(msgs: list[SipMessage], what: str | int | None) -> list[SipMessage]:
 
 
 @dataclass
-class TestPki:
+class Pki:
     ca_cert: Path
     server_cert: Path
     server_key: Path
 
 
-def make_test_pki(directory: Path) -> TestPki:
+def make_test_pki(directory: Path) -> Pki:
     """A throw-away CA and a server certificate for ``localhost`` / 127.0.0.1, signed by it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -645,7 +645,7 @@ def make_test_pki(directory: Path) -> TestPki:
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    pki = TestPki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pki.server_key.write_bytes(
@@ -662,7 +662,7 @@ class TlsRelay:
     to a plain TCP backend (the SIPp ClearIP UAS). Lets the proxy's TLS ClearIP connection be tested
     with the same SIPp scenarios. Threads; stopped by :meth:`close`."""
 
-    def __init__(self, pki: TestPki, backend_port: int) -> None:
+    def __init__(self, pki: Pki, backend_port: int) -> None:
         self.backend_port = backend_port
         self.port = free_port()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

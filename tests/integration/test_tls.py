@@ -18,7 +18,7 @@ from tests.integration.harness import (
     SipMessage,
     Sipp,
     SipStreamClient,
-    TestPki,
+    Pki,
     TlsRelay,
     contact_list,
     make_test_pki,
@@ -62,7 +62,7 @@ def _in_dialog(client: SipStreamClient, method: str, cseq: int, ok: SipMessage, 
     )
 
 
-def test_switch_over_tls_call_with_identity_at_the_carrier(lab: Lab, pki: TestPki) -> None:
+def test_switch_over_tls_call_with_identity_at_the_carrier(lab: Lab, pki: Pki) -> None:
     carrier = lab.carrier("carrier1", "carrier_answer.xml", "udp")
     keys = dict(CLEARIP_KEYS, contacts=contact_list([(CALLED, carrier, 1.0)]))
     clearip = lab.clearip("clearip_302.xml", keys)
@@ -86,7 +86,7 @@ def test_switch_over_tls_call_with_identity_at_the_carrier(lab: Lab, pki: TestPk
     assert carrier.received("ACK") and carrier.received("BYE"), d()
 
 
-def test_options_over_tls_gets_200(lab: Lab, pki: TestPki) -> None:
+def test_options_over_tls_gets_200(lab: Lab, pki: Pki) -> None:
     clearip = lab.clearip("clearip_302.xml", dict(CLEARIP_KEYS, contacts=f"<sip:{HOST}:9>"))
     proxy = lab.proxy(clearip.port, tls=True, tls_cert=pki.server_cert, tls_key=pki.server_key)
     client = SipStreamClient(proxy.tls_port, tls_ca=pki.ca_cert)
@@ -107,7 +107,7 @@ def test_options_over_tls_gets_200(lab: Lab, pki: TestPki) -> None:
     assert clearip.received() == []
 
 
-def _clearip_over_tls(lab: Lab, pki: TestPki, ca_for_proxy: object) -> tuple[Sipp, Sipp, TlsRelay, object]:
+def _clearip_over_tls(lab: Lab, pki: Pki, ca_for_proxy: object) -> tuple[Sipp, Sipp, TlsRelay, object]:
     carrier = lab.carrier("carrier1", "carrier_answer.xml", "udp")
     keys = dict(CLEARIP_KEYS, contacts=contact_list([(CALLED, carrier, 1.0)]))
     clearip = lab.clearip("clearip_302.xml", keys)
@@ -116,7 +116,7 @@ def _clearip_over_tls(lab: Lab, pki: TestPki, ca_for_proxy: object) -> tuple[Sip
     return carrier, clearip, relay, ca_for_proxy
 
 
-def test_clearip_over_tls_with_test_ca(lab: Lab, pki: TestPki) -> None:
+def test_clearip_over_tls_with_test_ca(lab: Lab, pki: Pki) -> None:
     carrier, clearip, relay, _ = _clearip_over_tls(lab, pki, pki.ca_cert)
     proxy = lab.proxy(relay.port, clearip=f"sip:localhost:{relay.port};transport=tls", clearip_ca=pki.ca_cert)
     switch = lab.switch("uac_call.xml", proxy, "udp")
@@ -130,7 +130,7 @@ def test_clearip_over_tls_with_test_ca(lab: Lab, pki: TestPki) -> None:
     assert switch.exit_code == 0, d()
 
 
-def test_clearip_over_tls_with_untrusted_certificate_gives_503(lab: Lab, pki: TestPki, tmp_path) -> None:
+def test_clearip_over_tls_with_untrusted_certificate_gives_503(lab: Lab, pki: Pki, tmp_path) -> None:
     """The proxy trusts another CA: the handshake must fail, and calls get 503 at once, not a hang."""
     other = make_test_pki(tmp_path / "other-ca")
     carrier, clearip, relay, _ = _clearip_over_tls(lab, pki, other.ca_cert)

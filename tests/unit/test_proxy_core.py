@@ -330,3 +330,30 @@ def test_drain_answers_options_and_invites_503() -> None:
     core.start_drain()
     core.receive(invite(), SWITCH, 0.0)
     assert [m.status for _, m in net.take() if isinstance(m, SipResponse)] == [100, 503]
+
+
+def test_late_answer_from_abandoned_contact_is_hung_up_not_connected() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.handle_timer(5.06)  # no provisional from carrier B: advance to carrier A
+    second = next(
+        m
+        for t, m in net.take()
+        if isinstance(m, SipRequest) and m.method == "INVITE" and t.host == CARRIER_A[0]
+    )
+    # Carrier B answers late: ACK + BYE to it, nothing to the switch.
+    core.receive(
+        response_to(first, 200, "OK", f"Contact: <sip:b@{CARRIER_B[0]}:{CARRIER_B[1]}>\r\n"),
+        Target("udp", *CARRIER_B),
+        6.0,
+    )
+    out = net.take()
+    assert not [m for t, m in out if t == SWITCH]
+    assert sorted(m.method for t, m in out if isinstance(m, SipRequest)) == ["ACK", "BYE"]
+    # Carrier A's answer is the one the switch gets.
+    core.receive(
+        response_to(second, 200, "OK", "Contact: <sip:a@192.0.2.10>\r\n"),
+        Target("udp", CARRIER_A[0], 5060),
+        6.1,
+    )
+    assert [m.status for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)] == [200]
