@@ -157,6 +157,10 @@ class ProxyServer:
             on_state=self._clearip_state,
         )
         self.link.start()
+        # Say "ready" once the first connection attempt to ClearIP has ended (bounded), so a call
+        # placed right after start-up is not refused for a connection still being made.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.first_attempt_done.wait(), 6.0)
         self._sweeper = loop.create_task(self._sweep(), name="stream-sweeper")
         desc = ", ".join(f"{lst.transport}:{lst.bound}" for lst in self.listeners)
         log.info("ready: listening on %s; advertising %s; ClearIP %s", desc, advertise, s.clearip)

@@ -54,6 +54,7 @@ class ClearIpLink:
         self.last_error = ""
         self.tls_version: str | None = None
         self.connected_once = asyncio.Event()
+        self.first_attempt_done = asyncio.Event()  # set after the first connect succeeds or fails
 
     @property
     def up(self) -> bool:
@@ -107,6 +108,7 @@ class ClearIpLink:
                 )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.first_attempt_done.set()
                 attempt += 1
                 delay = min(self.reconnect_max, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
                 log.warning(
@@ -127,6 +129,7 @@ class ClearIpLink:
             log.info("ClearIP connection up: %s:%s (%s)", self.host, self.port, self.tls_version or "tcp")
             self.connected_once.set()
             self._on_state(True)
+            self.first_attempt_done.set()
             await self._keepalive(proto)
             self.conn = None
             self._on_state(False)

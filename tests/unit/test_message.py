@@ -54,10 +54,11 @@ def request(*headers: str, body: bytes = b"") -> SipRequest:
 def test_every_compact_form_expands(compact: str, full: str) -> None:
     assert header_key(compact) == full
     assert header_key(compact.upper()) == full
-    msg = request(f"{compact.upper()}: value-of-{full}") if full not in ("via", "from", "to", "call-id") else None
-    if msg is not None and full not in ("content-length",):
-        assert msg.get(full) == f"value-of-{full}"
-        assert msg.get(compact) == f"value-of-{full}"
+    if full in ("via", "from", "to", "call-id", "content-length"):
+        return  # exercised by the torture messages (v:, f:, t:, i:, l:)
+    msg = request(f"{compact.upper()}: value-of-{full}")
+    assert msg.get(full) == f"value-of-{full}"
+    assert msg.get(compact) == f"value-of-{full}"
 
 
 def test_identity_compact_form_y() -> None:
@@ -344,7 +345,7 @@ def test_header_cap() -> None:
         (("Call-ID: c1@192.0.2.1", "X-Call-ID: c1"), 400),
         (("Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1", "Via: garbage"), 400),
         (("To: <sip:bob@example.com>", "To: <sip:bob@example.com>\r\nTo: <sip:eve@example.com>"), 400),
-        (("To: <sip:bob@example.com>", "To: <sip:bob@example.com>\r\n : continued"), None),
+        (("To: <sip:bob@example.com>", "To: <sip:bob@example.com>\r\n ;tag=x"), None),
         (("To: <sip:bob@example.com>", "To: <sip:bob@example.com>\r\nBad Name: x"), 400),
         (("To: <sip:bob@example.com>", "To: <sip:bob@example.com>\r\nNoColon"), 400),
     ],

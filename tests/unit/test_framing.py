@@ -1,0 +1,134 @@
+"""Stream framing by Content-Length (RFC 3261 §18.3) and RFC 5626 keep-alives."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
+from proxy_runtime.sip.message import parse_message
+
+
+def msg(n: int, body: bytes = b"", cl_name: str = "Content-Length") -> bytes:
+    head = (
+        f"OPTIONS sip:x@example.com SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK{n}\r\n"
+        f"From: <sip:a@b>;tag={n}\r\nTo: <sip:x@example.com>\r\nCall-ID: {n}\r\nCSeq: {n} OPTIONS\r\n"
+        f"{cl_name}: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+MESSAGES = [msg(1), msg(2, b"v=0\r\n\r\n\r\nbody with blank lines"), msg(3, b"x" * 300, "l"), msg(4, b"\r\n\r\n")]
+
+
+def frames(framer: StreamFramer) -> list[bytes]:
+    out = []
+    while (f := framer.next_frame()) is not None:
+        out.append(f)
+    return out
+
+
+def test_whole_messages() -> None:
+    framer = StreamFramer()
+    framer.feed(b"".join(MESSAGES))
+    assert frames(framer) == MESSAGES
+    assert framer.buffered == 0
+    for m in MESSAGES:
+        parse_message(m, datagram=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(b"".join(MESSAGES))), max_size=40))
+def test_any_chunking_yields_exactly_the_messages(cuts: list[int]) -> None:
+    data = b"".join(MESSAGES)
+    points = sorted(set(cuts))
+    framer = StreamFramer()
+    out: list[bytes] = []
+    prev = 0
+    for p in [*points, len(data)]:
+        framer.feed(data[prev:p])
+        prev = p
+        out.extend(frames(framer))
+    assert out == MESSAGES
+
+
+def test_byte_at_a_time() -> None:
+    framer = StreamFramer()
+    out = []
+    for b in b"".join(MESSAGES):
+        framer.feed(bytes([b]))
+        out.extend(frames(framer))
+    assert out == MESSAGES
+
+
+def test_keepalive_ping_and_pong() -> None:
+    framer = StreamFramer()
+    framer.feed(PING)
+    assert framer.next_frame() == PING
+    framer.feed(PONG + MESSAGES[0])  # a pong before a message is skipped
+    assert framer.next_frame() == MESSAGES[0]
+    framer.feed(b"\r")
+    assert framer.next_frame() is None
+    framer.feed(b"\n\r")
+    assert framer.next_frame() is None
+    framer.feed(b"\n")
+    assert framer.next_frame() == PING
+    framer.feed(PING + PING + MESSAGES[1])
+    assert frames(framer) == [PING, PING, MESSAGES[1]]
+
+
+def test_oversize_head_and_body_are_513() -> None:
+    framer = StreamFramer(max_size=2000)
+    framer.feed(b"INVITE sip:x SIP/2.0\r\nX: " + b"a" * 2100)
+    with pytest.raises(FramingError) as err:
+        framer.next_frame()
+    assert err.value.status_hint == 513
+    framer = StreamFramer(max_size=2000)
+    framer.feed(msg(1, b"b" * 1900))
+    with pytest.raises(FramingError) as err:
+        framer.next_frame()
+    assert err.value.status_hint == 513
+    assert err.value.head.startswith(b"OPTIONS ")
+
+
+@pytest.mark.parametrize(
+    "cl_lines",
+    [b"Content-Length: 5\r\nl: 6\r\n", b"Content-Length: -1\r\n", b"Content-Length: x\r\n", b"l: 1234567890\r\n"],
+)
+def test_bad_or_conflicting_content_length(cl_lines: bytes) -> None:
+    framer = StreamFramer()
+    framer.feed(msg(1).replace(b"Content-Length: 0\r\n", cl_lines))
+    with pytest.raises(FramingError) as err:
+        framer.next_frame()
+    assert err.value.status_hint == 400
+    assert err.value.head
+
+
+def test_equal_duplicate_content_length_and_folding() -> None:
+    framer = StreamFramer()
+    framer.feed(msg(1, b"abc").replace(b"Content-Length: 3\r\n", b"Content-Length: 3\r\nl:\r\n 3\r\n") + b"NEXT")
+    frame = framer.next_frame()
+    assert frame is not None and frame.endswith(b"abc")
+    assert parse_message(frame, datagram=False).body == b"abc"
+
+
+def test_no_content_length_means_no_body() -> None:
+    framer = StreamFramer()
+    framer.feed(msg(1).replace(b"Content-Length: 0\r\n", b"") + MESSAGES[1])
+    assert len(frames(framer)) == 2
+
+
+def test_slow_loris_head_is_linear() -> None:
+    """A 60 KB head fed a few bytes at a time must not be re-scanned from the start each time."""
+    framer = StreamFramer(max_size=65535)
+    chunk = b"X-Pad: " + b"a" * 50 + b"\r\n"
+    start = time.perf_counter()
+    framer.feed(b"OPTIONS sip:x SIP/2.0\r\n")
+    for _ in range(1000):
+        for i in range(0, len(chunk), 4):
+            framer.feed(chunk[i : i + 4])
+            assert framer.next_frame() is None
+    assert time.perf_counter() - start < 2.0

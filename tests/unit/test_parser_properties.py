@@ -1,0 +1,177 @@
+"""Hypothesis properties of the parser: nothing but ParseError escapes, round trips hold, and the
+time per input stays bounded (nothing quadratic)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy_runtime.sip.framing import FramingError, StreamFramer
+from proxy_runtime.sip.message import (
+    ParseError,
+    SipMessage,
+    parse_message,
+    parse_name_addr,
+    parse_via,
+    split_list,
+    try_parse_for_reply,
+)
+from proxy_runtime.sip.uri import UriError, parse_uri
+
+TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
+SEEDS = [p.read_bytes() for p in sorted(TORTURE.glob("*.dat"))]
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+TOKENS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b'"', b"\\", b"<", b">", b",", b";", b":", b"@", b"=", b"%"]
+TOKENS += [b"\x00", b"\xff", b"\xc2\xb2", b"4294967296", b"-1", b"SIP/2.0", b"sip:", b"[::1]", b"\r\n "]
+
+
+def check(data: bytes) -> SipMessage | None:
+    """The properties every input must have."""
+    assert try_parse_for_reply(data) is None or try_parse_for_reply(data) is not None
+    framer = StreamFramer()
+    framer.feed(data)
+    try:
+        while framer.next_frame() is not None:
+            pass
+    except FramingError:
+        pass
+    msg = None
+    for datagram in (True, False):
+        try:
+            msg = parse_message(data, datagram=datagram)
+        except ParseError:
+            continue
+        again = parse_message(msg.serialize(), datagram=datagram)
+        assert again.start_line() == msg.start_line()
+        assert [h[1:] for h in again.headers if h[0] != "content-length"] == [
+            h[1:] for h in msg.headers if h[0] != "content-length"
+        ]
+        assert again.body == msg.body
+        assert again.serialize() == msg.serialize()
+    return msg
+
+
+@FAST
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes(data: bytes) -> None:
+    check(data)
+
+
+@FAST
+@given(st.lists(st.sampled_from([*TOKENS, b"a", b"Via", b"From", b"To", b"CSeq", b"1 X"]), max_size=200))
+def test_arbitrary_sip_like_tokens(parts: list[bytes]) -> None:
+    check(b"X sip:a@b SIP/2.0\r\n" + b"".join(parts))
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    buf = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.integers(0, 5))
+        pos = draw(st.integers(0, len(buf)))
+        if op == 0 and buf:
+            i = min(pos, len(buf) - 1)
+            buf[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == 1:
+            buf[pos:pos] = draw(st.sampled_from(TOKENS))
+        elif op == 2:
+            del buf[pos : pos + draw(st.integers(1, 20))]
+        elif op == 3:
+            end = min(len(buf), pos + draw(st.integers(1, 80)))
+            buf[end:end] = buf[pos:end]
+        elif op == 4:
+            buf[pos:pos] = draw(st.sampled_from(TOKENS)) * draw(st.integers(1, 500))
+        else:
+            other = draw(st.sampled_from(SEEDS))
+            buf = buf[:pos] + other[draw(st.integers(0, len(other))) :]
+    return bytes(buf)
+
+
+@FAST
+@given(mutated())
+def test_mutated_torture_messages(data: bytes) -> None:
+    check(data)
+
+
+TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
+names = st.text(TOKEN_ALPHABET, min_size=2, max_size=20).filter(
+    lambda n: n.lower() not in ("via", "from", "to", "call-id", "cseq", "content-length", "max-forwards", "contact")
+)
+values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF, exclude_characters="\x7f"), max_size=80)
+
+
+@FAST
+@given(st.lists(st.tuples(names, values), max_size=30), st.binary(max_size=300))
+def test_generated_messages_keep_every_header_and_the_body(extra: list[tuple[str, str]], body: bytes) -> None:
+    lines = [
+        "MESSAGE sip:bob@example.com SIP/2.0",
+        "Via: SIP/2.0/TCP 192.0.2.1;branch=z9hG4bK1",
+        "From: <sip:a@example.com>;tag=1",
+        "To: <sip:bob@example.com>",
+        "Call-ID: x",
+        "CSeq: 1 MESSAGE",
+        *(f"{n}: {v.strip(' ')}" for n, v in extra),
+        f"Content-Length: {len(body)}",
+    ]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    msg = check(data)
+    assert msg is not None
+    assert msg.body == body
+    got = [(h[1], h[2]) for h in msg.headers[5:-1]]
+    assert got == [(n, v.strip(" ")) for n, v in extra]
+    assert msg.serialize() == data  # canonical in, byte-identical out
+
+
+@FAST
+@given(st.text(max_size=300))
+def test_value_parsers_raise_only_their_errors(text: str) -> None:
+    for fn in (parse_via, parse_name_addr):
+        for strict in (False, True):
+            try:
+                fn(text, strict=strict)
+            except ParseError:
+                pass
+    try:
+        parse_uri(text)
+    except UriError:
+        pass
+    split_list(text)
+
+
+# --- bounded time: adversarial 64 KB inputs -------------------------------------------------------
+
+BASE = (
+    b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\n"
+    b"To: <sip:bob@example.com>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
+)
+UNITS = [b",", b'"', b'\\"', b"<", b">", b";", b" ", b"a,", b'",', b"<,", b";;", b"\\", b"=", b"@", b":", b"%"]
+HEADERS = [b"Via: SIP/2.0/UDP h", b"Contact: ", b"X-Unknown: ", b"Route: ", b"Identity: ", b"Via: "]
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_64k_headers_parse_in_bounded_time(unit: bytes) -> None:
+    worst = 0.0
+    for header in HEADERS:
+        for variant in (
+            BASE + header + unit * (65000 // len(unit)) + b"\r\n\r\n",
+            BASE + header + b"\r\n" + (b" " + unit + b"\r\n") * (20000 // (len(unit) + 3)) + b"\r\n",
+            BASE.replace(b"From: <sip:a@b>", b"From: " + unit * (60000 // len(unit)) + b"<sip:a@b>") + b"\r\n",
+        ):
+            start = time.perf_counter()
+            check(variant)
+            worst = max(worst, time.perf_counter() - start)
+    assert worst < 0.5, worst
+
+
+def test_header_flood_is_bounded() -> None:
+    flood = BASE + b"X: 1\r\n" * 12000 + b"\r\n"
+    start = time.perf_counter()
+    with pytest.raises(ParseError):
+        parse_message(flood)
+    assert try_parse_for_reply(flood) is not None
+    assert time.perf_counter() - start < 0.5

@@ -1,0 +1,87 @@
+"""SIP/SIPS URI parsing (RFC 3261 §19.1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
+
+
+def test_full_uri() -> None:
+    u = parse_uri("SIP:Alice:secret@Atlanta.Example.COM:5070;Transport=TCP;lr;maddr=239.255.255.1?subject=hi&x=y")
+    assert (u.scheme, u.user, u.password, u.host, u.port) == ("sip", "Alice", "secret", "atlanta.example.com", 5070)
+    assert u.params == {"transport": "TCP", "lr": None, "maddr": "239.255.255.1"}
+    assert u.headers == "subject=hi&x=y"
+    assert (u.transport, u.default_port, u.is_lr, u.hostport) == ("tcp", 5060, True, "atlanta.example.com:5070")
+
+
+def test_defaults_and_sips() -> None:
+    assert parse_uri("sip:example.com").transport == "udp"
+    s = parse_uri("sips:[2001:DB8::1]")
+    assert (s.host, s.port, s.transport, s.default_port, s.hostport) == ("2001:db8::1", None, "tls", 5061, "[2001:db8::1]")
+    assert parse_uri("sip:h;transport=tls").transport == "tls"
+    assert parse_uri("sips:h;transport=tcp").transport == "tls"
+    assert parse_uri("sip:[::1]:5062").port == 5062
+
+
+def test_user_part_with_reserved_characters() -> None:
+    u = parse_uri("sip:user;par=u%40example.net@example.com")
+    assert (u.user, u.host, u.params) == ("user;par=u%40example.net", "example.com", {})
+    assert parse_uri("sip:%61lice@h").user_unescaped == "alice"
+    assert parse_uri("sip:+1-212-555-1234@h;user=phone").params == {"user": "phone"}
+
+
+def test_str_round_trip() -> None:
+    for text in (
+        "sip:alice@atlanta.example.com",
+        "sips:bob:pw@[2001:db8::1]:5061;transport=tls?subject=x",
+        "sip:h;lr;ftag=abc",
+        "sip:user;par=u%40example.net@example.com",
+    ):
+        assert str(parse_uri(text)) == text
+        assert parse_uri(str(parse_uri(text))) == parse_uri(text)
+
+
+def test_with_params_is_a_copy() -> None:
+    u = parse_uri("sip:h;lr")
+    v = u.with_params(transport="tcp")
+    assert v.params == {"lr": None, "transport": "tcp"}
+    assert u.params == {"lr": None}
+    assert isinstance(v, SipUri)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "sip:",
+        "sip:@h",
+        "sip:u@",
+        "sip:h:",
+        "sip:h:99999",
+        "sip:h:123456",
+        "sip:h:\u00b2",
+        "sip:h:x",
+        "sip:[::1",
+        "sip:[::1]x",
+        "sip:[zz]",
+        "sip:h\u00e9",
+        "sip:a b@h",
+        "sip:<h>",
+        'sip:"h"',
+        "sip:h\x00",
+        "sip:h;=v",
+        "sip:u@h@i",
+    ],
+)
+def test_rejects(bad: str) -> None:
+    with pytest.raises(UriError) as err:
+        parse_uri(bad)
+    assert err.value.status_hint == 400
+
+
+@pytest.mark.parametrize("other", ["tel:+12125551234", "mailto:a@b", "soap.beep://h:3002", "urn:service:sos"])
+def test_other_schemes_are_416(other: str) -> None:
+    with pytest.raises(UriError) as err:
+        parse_uri(other)
+    assert err.value.status_hint == 416
