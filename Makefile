@@ -14,7 +14,11 @@ export PYTHONDONTWRITEBYTECODE := 1
 all: test
 
 $(BIN)/.installed: requirements-runtime.txt requirements-dev.txt pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); echo "installing python3-venv"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	  $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
@@ -23,13 +27,27 @@ node_modules/.bin/cdk: package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-.sipp:
-	@command -v sipp >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester; fi; }
+# Debian packages the tests need: SIPp (sip-tester) as the real SIP peer, shellcheck for deploy/.
+APT_TEST := sip-tester shellcheck
+APT_BENCH := kamailio
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+.sysdeps:
+	$(call apt_install,$(APT_TEST))
 	@touch $@
 
-setup: $(BIN)/.installed node_modules/.bin/cdk .sipp
+.benchdeps: .sysdeps
+	$(call apt_install,$(APT_BENCH))
+	@touch $@
+
+setup: $(BIN)/.installed node_modules/.bin/cdk .sysdeps
 
 demo: $(BIN)/.installed
 	$(BIN)/python -m proxy_runtime demo
@@ -56,11 +74,11 @@ infra: setup
 metrics: setup
 	$(BIN)/pytest tests/metrics
 
-bench: setup
+bench: setup .benchdeps
 	$(BIN)/python -m bench
 
 synth: setup
 	node_modules/.bin/cdk synth --quiet
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .sipp .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules cdk.out .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache
