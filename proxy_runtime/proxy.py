@@ -262,6 +262,27 @@ class ProxyCore:
     def start_drain(self) -> None:
         self.draining = True
 
+    def abort_all(self, now: float) -> int:
+        """End every call still in progress with 503 (at the end of a drain): no caller is left
+        without a final response. Live carrier branches are cancelled. Returns how many."""
+        calls = list(self._calls.values())
+        for call in calls:
+            if call.phase == "clearip" and call.clearip_request is not None:
+                self._send_cancel(call.clearip_request, self._clearip_target, now)
+            if call.branch is not None and not call.branch.abandoned:
+                self._cancel_branch(call.branch, now)
+            self._fail_call(call, 503, "proxy restarting", now, retry_after=True)
+        return len(calls)
+
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of the core's tables (for leak checks and the control socket's status)."""
+        return {
+            "calls": len(self._calls),
+            "server_transactions": len(self._server),
+            "client_transactions": len(self._client),
+            "timers": len(self._heap),
+        }
+
     def next_deadline(self) -> float | None:
         heap = self._heap
         while heap:

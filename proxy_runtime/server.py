@@ -180,7 +180,12 @@ class ProxyServer:
         # The sans-I/O core has no event to await; polling every 50 ms only runs while draining.
         while self.core.in_flight and self._loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        log.info("drained (%d call(s) still in flight)", self.core.in_flight)
+        left = self.core.abort_all(self._loop.time())
+        self._kick()
+        if left:
+            log.warning("drain limit reached: %d call(s) still in progress answered 503", left)
+        else:
+            log.info("drained: no call in progress")
 
     async def stop(self) -> None:
         if self._sweeper is not None:

@@ -357,3 +357,15 @@ def test_late_answer_from_abandoned_contact_is_hung_up_not_connected() -> None:
         6.1,
     )
     assert [m.status for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)] == [200]
+
+
+def test_abort_all_gives_every_call_in_progress_a_final_response() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 180, "Ringing"), Target("udp", *CARRIER_B), 0.1)
+    net.take()
+    assert core.abort_all(1.0) == 1
+    out = net.take()
+    assert [m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)] == [503]
+    assert [m.method for t, m in out if isinstance(m, SipRequest)] == ["CANCEL"]
+    assert core.in_flight == 0
