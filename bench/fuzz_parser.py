@@ -218,6 +218,15 @@ def fuzz(inputs: int, seed: int, report_every: int) -> int:
             el = time.perf_counter() - t0
             print(f"{n:>9} inputs  {n / el:8.0f}/s  bugs={bugs}  max={max_dt * 1e3:.2f} ms", flush=True)
     elapsed = time.perf_counter() - t0
+    # The slowest input once more, alone: tells a scheduling hiccup from a slow code path.
+    retimes = []
+    for _ in range(5):
+        t = time.perf_counter()
+        try:
+            run_one(max_input, random.Random(0))
+        except Exception:
+            pass
+        retimes.append(time.perf_counter() - t)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"inputs:              {inputs}")
     print(f"seed:                {seed}")
@@ -225,6 +234,7 @@ def fuzz(inputs: int, seed: int, report_every: int) -> int:
     print(f"inputs/s:            {inputs / elapsed:.0f}")
     print(f"non-ParseError exceptions: {bugs}")
     print(f"max time per input:  {max_dt * 1e3:.2f} ms (input of {len(max_input)} bytes)")
+    print(f"that input re-run:   {min(retimes) * 1e3:.2f} ms (best of 5)")
     print(f"peak RSS:            {rss_kb / 1024:.1f} MiB")
     return bugs
 

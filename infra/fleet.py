@@ -6,7 +6,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import Acknowledgment, Aws, CfnCreationPolicy, CfnResourceSignal, Duration, Stack, Tags, Validations
+from aws_cdk import (
+    Acknowledgment,
+    Aws,
+    CfnCreationPolicy,
+    CfnResourceSignal,
+    Stack,
+    Tags,
+    Validations,
+)
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3_assets as s3_assets
@@ -81,7 +89,7 @@ class ProxyFleet(Construct):
         timeout: float,
         key_pair: str | None = None,
         root_volume_gib: int = 16,
-        signal_timeout: Duration = Duration.minutes(20),
+        signal_timeout_minutes: int = 20,
         listen_wait_seconds: int = 120,
         source_dir: Path = REPO_ROOT,
     ) -> None:
@@ -109,7 +117,9 @@ class ProxyFleet(Construct):
             iam.PolicyStatement(
                 sid="ReadOwnCodeAsset",
                 actions=["s3:GetObject"],
-                resources=[f"arn:{Aws.PARTITION}:s3:::{self.asset.s3_bucket_name}/{self.asset.s3_object_key}"],
+                resources=[
+                    f"arn:{Aws.PARTITION}:s3:::{self.asset.s3_bucket_name}/{self.asset.s3_object_key}"
+                ],
             )
         )
 
@@ -177,7 +187,7 @@ class ProxyFleet(Construct):
             )
             cfn.node.add_dependency(association)
             cfn.cfn_options.creation_policy = CfnCreationPolicy(
-                resource_signal=CfnResourceSignal(count=1, timeout=f"PT{signal_timeout.to_minutes()}M")
+                resource_signal=CfnResourceSignal(count=1, timeout=f"PT{signal_timeout_minutes}M")
             )
             instance.user_data.add_commands(
                 # UserData.for_linux writes the shebang; the template's own is for shellcheck.

@@ -51,7 +51,9 @@ def proxy_metric(
     )
 
 
-def ec2_metric(metric_name: str, instance_id: str, *, statistic: str, period: Duration = ONE_MINUTE) -> cw.Metric:
+def ec2_metric(
+    metric_name: str, instance_id: str, *, statistic: str, period: Duration = ONE_MINUTE
+) -> cw.Metric:
     return cw.Metric(
         namespace="AWS/EC2",
         metric_name=metric_name,
@@ -74,7 +76,9 @@ class ProxyMonitoring(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
-        self.topic = sns.Topic(self, "AlarmTopic", display_name=f"{stack.stack_name} alarms", enforce_ssl=True)
+        self.topic = sns.Topic(
+            self, "AlarmTopic", display_name=f"{stack.stack_name} alarms", enforce_ssl=True
+        )
         if alarm_email:
             self.topic.add_subscription(subs.EmailSubscription(alarm_email))
         self._notify = cw_actions.SnsAction(self.topic)
@@ -179,7 +183,9 @@ class ProxyMonitoring(Construct):
         self._alarm(
             f"{n} sees ClearIP timeouts above {t.clearip_timeouts} in 5 minutes",
             metric=proxy_metric(
-                names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome.TIMEOUT], p.instance_id, period=FIVE_MINUTES
+                names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome.TIMEOUT],
+                p.instance_id,
+                period=FIVE_MINUTES,
             ),
             threshold=t.clearip_timeouts,
             comparison=gt,
@@ -192,7 +198,9 @@ class ProxyMonitoring(Construct):
         # on the ClearIP account, and every call through this proxy fails.
         self._alarm(
             f"{n} gets 403 from ClearIP so its IP is not whitelisted",
-            metric=proxy_metric(names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome.FORBIDDEN_403], p.instance_id),
+            metric=proxy_metric(
+                names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome.FORBIDDEN_403], p.instance_id
+            ),
             threshold=0,
             comparison=gt,
             evaluation_periods=1,
@@ -268,7 +276,9 @@ class ProxyMonitoring(Construct):
         )
         self.dashboard.add_widgets(
             cw.GraphWidget(title="ClearIP latency p50 / p99 (ms)", left=latency, width=12),
-            cw.GraphWidget(title="Carrier route advances per minute", left=per_proxy(names.ROUTE_ADVANCES), width=12),
+            cw.GraphWidget(
+                title="Carrier route advances per minute", left=per_proxy(names.ROUTE_ADVANCES), width=12
+            ),
         )
         self.dashboard.add_widgets(
             cw.GraphWidget(
@@ -280,7 +290,9 @@ class ProxyMonitoring(Construct):
             cw.GraphWidget(
                 title="CPU utilisation (%)",
                 left=[
-                    ec2_metric("CPUUtilization", p.instance_id, statistic=cw.Stats.AVERAGE).with_(label=p.name)
+                    ec2_metric("CPUUtilization", p.instance_id, statistic=cw.Stats.AVERAGE).with_(
+                        label=p.name
+                    )
                     for p in proxies
                 ],
                 width=12,

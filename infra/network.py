@@ -72,7 +72,9 @@ class ProxyNetwork(Construct):
         for cidr in sip_cidrs:
             for proto, port in SIP_PORTS:
                 p = ec2.Port.udp(port) if proto == "udp" else ec2.Port.tcp(port)
-                self.security_group.add_ingress_rule(_peer(cidr), p, f"SIP {proto.upper()} {port} from {cidr}")
+                self.security_group.add_ingress_rule(
+                    _peer(cidr), p, f"SIP {proto.upper()} {port} from {cidr}"
+                )
         if ssh_cidr:
             self.security_group.add_ingress_rule(_peer(ssh_cidr), ec2.Port.tcp(22), f"SSH from {ssh_cidr}")
         self.public_subnets: list[ec2.ISubnet] = list(self.vpc.public_subnets)

@@ -92,7 +92,7 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
             },
             commands=[
                 "set -eu",
-                'ID=$(cat /var/lib/cloud/data/instance-id 2>/dev/null || hostname)',
+                "ID=$(cat /var/lib/cloud/data/instance-id 2>/dev/null || hostname)",
                 "FILE=" + TRACE_DIR + '/"$ID-$(date -u +%Y%m%dT%H%M%SZ)".pcap',
                 f"install -d -m 0750 {TRACE_DIR}",
                 f'{CLI} trace --seconds {{{{ Seconds }}}} --output "$FILE"',
@@ -122,7 +122,9 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
             },
             commands=[
                 "set -eu",
-                'URI=$(/opt/clearip-proxy/venv/bin/python - "{{ Transport }}" <<\'PY\'\n' + _REWRITE_TRANSPORT + "PY\n)",
+                "URI=$(/opt/clearip-proxy/venv/bin/python - \"{{ Transport }}\" <<'PY'\n"
+                + _REWRITE_TRANSPORT
+                + "PY\n)",
                 'echo "clearip = $URI"',
                 f'{CLI} set clearip "$URI" --config {CONFIG}',
                 *_restart_and_check(),
@@ -157,10 +159,11 @@ class ProxyOperations(Construct):
         construct_id: str,
         *,
         instance_role: iam.IRole,
-        trace_retention: Duration = Duration.days(14),
+        trace_retention_days: int = 14,
         document_prefix: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        trace_retention = Duration.days(trace_retention_days)
         prefix = document_prefix or Stack.of(self).stack_name
         self.trace_bucket = s3.Bucket(
             self,

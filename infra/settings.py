@@ -45,7 +45,7 @@ class AlarmThresholds:
     failed_call_percent: float = 5.0
     """Percentage of calls the proxy itself failed, over 5 minutes, above which the ratio alarm fires."""
     failed_call_min_calls: int = 20
-    """Below this many calls in 5 minutes the failure ratio is not judged (one failure in 3 calls is noise)."""
+    """Below this many calls in 5 minutes the failure ratio is not judged (1 failure in 3 is noise)."""
     heartbeat_missing_minutes: int = 3
     """Minutes without a heartbeat before the heartbeat alarm fires."""
     clearip_down_minutes: int = 2
@@ -112,7 +112,7 @@ class DeploymentSettings:
 
     @property
     def proxy_clearip_uri(self) -> str:
-        """The ClearIP URI the proxies use: ``clearip_uri`` with its transport set to ``clearip_transport``."""
+        """The URI the proxies use: ``clearip_uri`` with its transport set to ``clearip_transport``."""
         return with_transport(self.clearip_uri, self.clearip_transport)
 
     @classmethod
@@ -129,9 +129,7 @@ class DeploymentSettings:
         th = AlarmThresholds(
             clearip_timeouts=_int(get, "alarm_clearip_timeouts", d.clearip_timeouts),
             failed_call_percent=_float(get, "alarm_failed_call_percent", d.failed_call_percent),
-            failed_call_min_calls=_int(
-                get, "alarm_failed_call_min_calls", d.failed_call_min_calls
-            ),
+            failed_call_min_calls=_int(get, "alarm_failed_call_min_calls", d.failed_call_min_calls),
             heartbeat_missing_minutes=_int(
                 get, "alarm_heartbeat_missing_minutes", d.heartbeat_missing_minutes
             ),

@@ -63,7 +63,9 @@ class ClearIpProxyStack(Stack):
         for p in self.fleet.proxies:
             CfnOutput(self, f"{p.name}PublicIp", value=p.public_ip, description=f"{p.name}'s Elastic IP")
             CfnOutput(self, f"{p.name}InstanceId", value=p.instance_id, description=f"{p.name}'s instance id")
-        CfnOutput(self, "DashboardUrl", value=self.monitoring.dashboard_url, description="CloudWatch dashboard")
+        CfnOutput(
+            self, "DashboardUrl", value=self.monitoring.dashboard_url, description="CloudWatch dashboard"
+        )
         CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn, description="SNS alarm topic")
         CfnOutput(
             self, "TraceBucketName", value=self.operations.trace_bucket.bucket_name, description="SIP traces"

@@ -256,6 +256,8 @@ class ProxyServer:
         if self.tracer is not None:
             self.tracer.record("in", "udp", addr, data)
         core.receive(data, Target("udp", addr[0], addr[1]), self._loop.time())
+        if not core.clearip_up and self.link is not None:
+            self.link.poke()  # a call may have needed ClearIP: reconnect now rather than after backoff
         self._kick()
 
     def _new_stream(self, name: str, *, outbound: bool) -> StreamConnection:
@@ -295,6 +297,8 @@ class ProxyServer:
             self.tracer.record("in", conn.transport_name, conn.peer, data)
         source = Target(conn.transport_name, conn.peer[0], conn.peer[1], conn.conn_id)
         core.receive(data, source, self._loop.time(), trusted=conn.outbound)
+        if not core.clearip_up and self.link is not None:
+            self.link.poke()
         self._kick()
 
     def stream_framing_error(self, conn: StreamConnection, exc: FramingError) -> None:

@@ -8,6 +8,7 @@ reports up/down to its owner, which fails every call waiting on ClearIP at once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -17,6 +18,8 @@ from proxy_runtime.sip.framing import PING
 from proxy_runtime.transport.stream import StreamConnection, StreamOwner
 
 log = logging.getLogger("clearip.link")
+
+POKE_INTERVAL = 0.5  # at most one demand-driven reconnect attempt per this many seconds
 
 
 class ClearIpLink:
@@ -49,6 +52,8 @@ class ClearIpLink:
         self.conn: StreamConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost: asyncio.Event = asyncio.Event()
+        self._wake: asyncio.Event = asyncio.Event()  # set by poke(): retry before the backoff ends
+        self._last_attempt = -1e9
         self._awaiting_pong_since: float | None = None
         self.reconnects = 0
         self.last_error = ""
@@ -79,6 +84,14 @@ class ClearIpLink:
             return False
         conn.write(data)
         return True
+
+    def poke(self) -> None:
+        """A call needed ClearIP while the link was down: cut the backoff short (at most one early
+        attempt per ``POKE_INTERVAL``), so service resumes as soon as ClearIP is back."""
+        loop = asyncio.get_running_loop()
+        if self.up or loop.time() - self._last_attempt < POKE_INTERVAL:
+            return
+        self._wake.set()
 
     def connection_lost(self) -> None:
         """Called by the owner when our connection closed."""
@@ -114,7 +127,12 @@ class ClearIpLink:
                 log.warning(
                     "ClearIP %s:%s unreachable (%s); retrying in %.1f s", self.host, self.port, exc, delay
                 )
-                await asyncio.sleep(delay)
+                # Sleep out the backoff, but retry early when a call needs ClearIP (see poke()):
+                # calls must succeed again within ~2 s of ClearIP's return, whatever the backoff.
+                self._wake.clear()
+                self._last_attempt = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 continue
             assert isinstance(proto, StreamConnection)
             self.conn = proto

@@ -76,7 +76,7 @@ def full_template(full_stack: ClearIpProxyStack) -> Template:
 
 @pytest.fixture(scope="session")
 def template_json(template: Template) -> dict[str, Any]:
-    return template.to_json()
+    return dict(template.to_json())
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def template_file(template_json: dict[str, Any], tmp_path_factory: pytest.TempPa
     yield path
 
 
-def resources(tpl: dict[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
+def resources(tpl: Mapping[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in tpl["Resources"].items() if v["Type"] == rtype}
 
 

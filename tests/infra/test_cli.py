@@ -21,8 +21,17 @@ pytestmark = pytest.mark.slow
 def cli_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cdk-out")
     proc = subprocess.run(
-        [str(CDK), "synth", "--quiet", "--output", str(out), "-c", "sip_cidrs=203.0.113.10/32,198.51.100.0/28",
-         "-c", "alarm_email=noc@example.net"],
+        [
+            str(CDK),
+            "synth",
+            "--quiet",
+            "--output",
+            str(out),
+            "-c",
+            "sip_cidrs=203.0.113.10/32,198.51.100.0/28",
+            "-c",
+            "alarm_email=noc@example.net",
+        ],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
@@ -56,8 +65,16 @@ def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
 
 def test_cfn_lint_reports_no_error(cli_synth: Path) -> None:
     proc = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "cfn-lint"), "--format", "json", "--regions", "us-east-1", "eu-west-1",
-         "--", str(cli_synth / "ClearIpProxy.template.json")],
+        [
+            str(REPO / ".venv" / "bin" / "cfn-lint"),
+            "--format",
+            "json",
+            "--regions",
+            "us-east-1",
+            "eu-west-1",
+            "--",
+            str(cli_synth / "ClearIpProxy.template.json"),
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -68,8 +85,14 @@ def test_cfn_lint_reports_no_error(cli_synth: Path) -> None:
 
 
 def test_cdk_nag_has_no_unacknowledged_findings(tmp_path: Path) -> None:
-    app = cdk_app.build_app({"sip_cidrs": "203.0.113.10/32", "ssh_cidr": "192.0.2.0/29",
-                             "alarm_email": "noc@example.net", "key_pair": "k"})
+    app = cdk_app.build_app(
+        {
+            "sip_cidrs": "203.0.113.10/32",
+            "ssh_cidr": "192.0.2.0/29",
+            "alarm_email": "noc@example.net",
+            "key_pair": "k",
+        }
+    )
     assert isinstance(app, cdk.App)
     app.synth()  # raises ValidationFailed when a finding is not acknowledged
     report_file = Path(app.outdir) / "validation-report.json"

@@ -58,13 +58,23 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             # --method=direct: CreateStack instead of a change set; moto's change-set execution
             # does not record the stack's outputs, which this test reads.
             [
-                str(CDK), "deploy", "--require-approval", "never", "--method=direct", *ctx,
-                "--output", str(out), "--progress", "events",
+                str(CDK),
+                "deploy",
+                "--require-approval",
+                "never",
+                "--method=direct",
+                *ctx,
+                "--output",
+                str(out),
+                "--progress",
+                "events",
             ],
         ):
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, f"{cmd[1]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+        session = boto3.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+        )
         yield {"session": session, "endpoint": endpoint, "out": Path(out)}
     finally:
         server.stop()
@@ -123,7 +133,9 @@ def test_security_group_rules(deployed: dict[str, Any]) -> None:
     groups = client(deployed, "ec2").describe_security_groups()["SecurityGroups"]
     (group,) = [g for g in groups if g["Description"].startswith("ClearIP proxies")]
     got = {
-        (p["IpProtocol"], p["FromPort"], r["CidrIp"]) for p in group["IpPermissions"] for r in p.get("IpRanges", [])
+        (p["IpProtocol"], p["FromPort"], r["CidrIp"])
+        for p in group["IpPermissions"]
+        for r in p.get("IpRanges", [])
     }
     want = {
         (proto, port, cidr)
@@ -146,10 +158,13 @@ def test_topic(deployed: dict[str, Any]) -> None:
 def test_ssm_documents(deployed: dict[str, Any]) -> None:
     # list_documents, not describe_document: moto cannot hash a document created from JSON content.
     ssm = client(deployed, "ssm")
-    docs = ssm.list_documents(Filters=[{"Key": "Owner", "Values": ["Self"]}], MaxResults=50)["DocumentIdentifiers"]
+    docs = ssm.list_documents(Filters=[{"Key": "Owner", "Values": ["Self"]}], MaxResults=50)[
+        "DocumentIdentifiers"
+    ]
     ours = {d["Name"]: d for d in docs if d["Name"].startswith("ClearIpProxy-")}
     assert set(ours) == {
-        f"ClearIpProxy-{k}" for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
+        f"ClearIpProxy-{k}"
+        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
     }
     assert all(d["DocumentType"] == "Command" for d in ours.values())
 

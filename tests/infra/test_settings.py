@@ -80,7 +80,10 @@ def test_transport_rewrites_the_uri() -> None:
         == "sip:acme.sip.clearip.com:7000;lr;transport=tcp"
     )
     assert with_transport("sip:sip.clearip.com;transport=tcp", "tls") == "sip:sip.clearip.com;transport=tls"
-    assert with_transport("sip:[2001:db8::1]:5060;transport=tcp", "tls") == "sip:[2001:db8::1]:5061;transport=tls"
+    assert (
+        with_transport("sip:[2001:db8::1]:5060;transport=tcp", "tls")
+        == "sip:[2001:db8::1]:5061;transport=tls"
+    )
 
 
 def test_the_runtime_accepts_the_rewritten_uri() -> None:

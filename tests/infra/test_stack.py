@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def _ingress(tpl: Template) -> list[dict[str, Any]]:
     assert len(groups) == 1
     (group,) = groups.values()
     rules = group["Properties"].get("SecurityGroupIngress", [])
-    return sorted(rules, key=lambda r: (r.get("CidrIp", r.get("CidrIpv6", "")), r["IpProtocol"], r["FromPort"]))
+    return sorted(
+        rules, key=lambda r: (r.get("CidrIp", r.get("CidrIpv6", "")), r["IpProtocol"], r["FromPort"])
+    )
 
 
 def test_sip_only_from_trusted_cidrs_and_no_ssh_by_default(template: Template) -> None:
@@ -92,7 +95,10 @@ def test_two_proxies_in_different_azs_by_default(template: Template) -> None:
     zones = [json.dumps(i["Properties"]["AvailabilityZone"], sort_keys=True) for i in instances.values()]
     assert len(set(zones)) == 2
     # Each instance's network interface sits in a different subnet.
-    subnets = {json.dumps(n["Properties"]["SubnetId"]) for n in resources(template.to_json(), "AWS::EC2::NetworkInterface").values()}
+    subnets = {
+        json.dumps(n["Properties"]["SubnetId"])
+        for n in resources(template.to_json(), "AWS::EC2::NetworkInterface").values()
+    }
     assert len(subnets) == 2
 
 
@@ -107,7 +113,9 @@ def test_instance_hardening_and_defaults(template: Template) -> None:
             "BlockDeviceMappings": [
                 {
                     "DeviceName": "/dev/xvda",
-                    "Ebs": Match.object_like({"Encrypted": True, "VolumeType": "gp3", "DeleteOnTermination": True}),
+                    "Ebs": Match.object_like(
+                        {"Encrypted": True, "VolumeType": "gp3", "DeleteOnTermination": True}
+                    ),
                 }
             ],
             "KeyName": Match.absent(),
@@ -153,15 +161,21 @@ def test_each_proxy_has_an_elastic_ip_on_its_interface(template: Template) -> No
 def test_creation_policy_waits_for_cfn_signal(template: Template) -> None:
     template.all_resources(
         "AWS::EC2::Instance",
-        {"CreationPolicy": {"ResourceSignal": {"Count": 1, "Timeout": Match.string_like_regexp(r"^PT\d+M$")}}},
+        {
+            "CreationPolicy": {
+                "ResourceSignal": {"Count": 1, "Timeout": Match.string_like_regexp(r"^PT\d+M$")}
+            }
+        },
     )
 
 
-def _user_data(tpl: dict[str, Any]) -> list[str]:
+def _user_data(tpl: Mapping[str, Any]) -> list[str]:
     return [flatten(i["Properties"]["UserData"]) for i in resources(tpl, "AWS::EC2::Instance").values()]
 
 
-def test_user_data_installs_the_asset_with_the_stack_settings(template: Template, full_template: Template) -> None:
+def test_user_data_installs_the_asset_with_the_stack_settings(
+    template: Template, full_template: Template
+) -> None:
     for text in _user_data(template.to_json()):
         assert text.startswith("#!/bin/bash\n")
         assert "SIP_CIDRS='203.0.113.10/32,198.51.100.0/28'" in text
@@ -183,8 +197,13 @@ def test_user_data_signals_its_own_instance(template: Template) -> None:
     for logical_id, inst in resources(tpl, "AWS::EC2::Instance").items():
         text = flatten(inst["Properties"]["UserData"])
         assert f"RESOURCE='{logical_id}'" in text
-        eip_attr = [p for p in inst["Properties"]["UserData"]["Fn::Base64"]["Fn::Join"][1] if isinstance(p, dict) and "Fn::GetAtt" in p]
-        assert any(p["Fn::GetAtt"][1] == "PublicIp" for p in eip_attr)
+        refs = [
+            p["Ref"]
+            for p in inst["Properties"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
+            if isinstance(p, dict) and "Ref" in p
+        ]
+        eips = resources(tpl, "AWS::EC2::EIP")
+        assert len([r for r in refs if r in eips]) == 1  # its own Elastic IP (Ref = the address)
 
 
 def test_asset_holds_only_the_runtime(default_stack: ClearIpProxyStack, template: Template) -> None:
@@ -210,14 +229,22 @@ def test_instance_role(template: Template) -> None:
                 {"Statement": [Match.object_like({"Principal": {"Service": "ec2.amazonaws.com"}})]}
             ),
             "ManagedPolicyArns": [
-                {"Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":iam::aws:policy/AmazonSSMManagedInstanceCore"]]}
+                {
+                    "Fn::Join": [
+                        "",
+                        ["arn:", {"Ref": "AWS::Partition"}, ":iam::aws:policy/AmazonSSMManagedInstanceCore"],
+                    ]
+                }
             ],
         },
     )
     statements = Capture()
     template.has_resource_properties(
         "AWS::IAM::Policy",
-        {"PolicyName": Match.string_like_regexp("InstanceRole"), "PolicyDocument": {"Statement": statements, "Version": Match.any_value()}},
+        {
+            "PolicyName": Match.string_like_regexp("InstanceRole"),
+            "PolicyDocument": {"Statement": statements, "Version": Match.any_value()},
+        },
     )
     by_sid = {s["Sid"]: s for s in statements.as_array()}
     metrics = by_sid["PublishProxyMetrics"]
@@ -242,7 +269,10 @@ def test_topic_enforces_tls_and_email_only_when_set(template: Template, full_tem
                         "Statement": Match.array_with(
                             [
                                 Match.object_like(
-                                    {"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+                                    {
+                                        "Effect": "Deny",
+                                        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                                    }
                                 )
                             ]
                         )
@@ -257,7 +287,7 @@ def test_topic_enforces_tls_and_email_only_when_set(template: Template, full_tem
 
 
 def _alarms(tpl: Template) -> dict[str, dict[str, Any]]:
-    return tpl.find_resources("AWS::CloudWatch::Alarm")
+    return {k: dict(v) for k, v in tpl.find_resources("AWS::CloudWatch::Alarm").items()}
 
 
 def test_every_alarm_is_explicit_and_notifies(template: Template) -> None:
@@ -296,7 +326,9 @@ def test_heartbeat_missing_breaches(template: Template) -> None:
             "Namespace": names.NAMESPACE,
             "TreatMissingData": "breaching",
             "ComparisonOperator": "LessThanThreshold",
-            "Dimensions": [{"Name": names.DIMENSION_PROXY_ID, "Value": {"Ref": Match.string_like_regexp("Proxy")}}],
+            "Dimensions": [
+                {"Name": names.DIMENSION_PROXY_ID, "Value": {"Ref": Match.string_like_regexp("Proxy")}}
+            ],
         },
     )
 
@@ -314,7 +346,11 @@ def test_clearip_alarms(template: Template, full_template: Template) -> None:
     timeout = names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome.TIMEOUT].name
     template.has_resource_properties(
         "AWS::CloudWatch::Alarm",
-        {"MetricName": timeout, "Threshold": AlarmThresholds().clearip_timeouts, "ComparisonOperator": "GreaterThanThreshold"},
+        {
+            "MetricName": timeout,
+            "Threshold": AlarmThresholds().clearip_timeouts,
+            "ComparisonOperator": "GreaterThanThreshold",
+        },
     )
     full_template.has_resource_properties("AWS::CloudWatch::Alarm", {"MetricName": timeout, "Threshold": 25})
     template.has_resource_properties(
@@ -350,7 +386,11 @@ def test_alarms_only_use_published_metric_names(template: Template) -> None:
     published = {m.name for m in names.ALL_METRICS}
     for alarm in _alarms(template).values():
         props = alarm["Properties"]
-        stats = [props] if "MetricName" in props else [m["MetricStat"]["Metric"] for m in props["Metrics"] if "MetricStat" in m]
+        stats = (
+            [props]
+            if "MetricName" in props
+            else [m["MetricStat"]["Metric"] for m in props["Metrics"] if "MetricStat" in m]
+        )
         for s in stats:
             if s["Namespace"] == names.NAMESPACE:
                 assert s["MetricName"] in published
@@ -371,8 +411,8 @@ def test_dashboard_widgets(template: Template) -> None:
     body = _dashboard_body(template)
     widgets = json.loads(body)["widgets"]
     text = [w for w in widgets if w["type"] == "text"]
-    assert text and "ATT-FleetProxy1ElasticIp" in text[0]["properties"]["markdown"]
-    assert "ATT-FleetProxy2ElasticIp" in text[0]["properties"]["markdown"]
+    assert text and "REF-FleetProxy1ElasticIp" in text[0]["properties"]["markdown"]
+    assert "REF-FleetProxy2ElasticIp" in text[0]["properties"]["markdown"]
     titles = {w["properties"].get("title") for w in widgets}
     assert "Calls per minute" in titles and "CPU utilisation (%)" in titles
     for spec in (
@@ -391,7 +431,7 @@ def test_dashboard_widgets(template: Template) -> None:
 def test_outputs(template: Template) -> None:
     outputs = template.to_json()["Outputs"]
     for n in (1, 2):
-        assert outputs[f"Proxy{n}PublicIp"]["Value"]["Fn::GetAtt"][1] == "PublicIp"
+        assert outputs[f"Proxy{n}PublicIp"]["Value"]["Ref"].startswith(f"FleetProxy{n}ElasticIp")
         assert "Ref" in outputs[f"Proxy{n}InstanceId"]["Value"]
     assert "#dashboards:name=ClearIpProxy" in flatten(outputs["DashboardUrl"]["Value"])
     assert "Ref" in outputs["AlarmTopicArn"]["Value"]
@@ -405,7 +445,9 @@ def test_trace_bucket(template: Template) -> None:
         "AWS::S3::Bucket",
         {
             "BucketEncryption": {
-                "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                "ServerSideEncryptionConfiguration": [
+                    {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+                ]
             },
             "PublicAccessBlockConfiguration": {
                 "BlockPublicAcls": True,
@@ -424,7 +466,11 @@ def test_trace_bucket(template: Template) -> None:
             "PolicyDocument": Match.object_like(
                 {
                     "Statement": Match.array_with(
-                        [Match.object_like({"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}})]
+                        [
+                            Match.object_like(
+                                {"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+                            )
+                        ]
                     )
                 }
             )
@@ -445,11 +491,16 @@ def _script(props: dict[str, Any]) -> str:
 
 def test_ssm_documents(template: Template) -> None:
     docs = _documents(template)
-    assert set(docs) == {f"ClearIpProxy-{k}" for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")}
+    assert set(docs) == {
+        f"ClearIpProxy-{k}"
+        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
+    }
     for props in docs.values():
         assert props["DocumentType"] == "Command"
         assert props["Content"]["schemaVersion"] == "2.2"
-    assert "clearip-proxy doctor --config /etc/clearip-proxy/settings.toml" in _script(docs["ClearIpProxy-Doctor"])
+    assert "clearip-proxy doctor --config /etc/clearip-proxy/settings.toml" in _script(
+        docs["ClearIpProxy-Doctor"]
+    )
     trace = _script(docs["ClearIpProxy-CaptureTrace"])
     assert "clearip-proxy trace --seconds {{ Seconds }} --output" in trace
     assert "aws s3 cp" in trace and "REF-OperationsTraceBucket" in trace
@@ -467,7 +518,9 @@ def test_ssm_documents(template: Template) -> None:
 def test_set_timeout_pattern(template: Template) -> None:
     import re
 
-    pattern = _documents(template)["ClearIpProxy-SetTimeout"]["Content"]["parameters"]["Timeout"]["allowedPattern"]
+    pattern = _documents(template)["ClearIpProxy-SetTimeout"]["Content"]["parameters"]["Timeout"][
+        "allowedPattern"
+    ]
     for ok in ("5", "2.5", "60", "0.5", "59.99"):
         assert re.match(pattern, ok), ok
     for bad in ("0", "61", "-1", "5;reboot", "", "100"):

@@ -409,6 +409,7 @@ class UdpUa:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((HOST, port or 0))
         self.port = self.sock.getsockname()[1]
+        self.contact_port = self.port  # what a UAS puts in its 2xx Contact (a relay's, behind one)
         self.sock.settimeout(0.02)
         self.calls: dict[str, UacCall] = {}
         self.received: list[tuple[float, SipMessage]] = []
@@ -485,7 +486,7 @@ class UdpUa:
             if data:
                 try:
                     self._on_datagram(data, (str(addr[0]), int(addr[1])))
-                except Exception:  # noqa: BLE001 - a test peer must not die on odd input
+                except Exception:
                     pass
             self._run_timers()
 
@@ -519,7 +520,7 @@ class UdpUa:
         c = self.calls.get(msg.call_id)
         if c is None:
             return
-        num, method = msg.cseq
+        _num, method = msg.cseq
         if method == "INVITE":
             self._stopped_keys.add("inv:" + c.call_id)
             if msg.status < 200:
@@ -534,8 +535,8 @@ class UdpUa:
             self.send(ack, target)
             if first and c.complete_dialog:
                 c.bye = bye
-                self._retrans.append([now + 0.05, self.T1 / 10, bye, (HOST, target), "bye-once:" + c.call_id, now + 0.06])
-                self._retrans.append([now + 0.05 + self.T1, self.T1, bye, (HOST, target), "bye:" + c.call_id, now + 32])
+                # Sent from the timer loop (first at once, then Timer E doubling).
+                self._retrans.append([now, self.T1 / 2, bye, (HOST, target), "bye:" + c.call_id, now + 32])
         elif method == "BYE" and msg.status >= 200:
             self._stopped_keys.add("bye:" + c.call_id)
             c.bye_done = True
@@ -611,7 +612,7 @@ class UdpUa:
                 final = response_for(msg, 180, "Ringing", to_tag="cring", extra=rr)
             else:
                 final = response_for(
-                    msg, 200, "OK", to_tag="c200", extra=rr + f"Contact: <sip:carrier@{HOST}:{self.port}>\r\n"
+                    msg, 200, "OK", to_tag="c200", extra=rr + f"Contact: <sip:carrier@{HOST}:{self.contact_port}>\r\n"
                 )
             self.send(final, port)
             self._uas_last[(branch, method)] = final
@@ -719,12 +720,12 @@ class BadCerts:
 def make_bad_certs(directory: Path, ca_cert: Path, ca_key_pem: bytes | None = None) -> BadCerts:
     """Server contexts for a ClearIP TLS stub that the proxy must refuse. The wrong-name one is
     signed by a CA written to ``ca_cert``-adjacent files (the proxy is given that CA)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-
-    import ipaddress
 
     now = dt.datetime.now(dt.UTC)
 

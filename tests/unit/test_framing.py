@@ -21,7 +21,12 @@ def msg(n: int, body: bytes = b"", cl_name: str = "Content-Length") -> bytes:
     return head.encode() + body
 
 
-MESSAGES = [msg(1), msg(2, b"v=0\r\n\r\n\r\nbody with blank lines"), msg(3, b"x" * 300, "l"), msg(4, b"\r\n\r\n")]
+MESSAGES = [
+    msg(1),
+    msg(2, b"v=0\r\n\r\n\r\nbody with blank lines"),
+    msg(3, b"x" * 300, "l"),
+    msg(4, b"\r\n\r\n"),
+]
 
 
 def frames(framer: StreamFramer) -> list[bytes]:
@@ -96,7 +101,12 @@ def test_oversize_head_and_body_are_513() -> None:
 
 @pytest.mark.parametrize(
     "cl_lines",
-    [b"Content-Length: 5\r\nl: 6\r\n", b"Content-Length: -1\r\n", b"Content-Length: x\r\n", b"l: 1234567890\r\n"],
+    [
+        b"Content-Length: 5\r\nl: 6\r\n",
+        b"Content-Length: -1\r\n",
+        b"Content-Length: x\r\n",
+        b"l: 1234567890\r\n",
+    ],
 )
 def test_bad_or_conflicting_content_length(cl_lines: bytes) -> None:
     framer = StreamFramer()
@@ -109,7 +119,9 @@ def test_bad_or_conflicting_content_length(cl_lines: bytes) -> None:
 
 def test_equal_duplicate_content_length_and_folding() -> None:
     framer = StreamFramer()
-    framer.feed(msg(1, b"abc").replace(b"Content-Length: 3\r\n", b"Content-Length: 3\r\nl:\r\n 3\r\n") + b"NEXT")
+    framer.feed(
+        msg(1, b"abc").replace(b"Content-Length: 3\r\n", b"Content-Length: 3\r\nl:\r\n 3\r\n") + b"NEXT"
+    )
     frame = framer.next_frame()
     assert frame is not None and frame.endswith(b"abc")
     assert parse_message(frame, datagram=False).body == b"abc"

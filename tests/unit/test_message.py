@@ -92,7 +92,11 @@ def test_multi_values_across_lines_and_commas() -> None:
         "Route: <sip:p3.example.com;lr>",
         'Contact: "Doe, John" <sip:j@a.example.com>;q=0.5, <sip:j@b.example.com,x>;q=1',
     )
-    assert msg.values("route") == ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>", "<sip:p3.example.com;lr>"]
+    assert msg.values("route") == [
+        "<sip:p1.example.com;lr>",
+        "<sip:p2.example.com;lr>",
+        "<sip:p3.example.com;lr>",
+    ]
     contacts = msg.values("contact")
     assert contacts == ['"Doe, John" <sip:j@a.example.com>;q=0.5', "<sip:j@b.example.com,x>;q=1"]
     assert [parse_name_addr(c).q for c in contacts] == [0.5, 1.0]
@@ -395,7 +399,7 @@ def test_common_properties() -> None:
     copy.set("call-id", "other")
     assert msg.call_id == "c1@192.0.2.1"
     assert bytes(msg) == msg.serialize()
-    assert list(msg.iter_headers())[0] == ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1")
+    assert next(iter(msg.iter_headers())) == ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1")
 
 
 # --- responses -----------------------------------------------------------------------------------

@@ -100,9 +100,13 @@ def test_mutated_torture_messages(data: bytes) -> None:
 
 TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 names = st.text(TOKEN_ALPHABET, min_size=2, max_size=20).filter(
-    lambda n: n.lower() not in ("via", "from", "to", "call-id", "cseq", "content-length", "max-forwards", "contact")
+    lambda n: (
+        n.lower() not in ("via", "from", "to", "call-id", "cseq", "content-length", "max-forwards", "contact")
+    )
 )
-values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF, exclude_characters="\x7f"), max_size=80)
+values = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x2FF, exclude_characters="\x7f"), max_size=80
+)
 
 
 @FAST
@@ -149,7 +153,24 @@ BASE = (
     b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\n"
     b"To: <sip:bob@example.com>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
 )
-UNITS = [b",", b'"', b'\\"', b"<", b">", b";", b" ", b"a,", b'",', b"<,", b";;", b"\\", b"=", b"@", b":", b"%"]
+UNITS = [
+    b",",
+    b'"',
+    b'\\"',
+    b"<",
+    b">",
+    b";",
+    b" ",
+    b"a,",
+    b'",',
+    b"<,",
+    b";;",
+    b"\\",
+    b"=",
+    b"@",
+    b":",
+    b"%",
+]
 HEADERS = [b"Via: SIP/2.0/UDP h", b"Contact: ", b"X-Unknown: ", b"Route: ", b"Identity: ", b"Via: "]
 
 
@@ -160,7 +181,8 @@ def test_64k_headers_parse_in_bounded_time(unit: bytes) -> None:
         for variant in (
             BASE + header + unit * (65000 // len(unit)) + b"\r\n\r\n",
             BASE + header + b"\r\n" + (b" " + unit + b"\r\n") * (20000 // (len(unit) + 3)) + b"\r\n",
-            BASE.replace(b"From: <sip:a@b>", b"From: " + unit * (60000 // len(unit)) + b"<sip:a@b>") + b"\r\n",
+            BASE.replace(b"From: <sip:a@b>", b"From: " + unit * (60000 // len(unit)) + b"<sip:a@b>")
+            + b"\r\n",
         ):
             start = time.perf_counter()
             check(variant)

@@ -201,6 +201,7 @@ def test_round_trip(name: str) -> None:
     msg = parse_ok(name)
     again = parse_message(msg.serialize())
     assert again.start_line() == msg.start_line()
+
     def others(m: SipMessage) -> list[tuple[str, str]]:
         return [(h[1], h[2]) for h in m.headers if h[0] != "content-length"]
 
@@ -432,7 +433,11 @@ def test_bext01_require_values() -> None:
 
 def test_cparam_contact_params() -> None:
     c1 = parse_name_addr(req("cparam01").get("contact") or "")
-    assert (c1.uri, c1.params, c1.bracketed) == ("sip:+19725552222@gw1.example.net", {"unknownparam": None}, False)
+    assert (c1.uri, c1.params, c1.bracketed) == (
+        "sip:+19725552222@gw1.example.net",
+        {"unknownparam": None},
+        False,
+    )
     c2 = parse_name_addr(req("cparam02").get("contact") or "")
     assert (c2.uri, c2.params) == ("sip:+19725552222@gw1.example.net;unknownparam", {})
 

@@ -8,17 +8,36 @@ from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 
 def test_full_uri() -> None:
-    u = parse_uri("SIP:Alice:secret@Atlanta.Example.COM:5070;Transport=TCP;lr;maddr=239.255.255.1?subject=hi&x=y")
-    assert (u.scheme, u.user, u.password, u.host, u.port) == ("sip", "Alice", "secret", "atlanta.example.com", 5070)
+    u = parse_uri(
+        "SIP:Alice:secret@Atlanta.Example.COM:5070;Transport=TCP;lr;maddr=239.255.255.1?subject=hi&x=y"
+    )
+    assert (u.scheme, u.user, u.password, u.host, u.port) == (
+        "sip",
+        "Alice",
+        "secret",
+        "atlanta.example.com",
+        5070,
+    )
     assert u.params == {"transport": "TCP", "lr": None, "maddr": "239.255.255.1"}
     assert u.headers == "subject=hi&x=y"
-    assert (u.transport, u.default_port, u.is_lr, u.hostport) == ("tcp", 5060, True, "atlanta.example.com:5070")
+    assert (u.transport, u.default_port, u.is_lr, u.hostport) == (
+        "tcp",
+        5060,
+        True,
+        "atlanta.example.com:5070",
+    )
 
 
 def test_defaults_and_sips() -> None:
     assert parse_uri("sip:example.com").transport == "udp"
     s = parse_uri("sips:[2001:DB8::1]")
-    assert (s.host, s.port, s.transport, s.default_port, s.hostport) == ("2001:db8::1", None, "tls", 5061, "[2001:db8::1]")
+    assert (s.host, s.port, s.transport, s.default_port, s.hostport) == (
+        "2001:db8::1",
+        None,
+        "tls",
+        5061,
+        "[2001:db8::1]",
+    )
     assert parse_uri("sip:h;transport=tls").transport == "tls"
     assert parse_uri("sips:h;transport=tcp").transport == "tls"
     assert parse_uri("sip:[::1]:5062").port == 5062

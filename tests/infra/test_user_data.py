@@ -1,0 +1,321 @@
+"""The instance software path: the rendered user data, deploy/install.sh and the systemd unit.
+
+install.sh runs for real into a scratch root (``--root``): no systemctl, users or firewall changes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Template
+
+from infra.fleet import USER_DATA_TEMPLATE, render_user_data
+from proxy_runtime.settings import load
+
+from .conftest import REPO, flatten, resources
+
+INSTALL = REPO / "deploy" / "install.sh"
+UNIT = REPO / "deploy" / "clearip-proxy.service"
+SHELLCHECK = shutil.which("shellcheck")
+ARGS = [
+    "--allow", "203.0.113.10/32,198.51.100.0/28",
+    "--allow", "2001:db8::/48",
+    "--advertise", "198.51.100.7",
+    "--timeout", "3",
+    "--clearip-transport", "tcp",
+    "--proxy-id", "i-0123456789abcdef0",
+    "--metrics", "cloudwatch",
+    "--aws-region", "us-east-1",
+]  # fmt: skip
+
+
+def run_install(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def rendered_user_data(template: Template) -> list[str]:
+    refs = {"AWS::StackName": "ClearIpProxy", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012"}
+    tpl = template.to_json()
+    out = []
+    for inst in resources(tpl, "AWS::EC2::Instance").values():
+        parts = inst["Properties"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
+        eip = next(p["Ref"] for p in parts if isinstance(p, dict) and "Ref" in p and "ElasticIp" in p["Ref"])
+        out.append(flatten(inst["Properties"]["UserData"], {**refs, eip: "198.51.100.7"}))
+    return out
+
+
+# ---- the user data ---------------------------------------------------------------------------
+def test_rendered_user_data_is_valid_bash(template: Template, tmp_path: Path) -> None:
+    for i, text in enumerate(rendered_user_data(template)):
+        assert "@@" not in text and "REF-" not in text and "ATT-" not in text
+        script = tmp_path / f"user-data-{i}.sh"
+        script.write_text(text)
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        assert "ELASTIC_IP='198.51.100.7'" in text
+        assert "ASSET_URL='s3://cdk-hnb659fds-assets-123456789012-us-east-1/" in text
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_shellcheck_clean(template: Template, tmp_path: Path) -> None:
+    script = tmp_path / "user-data.sh"
+    script.write_text(rendered_user_data(template)[0])
+    proc = subprocess.run(
+        [str(SHELLCHECK), "--shell=bash", str(INSTALL), str(USER_DATA_TEMPLATE), str(script)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_render_refuses_quotes_and_missing_values() -> None:
+    with pytest.raises(ValueError, match="single quote"):
+        render_user_data({"STACK": "a'b"})
+    with pytest.raises(ValueError, match="unfilled"):
+        render_user_data({"STACK": "x"})
+
+
+def test_user_data_flow_with_stubbed_commands(template: Template, tmp_path: Path) -> None:
+    """Run the user data with dnf, curl, aws, systemctl, ss and cfn-signal stubbed: it must call
+    install.sh with the stack's settings and signal success once 5060 listens."""
+    text = rendered_user_data(template)[0]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls.log"
+    # A release zip with an install.sh that records its arguments.
+    src = tmp_path / "release"
+    (src / "deploy").mkdir(parents=True)
+    (src / "deploy" / "install.sh").write_text(f'#!/bin/bash\necho "install.sh $*" >> {calls}\n')
+    shutil.make_archive(str(tmp_path / "proxy"), "zip", root_dir=src)
+    stub = {
+        "dnf": f'echo "dnf $*" >> {calls}',
+        "curl": 'case "$*" in *api/token*) echo token;; *public-ipv4*) echo 198.51.100.7;; '
+        "*instance-id*) echo i-0abc;; esac",
+        "aws": f'cp {tmp_path / "proxy.zip"} "${{@: -1}}"',
+        "systemctl": "exit 0",
+        "ss": "echo 'UNCONN 0 0 0.0.0.0:5060 0.0.0.0:*'",
+        "journalctl": "exit 0",
+        "cfn-signal": f'echo "cfn-signal $*" >> {calls}',
+        "sleep": "exit 0",
+    }
+    for name, body in stub.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    script = tmp_path / "ud.sh"
+    script.write_text(
+        text.replace("/var/log/clearip-proxy-bootstrap.log", str(tmp_path / "boot.log")).replace(
+            "/opt/aws/bin/cfn-signal", str(stubs / "cfn-signal")
+        )
+    )
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    log = calls.read_text()
+    assert proc.returncode == 0, (tmp_path / "boot.log").read_text() + log
+    assert "dnf install -y -q python3.11 tcpdump" in log
+    install_line = next(line for line in log.splitlines() if line.startswith("install.sh "))
+    for expected in (
+        "--allow 203.0.113.10/32 --allow 198.51.100.0/28",
+        "--advertise 198.51.100.7",
+        "--proxy-id i-0abc",
+        "--clearip-uri sip:sip.clearip.com:5061;transport=tls",
+        "--timeout 5",
+        "--metrics cloudwatch",
+    ):
+        assert expected in install_line
+    signal = next(line for line in log.splitlines() if line.startswith("cfn-signal"))
+    assert (
+        "--exit-code 0" in signal and "--stack ClearIpProxy" in signal and "--resource FleetProxy1" in signal
+    )
+
+
+# ---- install.sh in a scratch root ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("root")
+    first = run_install(root, "--skip-venv", *ARGS)
+    second = run_install(root, "--skip-venv", *ARGS)
+    return {"root": root, "first": first, "second": second}
+
+
+def test_settings_file_is_accepted_by_the_proxy(installed: dict[str, Any]) -> None:
+    root: Path = installed["root"]
+    cfg = root / "etc/clearip-proxy/settings.toml"
+    # The file names the live paths; point the TLS files into the scratch root to load it.
+    s = load(
+        cfg,
+        environ={},
+        overrides={
+            "tls_cert": str(root / "etc/clearip-proxy/tls/cert.pem"),
+            "tls_key": str(root / "etc/clearip-proxy/tls/key.pem"),
+        },
+    )
+    assert s.allow == ("203.0.113.10/32", "198.51.100.0/28", "2001:db8::/48")
+    assert s.advertise == "198.51.100.7"
+    assert s.clearip == "sip:sip.clearip.com:5060;transport=tcp"
+    assert s.timeout == 3.0
+    assert s.proxy_id == "i-0123456789abcdef0"
+    assert s.metrics == "cloudwatch"
+    text = cfg.read_text()
+    assert 'tls_cert = "/etc/clearip-proxy/tls/cert.pem"' in text
+    assert 'tls_key = "/etc/clearip-proxy/tls/key.pem"' in text
+    assert [h.port for h in s.tls] == [5061]  # the self-signed certificate enables the TLS listener
+    assert (
+        root / "etc/clearip-proxy/environment"
+    ).read_text() == "AWS_REGION=us-east-1\nAWS_DEFAULT_REGION=us-east-1\n"
+
+
+def test_self_signed_certificate(installed: dict[str, Any]) -> None:
+    cert = installed["root"] / "etc/clearip-proxy/tls/cert.pem"
+    out = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-subject", "-ext", "subjectAltName"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "198.51.100.7" in out.stdout
+    assert oct((installed["root"] / "etc/clearip-proxy/tls/key.pem").stat().st_mode & 0o777) == "0o640"
+
+
+def test_runtime_and_unit_installed(installed: dict[str, Any]) -> None:
+    root: Path = installed["root"]
+    src = root / "opt/clearip-proxy/src"
+    assert (src / "proxy_runtime/metrics/names.py").is_file()
+    assert (src / "requirements-runtime.txt").is_file() and (src / "pyproject.toml").is_file()
+    assert not (src / "tests").exists() and not (src / "infra").exists()
+    assert (root / "etc/systemd/system/clearip-proxy.service").read_text() == UNIT.read_text()
+    assert not (root / "opt/clearip-proxy/venv").exists()  # --skip-venv
+
+
+def test_nftables_allow_list(installed: dict[str, Any]) -> None:
+    root: Path = installed["root"]
+    rules = (root / "etc/clearip-proxy/firewall.nft").read_text()
+    assert "elements = { 203.0.113.10/32, 198.51.100.0/28 }" in rules
+    assert "elements = { 2001:db8::/48 }" in rules
+    assert "ip saddr @trusted4 udp dport 5060 accept" in rules
+    assert "ip saddr @trusted4 tcp dport { 5060, 5061 } accept" in rules
+    assert rules.rstrip().endswith("}") and "udp dport 5060 drop" in rules
+    dropin = (root / "etc/systemd/system/clearip-proxy.service.d/firewall.conf").read_text()
+    assert "ExecStartPre=+" in dropin and "/etc/clearip-proxy/firewall.nft" in dropin
+    nft = shutil.which("nft")
+    if nft:  # check the syntax where nft is installed (needs no privileges with -c on most hosts)
+        proc = subprocess.run(
+            [nft, "-c", "-f", str(root / "etc/clearip-proxy/firewall.nft")], capture_output=True
+        )
+        if b"Operation not permitted" not in proc.stderr:
+            assert proc.returncode == 0, proc.stderr
+
+
+def test_second_run_changes_nothing(installed: dict[str, Any]) -> None:
+    assert "changed:" in installed["first"].stdout
+    assert installed["second"].stdout.strip().splitlines() == ["install.sh: unchanged"]
+
+
+def test_changed_argument_rewrites_settings_only(tmp_path: Path) -> None:
+    run_install(tmp_path, "--skip-venv", *ARGS)
+    cert = (tmp_path / "etc/clearip-proxy/tls/cert.pem").read_bytes()
+    args = list(ARGS)
+    args[args.index("--timeout") + 1] = "2.5"
+    out = run_install(tmp_path, "--skip-venv", *args).stdout
+    assert out.count("changed:") == 1 and "settings.toml" in out
+    assert "timeout = 2.5" in (tmp_path / "etc/clearip-proxy/settings.toml").read_text()
+    assert (tmp_path / "etc/clearip-proxy/tls/cert.pem").read_bytes() == cert  # operator certs are kept
+
+
+def test_uninstall(tmp_path: Path) -> None:
+    run_install(tmp_path, "--skip-venv", *ARGS)
+    out = run_install(tmp_path, "--uninstall").stdout
+    assert "removed" in out
+    for path in ("opt/clearip-proxy", "etc/clearip-proxy", "etc/systemd/system/clearip-proxy.service",
+                 "etc/systemd/system/clearip-proxy.service.d"):  # fmt: skip
+        assert not (tmp_path / path).exists(), path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--allow", "203.0.113.10"], "bare address"),
+        (["--allow", "0.0.0.0/0"], "whole internet"),
+        (["--allow", "::/0"], "whole internet"),
+        ([], "--allow CIDR is required"),
+        (["--allow", "10.0.0.0/8", "--timeout", "0"], "must be > 0"),
+        (["--allow", "10.0.0.0/8", "--timeout", "90"], "must be > 0 and <= 60"),
+        (["--allow", "10.0.0.0/8", "--clearip-transport", "udp"], "tls or tcp"),
+        (["--allow", "10.0.0.0/8", "--metrics", "graphite"], "--metrics"),
+        (["--allow", "10.0.0.0/8", "--bogus"], "unknown argument"),
+    ],
+)
+def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_install(tmp_path, "--skip-venv", *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "etc/clearip-proxy/settings.toml").exists()
+
+
+def test_help() -> None:
+    proc = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, check=True)
+    assert "--skip-venv" in proc.stdout and "--uninstall" in proc.stdout
+
+
+# ---- the systemd unit ------------------------------------------------------------------------
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text())
+    svc = unit["Service"]
+    assert svc["ExecStart"] == (
+        "/opt/clearip-proxy/venv/bin/clearip-proxy run --config /etc/clearip-proxy/settings.toml"
+    )
+    assert svc["Restart"] == "always"
+    assert svc["KillSignal"] == "SIGTERM"
+    assert int(svc["TimeoutStopSec"]) > 30  # SIGTERM drains calls for up to 30 s
+    assert svc["User"] == "clearip-proxy" and svc["NoNewPrivileges"] == "yes"
+    assert svc["ProtectSystem"] == "strict" and svc["CapabilityBoundingSet"] == ""
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    verify = shutil.which("systemd-analyze")
+    if verify:
+        proc = subprocess.run([verify, "verify", "--man=no", str(UNIT)], capture_output=True, text=True)
+        # The venv binary does not exist on this machine; any other complaint is a real error.
+        problems = [
+            line
+            for line in proc.stderr.splitlines()
+            if line.strip() and "venv/bin/clearip-proxy" not in line and "Unit clearip-proxy" not in line
+        ]
+        assert problems == [], proc.stderr
+
+
+# ---- a real virtual environment ------------------------------------------------------------
+@pytest.mark.slow
+def test_real_venv_install_in_scratch_root(tmp_path: Path) -> None:
+    """Create the venv and pip install requirements-runtime.txt + the proxy (~20 s with PyPI)."""
+    python = shutil.which("python3.11")
+    if python is None:
+        pytest.skip("python3.11 not installed")
+    run_install(tmp_path, "--python", python, *ARGS)
+    venv = tmp_path / "opt/clearip-proxy/venv"
+    assert (venv / "bin/clearip-proxy").is_file()
+    frozen = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "freeze", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    pins = {
+        line.split("==")[0].lower()
+        for line in (REPO / "requirements-runtime.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    installed = {line.replace(" @ ", "==").split("==")[0].lower() for line in frozen.splitlines() if line}
+    assert installed == pins | {"clearip-proxy"}  # only the runtime's dependencies
+    assert not any(name in installed for name in ("aws-cdk-lib", "pytest", "moto", "boto3"))
+    out = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import proxy_runtime.settings, proxy_runtime.metrics.names"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "usr/local/bin/clearip-proxy").is_symlink()
+    assert run_install(tmp_path, "--python", python, *ARGS).stdout.strip().endswith("unchanged")

@@ -1,0 +1,369 @@
+"""Faults around the proxy, injected for real (issue 7, "Faults to survive"): ClearIP silent, reset,
+down, slow; carriers silent, refusing, failing; UDP loss; overload; SIGTERM drain; memory.
+
+Peers are the small Python UAs of :mod:`tests.integration.faultlib` (and SIPp for load); all on
+127.0.0.1, all stopped by the ``lab`` fixture. The proxy runs with ``--timeout 1`` so a ClearIP or
+carrier timeout costs one second.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.faultlib import (
+    ClearIpStub,
+    LossyUdpRelay,
+    UdpUa,
+    closed_port,
+    simple_request,
+    start_proxy,
+)
+from tests.integration.harness import HOST, REPO, Lab, SipMessage
+
+TIMEOUT = 1.0
+NUMBER = "+15555550100"
+
+
+def clearip_uri(stub: ClearIpStub) -> str:
+    return f"sip:{HOST}:{stub.port};transport=tcp"
+
+
+def contact(ua: UdpUa | int, q: float, *, tcp: bool = False) -> str:
+    port = ua if isinstance(ua, int) else ua.port
+    tp = ";transport=tcp" if tcp else ""
+    return f"<sip:{NUMBER}@{HOST}:{port}{tp}>;q={q:g}"
+
+
+def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
+    ua = UdpUa(name, uas_mode=mode)
+    lab.add_closer(ua)
+    return ua
+
+
+def stub(lab: Lab, **kw: object) -> ClearIpStub:
+    s = ClearIpStub(**kw)  # type: ignore[arg-type]
+    lab.add_closer(s)
+    return s
+
+
+def reason_of(msg: SipMessage | None) -> str:
+    assert msg is not None
+    return msg.get("Reason") or ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. ClearIP silent
+# ---------------------------------------------------------------------------------------------
+
+
+def test_clearip_silent_every_waiting_caller_gets_503_within_timeout(lab: Lab) -> None:
+    clearip = stub(lab, mode="silent")
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    calls = [switch.call(proxy.port) for _ in range(8)]
+    assert switch.wait_final(calls, TIMEOUT + 2)
+    assert clearip.wait_invites(8, 1)
+    for c in calls:
+        assert c.final is not None and c.final.status == 503, c.final
+        assert c.final_after <= TIMEOUT + 0.5, c.final_after
+        assert "ClearIP" in reason_of(c.final)
+    assert all(n == 1 for n in clearip.invites.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. ClearIP reset mid-load; ClearIP down at start-up
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_success(switch: UdpUa, proxy_port: int, within: float) -> float | None:
+    """Place a call every 0.1 s until one is answered 200; seconds it took, or None."""
+    t0 = time.monotonic()
+    pending = []
+    while time.monotonic() - t0 < within:
+        pending.append(switch.call(proxy_port, complete_dialog=False))
+        time.sleep(0.1)
+        for c in pending:
+            if c.final is not None and c.final.status == 200:
+                return c.finals[0][0] - t0
+    switch.wait_final(pending, 1.0)
+    for c in pending:
+        if c.final is not None and c.final.status == 200:
+            return c.finals[0][0] - t0
+    return None
+
+
+def test_clearip_reset_mid_load_fails_waiting_calls_at_once_and_recovers(lab: Lab) -> None:
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, mode="silent", contacts=contact(carrier, 0.9))
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    calls = [switch.call(proxy.port) for _ in range(6)]
+    assert clearip.wait_invites(6, 2)
+    t_reset = time.monotonic()
+    assert clearip.reset_connections() == 1
+    assert switch.wait_final(calls, 1.0), "waiting callers were not answered at once"
+    for c in calls:
+        assert c.final is not None and c.final.status == 503
+        assert c.finals[0][0] - t_reset < 0.5, c.finals[0][0] - t_reset
+        assert "connection lost" in reason_of(c.final)
+    # ClearIP answers again: the proxy reconnects and calls go through.
+    clearip.mode = "answer"
+    took = _first_success(switch, proxy.port, 3.0)
+    assert took is not None and took <= 2.0, took
+    assert proxy.proc is not None and proxy.proc.poll() is None
+
+
+def test_clearip_down_at_start_calls_get_503_at_once_then_succeed_within_2s_of_return(lab: Lab) -> None:
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), listen=False)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT)
+    switch = peer(lab, "switch")
+    # Down for long enough that the reconnect backoff has grown past 2 s.
+    deadline = time.monotonic() + 4.0
+    down_calls = []
+    while time.monotonic() < deadline:
+        down_calls.append(switch.call(proxy.port, complete_dialog=False))
+        time.sleep(0.5)
+    assert switch.wait_final(down_calls, 1.0)
+    for c in down_calls:
+        assert c.final is not None and c.final.status == 503
+        assert c.final_after < 0.3, c.final_after  # at once, not after `timeout`
+        assert "unreachable" in reason_of(c.final)
+    clearip.start_listening()
+    took = _first_success(switch, proxy.port, 4.0)
+    assert took is not None and took <= 2.0, f"first success {took} s after ClearIP returned"
+
+
+def test_no_call_is_left_without_a_final_response_across_a_reset(lab: Lab) -> None:
+    """Calls arriving before, during and after a reset all get exactly one final response."""
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=0.3)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    calls = []
+    for i in range(30):
+        calls.append(switch.call(proxy.port))
+        if i == 10:
+            clearip.reset_connections()
+        time.sleep(0.03)
+    assert switch.wait_done(calls, TIMEOUT + 4)
+    statuses = [c.final.status for c in calls if c.final is not None]
+    assert len(statuses) == 30
+    assert set(statuses) <= {200, 503}
+    assert 200 in statuses and 503 in statuses
+    # Exactly one final per call (retransmissions of the same final aside).
+    for c in calls:
+        assert len({m.status for _, m in c.finals}) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. ClearIP slow
+# ---------------------------------------------------------------------------------------------
+
+
+def test_clearip_slow_at_80_percent_of_timeout_calls_still_complete(lab: Lab) -> None:
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=0.8 * TIMEOUT)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    calls = [switch.call(proxy.port) for _ in range(6)]
+    assert switch.wait_done(calls, TIMEOUT + 3)
+    for c in calls:
+        assert c.final is not None and c.final.status == 200, c.final
+        assert c.bye_done
+    assert len(carrier.invites_seen) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Carriers that never answer, refuse the connection, answer 503
+# ---------------------------------------------------------------------------------------------
+
+
+def test_carrier_failures_advance_to_the_next_contact_within_timeout(lab: Lab) -> None:
+    silent = peer(lab, "silent", "silent")
+    failing = peer(lab, "failing", "503")
+    good = peer(lab, "good", "answer")
+    refused = closed_port()
+    contacts = ", ".join(
+        [contact(silent, 0.9), contact(refused, 0.8, tcp=True), contact(failing, 0.7), contact(good, 0.6)]
+    )
+    clearip = stub(lab, contacts=contacts)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    c = switch.call(proxy.port)
+    assert switch.wait_done([c], 3 * TIMEOUT + 3)
+    assert c.final is not None and c.final.status == 200
+    assert silent.invite_times and failing.invite_times and good.invite_times
+    # Silent: the next Contact (refused at once) and the one after within `timeout` (+ slack).
+    assert failing.invite_times[0] - silent.invite_times[0] <= TIMEOUT + 0.3
+    assert good.invite_times[0] - failing.invite_times[0] <= 0.3
+    # One INVITE transaction per carrier (retransmissions share the branch).
+    for ua in (silent, failing, good):
+        assert all(len(b) == 1 for b in ua.invites_seen.values())
+
+
+@pytest.mark.parametrize("first", ["silent", "refused", "503"])
+def test_each_carrier_failure_alone_moves_the_call_on(lab: Lab, first: str) -> None:
+    good = peer(lab, "good", "answer")
+    if first == "refused":
+        bad = contact(closed_port(), 0.9, tcp=True)
+    else:
+        bad = contact(peer(lab, "bad", first), 0.9)
+    clearip = stub(lab, contacts=f"{bad}, {contact(good, 0.5)}")
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    c = switch.call(proxy.port)
+    assert good.wait_invites(1, TIMEOUT + 1.5)
+    took = good.invite_times[0] - c.sent_at
+    limit = TIMEOUT + 0.4 if first == "silent" else 0.5
+    assert took <= limit, took
+    assert switch.wait_done([c], 3)
+    assert c.final is not None and c.final.status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. UDP loss
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [7, 2024])
+def test_udp_loss_every_call_completes_and_nothing_is_forwarded_twice(lab: Lab, seed: int) -> None:
+    """5 % of datagrams dropped each way between switch and proxy and between proxy and carrier."""
+    carrier = peer(lab, "carrier", "answer")
+    carrier_relay = LossyUdpRelay(carrier.port, loss=0.05, seed=seed)
+    lab.add_closer(carrier_relay)
+    carrier.contact_port = carrier_relay.port
+    clearip = stub(lab, contacts=contact(carrier_relay.port, 0.9))
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    switch_relay = LossyUdpRelay(proxy.port, loss=0.05, seed=seed + 1)
+    lab.add_closer(switch_relay)
+    switch = peer(lab, "switch")
+    calls = []
+    for _ in range(40):
+        calls.append(switch.call(switch_relay.port))
+        time.sleep(0.03)
+    assert switch.wait_done(calls, 30), [c.final for c in calls if not c.done]
+    assert switch_relay.dropped + carrier_relay.dropped > 0  # the loss really happened
+    for c in calls:
+        assert c.final is not None and c.final.status == 200
+        assert c.bye_done
+        # Retransmitted INVITEs were absorbed: ClearIP saw one INVITE, the carrier one transaction.
+        assert clearip.invites.get(c.call_id) == 1
+        assert len(carrier.invites_seen.get(c.call_id, set())) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Overload
+# ---------------------------------------------------------------------------------------------
+
+
+def test_overload_new_invites_get_503_retry_after_at_once_and_in_flight_calls_finish(lab: Lab) -> None:
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=1.0)
+    proxy = start_proxy(
+        lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port, extra=["--max-in-flight", "3"]
+    )
+    switch = peer(lab, "switch")
+    first = [switch.call(proxy.port) for _ in range(3)]
+    assert clearip.wait_invites(3, 1)
+    extra = [switch.call(proxy.port) for _ in range(4)]
+    assert switch.wait_final(extra, 1)
+    for c in extra:
+        assert c.final is not None and c.final.status == 503
+        assert c.final_after < 0.3, c.final_after  # at once, not queued
+        assert c.final.get("Retry-After"), "503 for overload must carry Retry-After"
+    assert clearip.total_invites() == 3  # the rejected calls never reached ClearIP
+    assert switch.wait_done(first, 4)
+    assert [c.final.status for c in first if c.final] == [200, 200, 200]
+    # Load back under the limit: new calls are accepted again.
+    again = switch.call(proxy.port)
+    assert switch.wait_done([again], 4)
+    assert again.final is not None and again.final.status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Restart: SIGTERM drains; systemd restarts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_0(lab: Lab) -> None:
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=1.0)
+    proxy = start_proxy(
+        lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port, env={"CLEARIP_PROXY_DRAIN_TIMEOUT": "5"}
+    )
+    switch = peer(lab, "switch")
+    in_flight = [switch.call(proxy.port, complete_dialog=False) for _ in range(3)]
+    assert clearip.wait_invites(3, 1)
+    assert proxy.proc is not None
+    t_term = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    # Draining: OPTIONS 503 (health check fails so switches move away), new INVITEs 503.
+    options = simple_request("OPTIONS", local_port=switch.port, ruri=f"sip:{HOST}:{proxy.port}")
+    switch.send(options, proxy.port)
+    late = switch.call(proxy.port, complete_dialog=False)
+    assert switch.wait_final([late], 1)
+    assert late.final is not None and late.final.status == 503
+    deadline = time.monotonic() + 1
+    opt_status = None
+    while time.monotonic() < deadline and opt_status is None:
+        for _, m in list(switch.received):
+            if not m.is_request and m.cseq[1] == "OPTIONS":
+                opt_status = m.status
+        time.sleep(0.02)
+    assert opt_status == 503
+    # The calls in flight finish normally.
+    assert switch.wait_final(in_flight, 3)
+    assert [c.final.status for c in in_flight if c.final] == [200, 200, 200]
+    code = proxy.proc.wait(6)
+    assert code == 0
+    assert time.monotonic() - t_term < 5 + 1
+
+
+def test_sigterm_drain_is_bounded_by_drain_timeout_and_answers_leftovers(lab: Lab) -> None:
+    ringing = peer(lab, "ringing", "ring")
+    clearip = stub(lab, contacts=contact(ringing, 0.9))
+    proxy = start_proxy(
+        lab,
+        clearip_uri(clearip),
+        timeout=TIMEOUT,
+        ring_timeout=60,
+        wait_port=clearip.port,
+        env={"CLEARIP_PROXY_DRAIN_TIMEOUT": "1"},
+    )
+    switch = peer(lab, "switch")
+    c = switch.call(proxy.port, complete_dialog=False)
+    assert ringing.wait_invites(1, 2)
+    time.sleep(0.2)
+    assert proxy.proc is not None
+    t_term = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    code = proxy.proc.wait(5)
+    took = time.monotonic() - t_term
+    assert code == 0
+    assert took < 1 + 1.5, took
+    # The ringing call was not left hanging: the switch got a final response.
+    assert switch.wait_final([c], 1)
+    assert c.final is not None and c.final.status >= 400
+
+
+def test_systemd_unit_restarts_the_proxy() -> None:
+    unit = REPO / "deploy" / "clearip-proxy.service"
+    if not unit.exists():
+        pytest.skip("no systemd unit in deploy/")
+    text = unit.read_text()
+    lines = [ln.strip() for ln in text.splitlines()]
+    restart = [ln.split("=", 1)[1] for ln in lines if ln.startswith("Restart=")]
+    assert restart and restart[0] in ("always", "on-failure", "on-abnormal"), restart
+    assert any(ln.startswith("KillSignal=SIGTERM") for ln in lines) or not any(
+        ln.startswith("KillSignal=") for ln in lines
+    ), "systemd must stop the proxy with SIGTERM so it drains"
+
+
+_ = Path
