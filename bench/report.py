@@ -98,6 +98,15 @@ def parse_proc_stat_cpu_ticks(text: str) -> int:
     return int(rest[11]) + int(rest[12])
 
 
+def parse_proc_stat_busy(text: str) -> int:
+    """Busy clock ticks of all cores from /proc/stat's ``cpu`` line (user .. steal, less idle and iowait)."""
+    for ln in text.splitlines():
+        if ln.startswith("cpu "):
+            f = [int(x) for x in ln.split()[1:9]]
+            return sum(f) - f[3] - f[4]
+    return 0
+
+
 def parse_proc_status_kb(text: str, key: str) -> int:
     """A ``kB`` field (VmRSS, VmHWM, ...) of /proc/PID/status, or of smaps_rollup (Pss, Rss)."""
     for ln in text.splitlines():
@@ -131,6 +140,7 @@ class StepResult:
     rss_kb: int = 0  # after the step (ours: VmRSS; Kamailio: sum of Pss of its processes)
     peak_rss_kb: int = 0  # ours: VmHWM; Kamailio: max of the sums seen
     sipp_cpu_util: float = 0.0  # load generator CPU seconds / wall seconds (1.0 = one core busy)
+    other_load: float = 0.0  # cores busy with anything else on the machine during the step
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -182,28 +192,29 @@ def cpu_per_1k_at_top(steps: Sequence[StepResult]) -> float | None:
     return percentile(vals, 50) if vals else None
 
 
-def _fmt(v: float | None, spec: str = ".1f", none: str = "–") -> str:
+def _fmt(v: float | None, spec: str = ".1f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
 def _ratio(a: float | None, b: float | None, spec: str = ".2f") -> str:
     if a is None or b is None or b == 0:
-        return "–"
-    return format(a / b, spec) + "×"
+        return "-"
+    return format(a / b, spec) + "x"
 
 
 def step_table(steps: Sequence[StepResult]) -> list[str]:
     out = [
         "| proxy | pinned | run | offered cps | achieved cps | calls | failed | retrans switch/peers "
-        "| setup p50 ms | setup p99 ms | CPU s / 1k calls | RSS MB (peak) | SIPp CPU |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| setup p50 ms | setup p99 ms | CPU s / 1k calls | RSS MB (peak) | SIPp cores | other load |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in steps:
         out.append(
             f"| {s.target} | {'yes' if s.pinned else 'no'} | {s.kind} | {s.rate} | {s.achieved_cps:.0f} "
             f"| {s.calls} | {s.failed}{'' if s.clean else ' ✗'} | {s.retrans_switch}/{s.retrans_peers} "
             f"| {_fmt(s.p50_ms, '.0f')} | {_fmt(s.p99_ms, '.0f')} | {_fmt(s.cpu_s_per_1k, '.2f')} "
-            f"| {s.rss_kb / 1024:.0f} ({s.peak_rss_kb / 1024:.0f}) | {s.sipp_cpu_util:.2f} |"
+            f"| {s.rss_kb / 1024:.0f} ({s.peak_rss_kb / 1024:.0f}) | {s.sipp_cpu_util:.2f} "
+            f"| {s.other_load:.2f} |"
         )
     return out
 
@@ -257,7 +268,7 @@ def _mem_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdict(ok: bool | None) -> str:
-    return "–" if ok is None else ("met" if ok else "**not met**")
+    return "-" if ok is None else ("met" if ok else "**not met**")
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -273,6 +284,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Machine: {m.get('nproc', '?')} cores, {m.get('cpu_model', '?')}, {m.get('mem_gb', '?')} GB; "
         f"Python {m.get('python', '?')}, uvloop {m.get('uvloop', '?')}, SIPp {m.get('sipp', '?')}, "
         f"Kamailio {m.get('kamailio', '?')}, Linux {m.get('kernel', '?')}.",
+        "",
+        f"Machine noise at the start: load average {m.get('loadavg_at_start', '?')}, 1 ms sleeps woke "
+        f"{_fmt((m.get('wake_latency_ms_at_start') or {}).get('p99'), '.1f')} ms late at p99 "
+        f"({_fmt((m.get('wake_latency_ms_at_start') or {}).get('max'), '.0f')} ms at worst). "
+        "The *other load* column is the CPU (in cores) that everything else on the machine used "
+        "during each run.",
         "",
         "### Headline (pinned: proxy on core 0, every SIPp on core 1)",
         "",
@@ -292,11 +309,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"| CPU s per 1,000 calls | {_fmt(p.get('ours_cpu_s_per_1k'), '.2f')} "
         f"| {_fmt(p.get('kamailio_cpu_s_per_1k'), '.2f')} | {_fmt(cpu_ratio, '.2f')} | ≤ 2.0 "
         f"| {verdict(None if cpu_ratio is None else cpu_ratio <= 2.0)} |",
-        f"| setup p99 ms at half the zero-failure rate (ours {p.get('ours_half_rate', '–')} cps, "
-        f"Kamailio {p.get('kamailio_half_rate', '–')} cps) | {_fmt(half_p99, '.0f')} "
+        f"| setup p99 ms at half the zero-failure rate (ours {p.get('ours_half_rate', '-')} cps, "
+        f"Kamailio {p.get('kamailio_half_rate', '-')} cps) | {_fmt(half_p99, '.0f')} "
         f"| {_fmt(p.get('kamailio_half_p99_ms'), '.0f')} | {_ratio(half_p99, p.get('kamailio_half_p99_ms'))} "
         f"| < 50 ms | {verdict(None if half_p99 is None else half_p99 < 50)} |",
-        f"| memory per concurrent ringing call | {_fmt(None if mem_ours is None else mem_ours / 1024, '.1f')} KB "
+        "| memory per concurrent ringing call "
+        f"| {_fmt(None if mem_ours is None else mem_ours / 1024, '.1f')} KB "
         f"| {_fmt(None if mem.get('kamailio') is None else mem['kamailio'] / 1024, '.1f')} KB "
         f"| {_fmt(mem.get('ratio'), '.2f')} | < 10 KB "
         f"| {verdict(None if mem_ours is None else mem_ours < 10 * 1024)} |",
@@ -308,9 +326,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Unpinned: ours {_fmt(u.get('ours_zero_failure_cps'), '.0f')} cps, Kamailio "
             f"{_fmt(u.get('kamailio_zero_failure_cps'), '.0f')} cps zero-failure "
             f"(ratio {_fmt(u.get('cps_ratio'), '.2f')}); CPU s / 1k calls ours "
-            f"{_fmt(u.get('ours_cpu_s_per_1k'), '.2f')}, Kamailio {_fmt(u.get('kamailio_cpu_s_per_1k'), '.2f')}.",
+            f"{_fmt(u.get('ours_cpu_s_per_1k'), '.2f')}, "
+            f"Kamailio {_fmt(u.get('kamailio_cpu_s_per_1k'), '.2f')}.",
         ]
-    lines += ["", "### Every run", ""] + step_table(steps)
+    lines += ["", "### Every run", "", *step_table(steps)]
     if mems:
         lines += [
             "",

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import resource
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,13 +30,26 @@ SWITCH_IDENTITY_MARK = "eyJzd2l0Y2giOiJvd24ifQ"  # the switch's own Identity (mu
 def make_identity(size: int = 900) -> str:
     """A PASSporT-shaped Identity header value of about ``size`` bytes (ppt=shaken, ES256)."""
     b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
-    header = b64(json.dumps({"alg": "ES256", "ppt": "shaken", "typ": "passport",
-                             "x5u": "https://certificates.clearip.example/shaken/cert.pem"}).encode())
+    header = b64(
+        json.dumps(
+            {
+                "alg": "ES256",
+                "ppt": "shaken",
+                "typ": "passport",
+                "x5u": "https://certificates.clearip.example/shaken/cert.pem",
+            }
+        ).encode()
+    )
     params = ";info=<https://certificates.clearip.example/shaken/cert.pem>;alg=ES256;ppt=shaken"
     sig = b64(bytes(range(64)))
     room = size - len(header) - len(sig) - len(params) - 2
-    claims = {"attest": "A", "dest": {"tn": ["18005550100"]}, "iat": 1700000000,
-              "orig": {"tn": "12025550100"}, "origid": "4437c7eb-8f4a-4a2a-9a93-2bd1f1e4cb3c"}
+    claims = {
+        "attest": "A",
+        "dest": {"tn": ["18005550100"]},
+        "iat": 1700000000,
+        "orig": {"tn": "12025550100"},
+        "origid": "4437c7eb-8f4a-4a2a-9a93-2bd1f1e4cb3c",
+    }
     payload = b64(json.dumps(claims).encode())
     payload = (payload + "x" * max(0, room - len(payload)))[: max(room, len(payload))]
     return f"{header}.{payload}.{sig}{params}"
@@ -82,16 +96,35 @@ class Session:
         contacts = f"<sip:{NUMBER}@{HOST}:{c1}>;q=0.9, <sip:{NUMBER}@{HOST}:{c2}>;q=0.5"
         for i, port in enumerate((c1, c2), 1):
             self.carriers.append(
-                Sipp(self.workdir, f"carrier{i}", "carrier_uas.xml", port=port, transport="udp",
-                     extra=["-d", str(self.carrier_hold_ms)], cpus=self.sipp_cpus, trace=self.trace).start_server()
+                Sipp(
+                    self.workdir,
+                    f"carrier{i}",
+                    "carrier_uas.xml",
+                    port=port,
+                    transport="udp",
+                    extra=["-d", str(self.carrier_hold_ms)],
+                    cpus=self.sipp_cpus,
+                    trace=self.trace,
+                ).start_server()
             )
         self.clearip = Sipp(
-            self.workdir, "clearip", "clearip_uas.xml", port=procs.free_port(), transport="tcp",
+            self.workdir,
+            "clearip",
+            "clearip_uas.xml",
+            port=procs.free_port(),
+            transport="tcp",
             keys={"identity": IDENTITY, "pai": CLEARIP_PAI, "contacts": contacts},
-            cpus=self.sipp_cpus, trace=self.trace,
+            cpus=self.sipp_cpus,
+            trace=self.trace,
         ).start_server()
-        self.target = Target(self.target_kind, self.workdir, self.clearip.port, self.proxy_cpus,
-                             self.max_in_flight, self.proxy_args).start()
+        self.target = Target(
+            self.target_kind,
+            self.workdir,
+            self.clearip.port,
+            self.proxy_cpus,
+            self.max_in_flight,
+            self.proxy_args,
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -107,22 +140,67 @@ class Session:
         return procs.cpu_seconds([p.pid for p in self.peers()] + extra)
 
     # --- one run --------------------------------------------------------------------------------
-    def uac(self, name: str, rate: int, calls: int, *, hold_ms: int, mix503: bool,
-            recv_timeout_ms: int | None, limit: int, bound_s: float, trace: bool = False) -> Sipp:
+    def uac(
+        self,
+        name: str,
+        rate: int,
+        calls: int,
+        *,
+        hold_ms: int,
+        mix503: bool,
+        recv_timeout_ms: int | None,
+        limit: int,
+        bound_s: float,
+        trace: bool = False,
+    ) -> Sipp:
         assert self.target is not None
         d = self.workdir / name
         d.mkdir(parents=True, exist_ok=True)
         inf = write_inf(d / "calls.csv", mix503)
-        extra = ["-inf", str(inf), "-m", str(calls), "-r", str(rate), "-rp", "1000", "-d", str(hold_ms),
-                 "-l", str(limit), "-trace_rtt", "-rtt_freq", "100", "-max_retrans", "5"]
+        extra = [
+            "-inf",
+            str(inf),
+            "-m",
+            str(calls),
+            "-r",
+            str(rate),
+            "-rp",
+            "1000",
+            "-d",
+            str(hold_ms),
+            "-l",
+            str(limit),
+            "-trace_rtt",
+            "-rtt_freq",
+            "100",
+            "-max_retrans",
+            "5",
+        ]
         if recv_timeout_ms:
             extra += ["-recv_timeout", str(recv_timeout_ms)]
-        return Sipp(d, "switch", "switch_uac.xml", port=procs.free_port(), transport="udp",
-                    remote=f"{HOST}:{self.target.port}", extra=extra, cpus=self.sipp_cpus, trace=trace,
-                    bound_s=bound_s)
+        return Sipp(
+            d,
+            "switch",
+            "switch_uac.xml",
+            port=procs.free_port(),
+            transport="udp",
+            remote=f"{HOST}:{self.target.port}",
+            extra=extra,
+            cpus=self.sipp_cpus,
+            trace=trace,
+            bound_s=bound_s,
+        )
 
-    def run_rate(self, kind: str, rate: int, seconds: float, *, hold_ms: int = 0, mix503: bool = False,
-                 trace: bool = False) -> StepResult:
+    def run_rate(
+        self,
+        kind: str,
+        rate: int,
+        seconds: float,
+        *,
+        hold_ms: int = 0,
+        mix503: bool = False,
+        trace: bool = False,
+    ) -> StepResult:
         """One switch UAC at ``rate`` cps for ``seconds``; the figures of the step."""
         assert self.target is not None
         self.runs += 1
@@ -132,18 +210,31 @@ class Session:
         cpu0 = self.target.cpu_seconds()
         sipp0 = self.sipp_cpu([])
         kids0 = _children_cpu()
+        busy0 = procs.system_busy_seconds()
         t0 = time.monotonic()
         bound = seconds + 25
-        uac = self.uac(f"run{self.runs:02d}-{kind}-{rate}", rate, calls, hold_ms=hold_ms, mix503=mix503,
-                       recv_timeout_ms=6000, limit=max(1000, rate * 10), bound_s=bound, trace=trace)
+        uac = self.uac(
+            f"run{self.runs:02d}-{kind}-{rate}",
+            rate,
+            calls,
+            hold_ms=hold_ms,
+            mix503=mix503,
+            recv_timeout_ms=6000,
+            limit=max(1000, rate * 10),
+            bound_s=bound,
+            trace=trace,
+        )
         code = uac.wait(bound + 5)
         if code is None:
-            res.notes.append(f"{self.target_kind} {kind} {rate} cps: the switch UAC overran its bound; stopped")
+            res.notes.append(
+                f"{self.target_kind} {kind} {rate} cps: the switch UAC overran its bound; stopped"
+            )
             uac.stop()
             code = uac.popen.returncode
         uac_cpu = _children_cpu() - kids0  # the UAC, reaped by wait(): its CPU is in our children's rusage
         wall = time.monotonic() - t0
         cpu1 = self.target.cpu_seconds()
+        busy1 = procs.system_busy_seconds()
         time.sleep(1.2)  # UAS stat files are dumped every second
         res.exit_code = code
         st = uac.last_stats()
@@ -164,7 +255,9 @@ class Session:
             res.cpu_s_per_1k = res.cpu_s / res.calls * 1000
         res.rss_kb = self.target.memory_kb()
         res.peak_rss_kb = self.target.peak_kb()
-        res.sipp_cpu_util = (self.sipp_cpu([]) - sipp0 + uac_cpu) / max(wall, 0.001)
+        sipp_cpu = self.sipp_cpu([]) - sipp0 + uac_cpu
+        res.sipp_cpu_util = sipp_cpu / max(wall, 0.001)
+        res.other_load = max(0.0, (busy1 - busy0 - res.cpu_s - sipp_cpu) / max(wall, 0.001))
         if res.failed or code not in (0, None):
             errs = uac.errors(1500).strip()
             res.notes.append(
@@ -172,21 +265,28 @@ class Session:
                 f"{res.failed} failed (SIPp exit {code}); files in {uac.log.parent}"
                 + (f"; first SIPp error: {errs.splitlines()[0][:300]}" if errs else "")
             )
-        if not self.target.alive():
-            res.notes.append(f"{self.target_kind} exited during {kind} {rate} cps:\n{self.target.proc.tail()}")  # type: ignore[union-attr]
+        if not self.target.alive() and self.target.proc is not None:
+            res.notes.append(
+                f"{self.target_kind} exited during {kind} {rate} cps:\n{self.target.proc.tail()}"
+            )
         return res
 
     # --- the ringing-memory run ------------------------------------------------------------------
     def run_memory(self, n: int, rate: int) -> MemoryResult:
         """``n`` calls ringing at once (the carriers hold after 180); memory loaded vs idle."""
         assert self.target is not None
-        res = MemoryResult(self.target_kind, self.pinned, n,
-                           metric="VmRSS" if self.target_kind == "ours" else "sum of Pss (all processes)")
+        res = MemoryResult(
+            self.target_kind,
+            self.pinned,
+            n,
+            metric="VmRSS" if self.target_kind == "ours" else "sum of Pss (all processes)",
+        )
         time.sleep(0.5)
         res.idle_kb = self.target.memory_kb()
         bound = n / rate + 40
-        uac = self.uac("memory", rate, n, hold_ms=0, mix503=False, recv_timeout_ms=None, limit=n + 100,
-                       bound_s=bound)
+        uac = self.uac(
+            "memory", rate, n, hold_ms=0, mix503=False, recv_timeout_ms=None, limit=n + 100, bound_s=bound
+        )
         carrier = self.carriers[0]
         deadline = time.monotonic() + n / rate + 20
         ringing = 0
@@ -206,7 +306,7 @@ class Session:
                 f"{self.target_kind} memory run: {res.ringing} of {n} calls ringing at the measurement "
                 f"(switch failed {uac_failed}); files in {uac.log.parent}"
             )
-        uac.stop(procs.signal.SIGKILL, 1.0)
+        uac.stop(signal.SIGKILL, 1.0)
         return res
 
 
@@ -235,21 +335,29 @@ def smoke(kind: str, pinned: bool, workdir: Path, calls: int = 10) -> list[str]:
         if r.failed or r.ok != calls:
             problems.append(f"{kind}: {r.ok}/{calls} smoke calls succeeded, {r.failed} failed: {r.notes}")
         for p in s.peers():
-            p.stop(procs.signal.SIGUSR1, 2.0)
-        text = s.carriers[0].msg_path.read_text(errors="replace") if s.carriers[0].msg_path.exists() else ""
+            p.stop(signal.SIGUSR1, 2.0)
+        text = (
+            s.carriers[0].msg_path.read_bytes().decode(errors="replace")
+            if s.carriers[0].msg_path.exists()
+            else ""
+        )
         invites = [m for m in text.split("INVITE sip:")[1:]]
         want = sum(1 for i in range(calls) if i % 10 not in (2, 5, 8))
         if len(invites) != want:
             problems.append(f"{kind}: carrier 1 got {len(invites)} INVITEs, expected {want}")
-        with_identity = sum(1 for m in invites if f"Identity: {IDENTITY}\r\n" in m.split("\r\n\r\n")[0] + "\r\n")
+        with_identity = sum(
+            1 for m in invites if f"Identity: {IDENTITY}\r\n" in m.split("\r\n\r\n")[0] + "\r\n"
+        )
         if with_identity != len(invites):
-            problems.append(f"{kind}: {len(invites) - with_identity} INVITEs reached the carrier without "
-                            "ClearIP's Identity header")
+            problems.append(
+                f"{kind}: {len(invites) - with_identity} INVITEs reached the carrier without "
+                "ClearIP's Identity header"
+            )
         if any(SWITCH_IDENTITY_MARK in m.split("\r\n\r\n")[0] for m in invites):
             problems.append(f"{kind}: the switch's own Identity reached the carrier (not replaced)")
         if sum(1 for m in invites if f"P-Asserted-Identity: {CLEARIP_PAI}" in m) != len(invites):
             problems.append(f"{kind}: ClearIP's P-Asserted-Identity missing at the carrier")
         c2 = s.carriers[1].msg_path
-        if c2.exists() and "INVITE sip:" in c2.read_text(errors="replace"):
+        if c2.exists() and b"INVITE sip:" in c2.read_bytes():
             problems.append(f"{kind}: carrier 2 (q=0.5) got an INVITE though carrier 1 answered")
     return problems

@@ -109,7 +109,7 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
     stop = asyncio.Event()
 
     def on_term() -> None:
-        log.info("SIGTERM: draining (at most %.0f s)", settings.drain_timeout)
+        log.info("SIGTERM: draining (at most %.0f s)", server.settings.drain_timeout)
         stop.set()
 
     def on_hup() -> None:
@@ -117,7 +117,7 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
             return
         try:
             new = load_settings(config_args)
-        except SettingsError as exc:
+        except (SettingsError, OSError) as exc:  # OSError: e.g. the file is not readable
             log.error("reload refused, keeping the running settings: %s", exc)
             return
         restart = server.reload(new)

@@ -47,6 +47,7 @@ from proxy_runtime.sip.transaction import (
     ClientTransaction,
     Event,
     ServerTransaction,
+    State,
     TimerSettings,
     Verdict,
 )
@@ -136,6 +137,18 @@ class _CancelOwner:
 _CANCEL = _CancelOwner()
 
 
+@dataclass(slots=True)
+class _InviteGuard:
+    """Timer C (RFC 3261 §16.8, §9.1) for an INVITE client transaction that may never get a final
+    response: after a CANCEL, 64*T1 without a final destroys it; a relayed INVITE still without a
+    final at the ring limit is CANCELled (and answered 408). Without it a peer that sends 1xx and
+    then nothing leaks the transaction forever (no RFC 3261 timer runs in Proceeding)."""
+
+    key: tuple[str, str]
+    deadline: float | None
+    cancelled: bool
+
+
 class ProxyCore:
     def __init__(
         self,
@@ -203,16 +216,17 @@ class ProxyCore:
             self._trusted_cache[host] = ok
         return ok
 
-    def receive(self, data: bytes, source: Target, now: float, *, trusted: bool = False) -> None:
-        """A datagram or a framed stream message arrived from ``source``."""
+    def receive(self, data: bytes, source: Target, now: float, *, trusted: bool = False) -> bool:
+        """A datagram or a framed stream message arrived from ``source``. Returns False when it was
+        malformed (the adapter closes a stream connection after too many of those)."""
         if not trusted and source.transport != CLEARIP and not self.is_trusted(source.host):
             self._incr(names.UNTRUSTED_DROPPED)
-            return
+            return True
         try:
             msg = parse_message(data, datagram=source.transport == "udp")
         except ParseError as exc:
             self.malformed(data, source, exc, now)
-            return
+            return False
         try:
             if isinstance(msg, SipRequest):
                 self._on_request(msg, source, now)
@@ -220,6 +234,8 @@ class ProxyCore:
                 self._on_response(msg, source, now)
         except ParseError as exc:  # a header that only failed when the proxy needed it
             self.malformed(data, source, exc, now)
+            return False
+        return True
 
     def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
         """Count it; answer a request with ``exc.status_hint`` when it has a usable Via."""
@@ -310,11 +326,33 @@ class ProxyCore:
                     self._schedule(obj)
             elif isinstance(obj, Call):
                 self._call_timer(obj, now)
+            elif isinstance(obj, _InviteGuard):
+                self._guard_timer(obj, now)
 
     # =========================================================================================
     # Timers
     # =========================================================================================
-    def _schedule(self, obj: ClientTransaction | ServerTransaction | Call) -> None:
+    def _guard(self, key: tuple[str, str], when: float, *, cancelled: bool) -> None:
+        self._schedule(_InviteGuard(key, when, cancelled))
+
+    def _guard_timer(self, guard: _InviteGuard, now: float) -> None:
+        guard.deadline = None
+        ct = self._client.get(guard.key)
+        if ct is None or ct.state not in (State.CALLING, State.PROCEEDING):
+            return  # it got its final response (or ended) meanwhile
+        owner = ct.owner
+        if not guard.cancelled and isinstance(owner, Relay):
+            self._send_cancel(owner.request, owner.target, now)  # schedules the post-CANCEL guard
+            if not owner.st.has_final:
+                r = make_response(owner.request, 408, to_tag=self._instance)
+                r.pop_first_value("via")
+                self._respond(owner.st, r, now)
+            return
+        ct.terminate()
+        self._client.pop(guard.key, None)
+        self._client_failed(ct, 408, "no final response after CANCEL", now)
+
+    def _schedule(self, obj: ClientTransaction | ServerTransaction | Call | _InviteGuard) -> None:
         d = obj.deadline
         if d is not None:
             heapq.heappush(self._heap, (d, next(self._seq), obj))
@@ -647,6 +685,7 @@ class ProxyCore:
         ct.owner = _CANCEL
         self._client[key] = ct
         self._schedule(ct)
+        self._guard((branch, "INVITE"), now + self.timers.timeout_64t1, cancelled=True)
 
     def _build_ack(self, request: SipRequest, response: object) -> bytes:
         """ACK for a non-2xx final (RFC 3261 §17.1.1.3)."""
@@ -709,6 +748,8 @@ class ProxyCore:
         relay = Relay(st, out, target)
         st.owner = relay
         relay.ct = self._start_client(out, target, ckey, relay, now)
+        if req.method == "INVITE" and not relay.ct.terminated:
+            self._guard(ckey, now + self.settings.ring_timeout, cancelled=False)
 
     # =========================================================================================
     # Calls: initial INVITEs
@@ -1023,22 +1064,13 @@ class ProxyCore:
                 self._respond(owner.st, out, now)
 
     def _stray_response(self, resp: SipResponse, via: Via, source: Target, now: float) -> None:
-        """No transaction: forward a 2xx to INVITE statelessly (RFC 3261 §16.7); drop the rest."""
-        if not (200 <= resp.status < 300 and resp.cseq[1] == "INVITE"):
-            return
-        if not via.branch.startswith(self._branch_prefix):
-            return  # not our Via: a forged or misrouted response
-        out = resp.copy()
-        out.pop_first_value("via")
-        nxt = out.first_value("via")
-        if nxt is None:
-            return
-        up = parse_via(nxt)
-        host = up.params.get("received") or up.host
-        rport = up.params.get("rport")
-        transport = up.transport.lower()
-        port = int(rport) if rport else (up.port or (5061 if transport == "tls" else 5060))
-        self._send(Target(transport, host, port), out.serialize(), None)
+        """No matching client transaction: drop it (RFC 6026 §8.3 removes RFC 3261 §16.7's stateless
+        forwarding of stray 2xx: the Accepted state already passes 2xx retransmissions for 64*T1).
+
+        Forwarding a stray 2xx would give a caller a second final after the 503 it got when the
+        branch failed (transport error, timeout), and would let any allow-listed host make the proxy
+        send a forged response (top Via with our branch prefix) to the address in its second Via."""
+        log.debug("dropped stray %d response (branch %s) from %s", resp.status, via.branch, source.host)
 
     # =========================================================================================
     # Metrics

@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from proxy_runtime.metrics import names
@@ -31,6 +31,13 @@ from proxy_runtime.transport.udp import UdpEndpoint
 log = logging.getLogger("clearip.server")
 
 PARTIAL_MESSAGE_TIMEOUT = 10.0  # a started message must complete within this (slow-loris guard)
+STREAM_ERROR_BUDGET = 10  # malformed messages on one inbound connection before it is closed
+TLS_HANDSHAKE_TIMEOUT = 10.0  # a TLS client must finish its handshake within this (or idle_timeout)
+
+
+def partial_message_timeout(settings: Settings) -> float:
+    """A started message must complete within 10 s, and never later than the idle timeout."""
+    return min(PARTIAL_MESSAGE_TIMEOUT, settings.idle_timeout)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Tracer(Protocol):
 class ProxyServer:
     def __init__(self, settings: Settings, *, recorder: MetricsRecorder | None = None) -> None:
         self.settings = settings
+        self._started_settings = settings
         self.recorder = recorder
         self.listeners: list[Listener] = []
         self.core: ProxyCore | None = None
@@ -121,6 +129,7 @@ class ProxyServer:
                     ssl=ctx,
                     reuse_address=True,
                     backlog=1024,
+                    ssl_handshake_timeout=self._handshake_timeout(ctx),
                 )
                 port = srv.sockets[0].getsockname()[1]
                 self.listeners.append(Listener(name, HostPort(hp.host, port), server=srv))
@@ -164,6 +173,13 @@ class ProxyServer:
         self._sweeper = loop.create_task(self._sweep(), name="stream-sweeper")
         desc = ", ".join(f"{lst.transport}:{lst.bound}" for lst in self.listeners)
         log.info("ready: listening on %s; advertising %s; ClearIP %s", desc, advertise, s.clearip)
+
+    def _handshake_timeout(self, ctx: ssl.SSLContext | None) -> float | None:
+        """A TLS client that connects and never completes its handshake is not a connection the
+        sweeper sees (asyncio calls connection_made after the handshake): bound it here."""
+        if ctx is None:
+            return None
+        return min(TLS_HANDSHAKE_TIMEOUT, self.settings.idle_timeout)
 
     @property
     def ports(self) -> dict[str, int]:
@@ -211,16 +227,38 @@ class ProxyServer:
             self._timer.cancel()
         self.stopped.set()
 
+    # Settings read once when listeners, the ClearIP link and the metrics sink are made.
+    RESTART_ONLY = (
+        "udp",
+        "tcp",
+        "tls",
+        "tls_cert",
+        "tls_key",
+        "advertise",
+        "clearip",
+        "clearip_ca",
+        "clearip_server_name",
+        "max_message_size",
+        "metrics",
+        "proxy_id",
+    )
+
     def reload(self, settings: Settings) -> list[str]:
-        """Apply what can change without dropping calls; return what needs a restart."""
-        needs_restart = [
-            name
-            for name in ("udp", "tcp", "tls", "tls_cert", "tls_key", "advertise", "clearip", "clearip_ca")
-            if getattr(settings, name) != getattr(self.settings, name)
-        ]
-        self.settings = settings
+        """Apply what can change without dropping calls; return what needs a restart.
+
+        Restart-only fields keep their running values (so status shows what is in effect), and
+        are compared with the values the proxy started with, so a pending restart stays reported."""
+        started = self._started_settings
+        needs_restart = [n for n in self.RESTART_ONLY if getattr(settings, n) != getattr(started, n)]
+        effective = replace(settings, **{n: getattr(started, n) for n in self.RESTART_ONLY})
+        self.settings = effective
         if self.core is not None:
-            self.core.update_settings(settings)
+            self.core.update_settings(effective)
+        if self.link is not None:
+            self.link.keepalive_interval = effective.keepalive_interval
+            self.link.reconnect_max = effective.reconnect_max
+        if self.recorder is not None:
+            self.recorder.log_numbers = effective.log_numbers
         return needs_restart
 
     # ------------------------------------------------------------------------------------------
@@ -296,7 +334,17 @@ class ProxyServer:
         if self.tracer is not None:
             self.tracer.record("in", conn.transport_name, conn.peer, data)
         source = Target(conn.transport_name, conn.peer[0], conn.peer[1], conn.conn_id)
-        core.receive(data, source, self._loop.time(), trusted=conn.outbound)
+        if not core.receive(data, source, self._loop.time(), trusted=conn.outbound):
+            conn.errors += 1
+            if conn.errors >= STREAM_ERROR_BUDGET and conn.transport_name != CLEARIP:
+                # A peer that keeps sending garbage on a stream is broken or hostile: stop reading.
+                log.info(
+                    "closing %s connection from %s:%d: %d malformed messages",
+                    conn.transport_name,
+                    *conn.peer,
+                    conn.errors,
+                )
+                conn.close()
         if not core.clearip_up and self.link is not None:
             self.link.poke()
         self._kick()
@@ -345,10 +393,9 @@ class ProxyServer:
             for conn in list(self._conns.values()):
                 if conn.transport_name == CLEARIP:
                     continue
-                if conn.partial_since is not None and now - conn.partial_since > PARTIAL_MESSAGE_TIMEOUT:
-                    log.info(
-                        "closing %s:%d: message not completed in %.0f s", *conn.peer, PARTIAL_MESSAGE_TIMEOUT
-                    )
+                partial_limit = partial_message_timeout(self.settings)
+                if conn.partial_since is not None and now - conn.partial_since > partial_limit:
+                    log.info("closing %s:%d: message not completed in %.1f s", *conn.peer, partial_limit)
                     conn.close()
                 elif now - conn.last_activity > self.settings.idle_timeout:
                     conn.close()

@@ -338,6 +338,7 @@ class Tracer:
         self.bytes_written = 0  # over all files
         self.rotations = 0
         self.files_deleted = 0
+        self.skipped = 0  # messages that could not be encoded (never raised into the proxy)
         self.error = ""
         self.stop_reason = ""
         self.active = True
@@ -395,15 +396,19 @@ class Tracer:
         if self._monotonic() >= self.deadline:
             self.stop("time limit reached")
             return
-        if not self.log_numbers:
-            data = mask_message(data)
         when = self._clock()
-        if self._pcap is not None:
-            chunk = b"".join(
-                PcapEncoder.record(when, p) for p in self._pcap.packets(direction, transport, peer, data)
-            )
-        else:
-            chunk = _text_record(when, direction, transport, peer, data)
+        try:
+            if not self.log_numbers:
+                data = mask_message(data)
+            if self._pcap is not None:
+                chunk = b"".join(
+                    PcapEncoder.record(when, p) for p in self._pcap.packets(direction, transport, peer, data)
+                )
+            else:
+                chunk = _text_record(when, direction, transport, peer, data)
+        except Exception:  # hostile input must never break the proxy's receive path
+            self.skipped += 1
+            return
         try:
             header = 24 if self._pcap is not None else 0
             if self._file_size > header and self._file_size + len(chunk) > self.options.max_bytes:
@@ -440,6 +445,7 @@ class Tracer:
             "bytes": self.bytes_written,
             "rotations": self.rotations,
             "files_deleted": self.files_deleted,
+            "skipped": self.skipped,
             "max_bytes": self.options.max_bytes,
             "max_files": self.options.max_files,
             "numbers_masked": not self.log_numbers,

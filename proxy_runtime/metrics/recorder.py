@@ -78,6 +78,15 @@ class MetricsRecorder:
         return self._proxy_id
 
     # ---- the call path -----------------------------------------------------------------------
+    @property
+    def log_numbers(self) -> bool:
+        """Whether per-call log lines carry phone numbers (settable on reload)."""
+        return self._log_numbers
+
+    @log_numbers.setter
+    def log_numbers(self, value: bool) -> None:
+        self._log_numbers = value
+
     def record_call(self, rec: CallRecord) -> None:
         """Fold one finished call into the interval and log its JSON line on ``clearip.calls``."""
         counts = self._counts

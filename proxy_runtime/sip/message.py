@@ -82,6 +82,48 @@ LIST_HEADERS = frozenset(
     }
 )
 
+# Headers that are never lists, whatever their values hold: ``values``, ``first_value`` and
+# ``pop_first_value`` return their values whole (an Identity with a stray comma stays one value).
+# Other headers not in LIST_HEADERS (extensions) are split on commas outside quotes and <>.
+NEVER_SPLIT = frozenset(
+    {
+        "identity",
+        "identity-info",
+        "date",
+        "www-authenticate",
+        "proxy-authenticate",
+        "authorization",
+        "proxy-authorization",
+        "authentication-info",
+        "from",
+        "to",
+        "call-id",
+        "cseq",
+        "subject",
+        "user-agent",
+        "server",
+        "organization",
+        "content-type",
+        "content-length",
+        "content-disposition",
+        "max-forwards",
+        "min-expires",
+        "expires",
+        "retry-after",
+        "timestamp",
+        "refer-to",
+        "referred-by",
+        "replaces",
+        "session-expires",
+        "min-se",
+        "rack",
+        "rseq",
+        "event",
+        "subscription-state",
+        "p-charging-vector",
+    }
+)
+
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 # An unquoted display name: tokens separated by LWS (RFC 3261 §25.1 display-name).
@@ -461,9 +503,15 @@ class SipMessage:
         """All values of a list header, comma-separated values split, in order."""
         key = header_key(name)
         out: list[str] = []
+        whole = key in NEVER_SPLIT
         for h in self.headers:
             if h[0] == key:
-                out.extend(split_list(h[2]))
+                if whole:
+                    v = h[2].strip()
+                    if v:
+                        out.append(v)
+                else:
+                    out.extend(split_list(h[2]))
         return out
 
     def has(self, name: str) -> bool:
@@ -521,7 +569,7 @@ class SipMessage:
         while i < len(headers):
             h = headers[i]
             if h[0] == key:
-                first, rest = _split_first(h[2])
+                first, rest = (h[2].strip(), "") if key in NEVER_SPLIT else _split_first(h[2])
                 if not first:
                     if not rest:
                         del headers[i]
@@ -540,7 +588,7 @@ class SipMessage:
         for h in self.headers:
             if h[0] == key:
                 v = h[2]
-                if "," in v:
+                if "," in v and key not in NEVER_SPLIT:
                     vals = split_list(v)
                     if vals:
                         return vals[0]

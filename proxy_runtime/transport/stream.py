@@ -51,6 +51,7 @@ class StreamConnection(asyncio.Protocol):
         self.closed = False
         self.pending: list[bytes] = []  # writes queued before connection_made
         self.pending_keys: list[object] = []  # client transactions waiting on this connection
+        self.errors = 0  # malformed messages received (the owner closes the connection at a budget)
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -504,6 +504,7 @@ def test_ssm_documents(template: Template) -> None:
     trace = _script(docs["ClearIpProxy-CaptureTrace"])
     assert "clearip-proxy trace --seconds {{ Seconds }} --output" in trace
     assert "aws s3 cp" in trace and "REF-OperationsTraceBucket" in trace
+    assert "install -d -m 0750 -o clearip-proxy -g clearip-proxy /var/lib/clearip-proxy/traces" in trace
     assert docs["ClearIpProxy-CaptureTrace"]["Content"]["parameters"]["Seconds"]["default"] == "60"
     assert "systemctl restart clearip-proxy" in _script(docs["ClearIpProxy-Restart"])
     transport = docs["ClearIpProxy-SetClearIpTransport"]

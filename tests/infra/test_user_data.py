@@ -34,10 +34,25 @@ ARGS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of the runtime, as the asset ships it: the work tree may change while tests run."""
+    global RELEASE
+    RELEASE = tmp_path_factory.mktemp("release")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("proxy_runtime", "deploy"):
+        shutil.copytree(REPO / name, RELEASE / name, ignore=ignore)
+    for name in ("pyproject.toml", "requirements-runtime.txt"):
+        shutil.copy2(REPO / name, RELEASE / name)
+    return RELEASE
+
+
+RELEASE = REPO
+
+
 def run_install(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        ["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True, timeout=300
-    )
+    cmd = ["bash", str(RELEASE / "deploy/install.sh"), "--root", str(root), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

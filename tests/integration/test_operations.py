@@ -29,13 +29,13 @@ from typing import Any
 import pytest
 
 from proxy_runtime.control import request
-from tests.integration.flows import CALLED, CLEARIP_KEYS
+from tests.integration.flows import CALLED, CLEARIP_KEYS, IDENTITY_1, IDENTITY_2, PAI_OUTBOUND
 from tests.integration.harness import (
     HOST,
     REPO,
     Lab,
-    ProxyProcess,
     Pki,
+    ProxyProcess,
     contact_list,
     free_port,
     split_stream,
@@ -114,7 +114,13 @@ class TlsClearIp:
         head = req.split(b"\r\n\r\n")[0].decode().split("\r\n")
         keep = [ln for ln in head[1:] if ln.split(":")[0].lower() in ("via", "from", "to", "call-id", "cseq")]
         date = email.utils.formatdate(time.time() + self.date_offset, usegmt=True)
-        lines = ["SIP/2.0 200 OK", *keep, f"Date: {date}", "Allow: INVITE, ACK, CANCEL, OPTIONS", "Content-Length: 0"]
+        lines = [
+            "SIP/2.0 200 OK",
+            *keep,
+            f"Date: {date}",
+            "Allow: INVITE, ACK, CANCEL, OPTIONS",
+            "Content-Length: 0",
+        ]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def close(self) -> None:
@@ -133,7 +139,9 @@ class ImdsStub:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_PUT(self) -> None:
-                ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                ok = self.path == "/latest/api/token" and self.headers.get(
+                    "X-aws-ec2-metadata-token-ttl-seconds"
+                )
                 self._reply(200 if ok else 400, b"stub-token")
 
             def do_GET(self) -> None:
@@ -156,7 +164,9 @@ class ImdsStub:
         self.public_ip = public_ip
         self.server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
         self.url = f"http://{HOST}:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -172,12 +182,12 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, timeout: float = 30.0, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy_runtime", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=30,
         cwd=REPO,
         env=cli_env(**env),
         check=False,
@@ -339,7 +349,9 @@ def test_doctor_clock_offset_from_clearips_date(tmp_path: Path, pki: Pki, offset
 def test_doctor_falls_back_to_a_keepalive_when_options_is_unanswered(tmp_path: Path, pki: Pki) -> None:
     server = TlsClearIp(pki, answer_options=False)
     try:
-        code, report = doctor_json("--config", str(doctor_config(tmp_path, pki, server.port)), "--timeout", "1")
+        code, report = doctor_json(
+            "--config", str(doctor_config(tmp_path, pki, server.port)), "--timeout", "1"
+        )
     finally:
         server.close()
     sip = by_name(report)["clearip-sip"]
@@ -364,7 +376,9 @@ def test_doctor_listener_in_use_fails(tmp_path: Path, pki: Pki, clearip: TlsClea
     assert code == 1 and udp["status"] == "FAIL" and "cannot bind" in udp["detail"], udp
 
 
-@pytest.mark.parametrize(("advertise", "status"), [("203.0.113.10", "OK"), ("10.0.0.5", "FAIL"), ("", "FAIL")])
+@pytest.mark.parametrize(
+    ("advertise", "status"), [("203.0.113.10", "OK"), ("10.0.0.5", "FAIL"), ("", "FAIL")]
+)
 def test_doctor_on_ec2_compares_advertise_with_the_public_ip(
     tmp_path: Path, pki: Pki, clearip: TlsClearIp, advertise: str, status: str
 ) -> None:
@@ -378,7 +392,9 @@ def test_doctor_on_ec2_compares_advertise_with_the_public_ip(
     assert ec2["status"] == status and ec2["public_ipv4"] == "203.0.113.10", ec2
 
 
-def test_doctor_asks_the_running_proxy(lab: Lab, tmp_path: Path, pki: Pki, clearip: TlsClearIp, sock_dir: Path) -> None:
+def test_doctor_asks_the_running_proxy(
+    lab: Lab, tmp_path: Path, pki: Pki, clearip: TlsClearIp, sock_dir: Path
+) -> None:
     sock = sock_dir / "c.sock"
     proxy = lab.proxy(
         None,
@@ -388,14 +404,24 @@ def test_doctor_asks_the_running_proxy(lab: Lab, tmp_path: Path, pki: Pki, clear
     )
     wait_for(lambda: sock.exists() and status_of(sock)["clearip"]["up"], what="the proxy's ClearIP link")
     config = doctor_config(
-        tmp_path, pki, clearip.port, udp=[f"{HOST}:{proxy.port}"], tcp=[f"{HOST}:{proxy.port}", f"{HOST}:{free_port()}"]
+        tmp_path,
+        pki,
+        clearip.port,
+        udp=[f"{HOST}:{proxy.port}"],
+        tcp=[f"{HOST}:{proxy.port}", f"{HOST}:{free_port()}"],
     )
     code, report = doctor_json("--config", str(config), "--control-socket", str(sock))
     checks = report["checks"]
     named = by_name(report)
     assert named["proxy"]["status"] == "OK" and named["proxy"]["pid"] == proxy.proc.pid  # type: ignore[union-attr]
-    assert named["proxy-clearip-link"]["status"] == "OK" and named["proxy-clearip-link"]["tls_version"] == "TLSv1.3"
-    assert named["listener-udp"]["status"] == "OK" and "bound by the running proxy" in named["listener-udp"]["detail"]
+    assert (
+        named["proxy-clearip-link"]["status"] == "OK"
+        and named["proxy-clearip-link"]["tls_version"] == "TLSv1.3"
+    )
+    assert (
+        named["listener-udp"]["status"] == "OK"
+        and "bound by the running proxy" in named["listener-udp"]["detail"]
+    )
     tcp = [c for c in checks if c["name"] == "listener-tcp"]
     assert [c["status"] for c in tcp] == ["OK", "WARN"] and "restart to apply" in tcp[1]["detail"]
     assert code == 0, report
@@ -528,20 +554,37 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     config = write_config(tmp_path / "proxy.toml", **base)
     proxy = ProxyProcess(tmp_path, "unused")
     proxy.port = port
-    proxy.args = [sys.executable, "-m", "proxy_runtime", "run", "--config", str(config), "--control-socket", str(sock)]
+    proxy.args = [
+        sys.executable,
+        "-m",
+        "proxy_runtime",
+        "run",
+        "--config",
+        str(config),
+        "--control-socket",
+        str(sock),
+    ]
     lab.proxies.append(proxy)
     proxy.start()
     assert wait_established(clear.port, 5.0), proxy.output()
     wait_for(sock.exists, what="the control socket")
     # Before the reload, 127.0.0.2 is allowed: its OPTIONS gets 200.
-    before = lab.switch("uac_options.xml", proxy, "udp", name="other-before", extra=["-i", "127.0.0.2"], timeout=3)
+    before = lab.switch(
+        "uac_options.xml", proxy, "udp", name="other-before", extra=["-i", "127.0.0.2"], timeout=3
+    )
     assert before.exit_code == 0, lab.describe()
 
+    keys = {"ruri_user": CALLED, "ruri_host": f"{HOST}:{port}", "max_forwards": "70", "caller_identity": "x"}
     switch = lab.sipp(
-        "switch", "uac_call.xml", transport="udp", remote=f"{HOST}:{port}", calls=calls, rate=rate, timeout=40,
-        keys={"ruri_user": CALLED, "ruri_host": f"{HOST}:{port}", "max_forwards": "70",
-              "caller_identity": "none"},
-    )  # fmt: skip
+        "switch",
+        "uac_call.xml",
+        transport="udp",
+        remote=f"{HOST}:{port}",
+        calls=calls,
+        rate=rate,
+        timeout=40,
+        keys=keys,
+    )
     load = threading.Thread(target=switch.run, args=(45,), daemon=True)
     load.start()
     try:
@@ -567,9 +610,11 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     lab.settle(clear, carrier)
     invites = carrier.received("INVITE")
     assert len(invites) == calls
-    # copy_headers: calls routed after the reload carry ClearIP's Identity but not its PAI any more.
-    assert invites[0].all("P-Asserted-Identity") and not invites[-1].all("P-Asserted-Identity"), lab.describe()
-    assert invites[-1].all("Identity")
+    # copy_headers: calls routed after the reload carry ClearIP's Identity, but the switch's own PAI
+    # instead of ClearIP's (only the configured headers are replaced).
+    assert invites[0].all("P-Asserted-Identity") == [PAI_OUTBOUND], lab.describe()
+    assert invites[-1].all("P-Asserted-Identity") == [f"<sip:+12025550100@{HOST}>"], lab.describe()
+    assert invites[-1].all("Identity") == [IDENTITY_1, IDENTITY_2]
     st = status_of(sock)
     assert st["settings"]["allow"] == ["127.0.0.1/32"] and st["settings"]["copy_headers"] == ["Identity"]
     assert st["listeners"][0]["address"] == f"{HOST}:{port}"  # the listener stayed
@@ -580,5 +625,7 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     assert emergency.exit_code == 0 and emergency.final_responses()[0].status == 503, lab.describe()
     assert len(clear.received("INVITE")) == calls
     # New allow-list: 127.0.0.2 is now dropped without an answer.
-    after = lab.switch("uac_options.xml", proxy, "udp", name="other-after", extra=["-i", "127.0.0.2"], timeout=2)
+    after = lab.switch(
+        "uac_options.xml", proxy, "udp", name="other-after", extra=["-i", "127.0.0.2"], timeout=2
+    )
     assert after.exit_code != 0 and not after.received(), lab.describe()

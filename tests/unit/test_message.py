@@ -112,6 +112,17 @@ def test_identity_is_never_split() -> None:
     assert f"\r\nIdentity: {IDENTITY}\r\n".encode() in msg.serialize()
 
 
+def test_identity_with_a_stray_comma_is_still_one_value() -> None:
+    odd = "abc,def.ghi;info=<https://x/c.pem>;alg=ES256"
+    msg = request(f"Identity: {odd}", "Date: Sat, 13 Nov 2010 23:29:00 GMT", "X-Ext: a, b")
+    assert msg.values("identity") == [odd]
+    assert msg.first_value("identity") == odd
+    assert msg.values("date") == ["Sat, 13 Nov 2010 23:29:00 GMT"]
+    assert msg.values("x-ext") == ["a", "b"]  # extensions: lists unless known otherwise
+    assert msg.pop_first_value("identity") == odd
+    assert not msg.has("identity")
+
+
 def test_split_list_quotes_escapes_and_brackets() -> None:
     assert split_list('"a,\\"b" <sip:x>, <sip:y;p=1,2>') == ['"a,\\"b" <sip:x>', "<sip:y;p=1,2>"]
     assert split_list(" a , , b ,") == ["a", "b"]

@@ -68,7 +68,10 @@ def test_mask_message_masks_uris_display_names_and_passport_claims() -> None:
     assert "To: <tel:+xxxxxxx0100>" in out
     assert "P-Asserted-Identity: <sip:xxxxxxx0123@10.0.0.1;user=phone>" in out
     # Everything else byte for byte: Via, Call-ID, CSeq, tags, the body.
-    for keep in ("Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds", "Call-ID: a84b4c76e66710@10.0.0.1"):
+    for keep in (
+        "Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds",
+        "Call-ID: a84b4c76e66710@10.0.0.1",
+    ):
         assert keep in out
     assert out.endswith("\r\n\r\nv=0\r\no=- 15555550100 1\r\n")
     ident = next(line for line in out.split("\r\n") if line.startswith("Identity:"))
@@ -81,7 +84,10 @@ def test_mask_message_masks_uris_display_names_and_passport_claims() -> None:
 
 def test_mask_message_leaves_responses_status_line_and_garbage_alone() -> None:
     resp = b"SIP/2.0 302 Moved Temporarily\r\nContact: <sip:+15555550100@192.0.2.10>;q=0.9\r\n\r\n"
-    assert mask_message(resp) == b"SIP/2.0 302 Moved Temporarily\r\nContact: <sip:+xxxxxxx0100@192.0.2.10>;q=0.9\r\n\r\n"
+    assert (
+        mask_message(resp)
+        == b"SIP/2.0 302 Moved Temporarily\r\nContact: <sip:+xxxxxxx0100@192.0.2.10>;q=0.9\r\n\r\n"
+    )
     assert mask_message(b"\xff\xfe garbage") == b"\xff\xfe garbage"
 
 
@@ -96,8 +102,8 @@ class FakeClock:
         return self.now
 
 
-def _tracer(tmp_path: Path, clock: FakeClock, **kw: object) -> Tracer:
-    opts = TraceOptions(output=str(tmp_path / kw.pop("name", "trace.txt")), **kw)  # type: ignore[arg-type]
+def _tracer(tmp_path: Path, clock: FakeClock, name: str = "trace.txt", **kw: object) -> Tracer:
+    opts = TraceOptions(output=str(tmp_path / name), **kw)  # type: ignore[arg-type]
     return Tracer(opts, local_host="10.0.0.5", ports={"udp": 5060, "tcp": 5060}, clock=clock, monotonic=clock)
 
 
@@ -242,3 +248,15 @@ def test_pcap_rotation_starts_each_file_with_a_header(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pcap", "t.pcap.1"]
     for name in ("t.pcap", "t.pcap.1"):
         assert all(_decode(p)[3] == mask_message(INVITE) for _, p in _read_pcap(tmp_path / name))
+
+
+def test_hostile_messages_never_raise_into_the_proxy(tmp_path: Path) -> None:
+    deep = b"[" * 100_000
+    ident = b"Identity: a." + base64.urlsafe_b64encode(deep).rstrip(b"=") + b".c\r\n"
+    msg = b"INVITE sip:1@x SIP/2.0\r\n" + ident + b"From: <sip:+15555550100@x>\r\n\r\n"
+    for fmt in ("text", "pcap"):
+        t = _tracer(tmp_path, FakeClock(), name=f"h.{fmt}", format=fmt)
+        t.record("in", "udp", ("not-an-ip", 99999), msg)
+        t.record("in", "udp", ("10.0.0.1", 5060), b"\x00\xff" * 10)
+        t.stop()
+        assert t.messages + t.skipped == 2
