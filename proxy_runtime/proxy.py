@@ -173,6 +173,7 @@ class ProxyCore:
         self._branch_prefix = "z9hG4bK" + self._instance
         self._seq = itertools.count(1)
         self._heap: list[tuple[float, int, object]] = []
+        self._heap_compact_at = 1024  # compact the timer heap when it grows past this
         self._server: dict[object, ServerTransaction] = {}
         self._client: dict[object, ClientTransaction] = {}
         self._calls: dict[object, Call] = {}  # by server transaction key
@@ -355,7 +356,19 @@ class ProxyCore:
     def _schedule(self, obj: ClientTransaction | ServerTransaction | Call | _InviteGuard) -> None:
         d = obj.deadline
         if d is not None:
-            heapq.heappush(self._heap, (d, next(self._seq), obj))
+            heap = self._heap
+            heapq.heappush(heap, (d, next(self._seq), obj))
+            if len(heap) > self._heap_compact_at:
+                self._compact_heap()
+
+    def _compact_heap(self) -> None:
+        """Drop stale timer entries (their object was rescheduled or finished). Popping them lazily
+        is not enough: a finished call's ring-timeout entry (180 s ahead) would keep the whole call
+        — requests, Identity headers, transactions — in memory for 180 s after it ended."""
+        heap = self._heap
+        heap[:] = [e for e in heap if getattr(e[2], "deadline", None) == e[0]]  # in place: callers hold it
+        heapq.heapify(heap)
+        self._heap_compact_at = max(1024, 2 * len(heap))
 
     def _client_timer(self, ct: ClientTransaction, now: float) -> None:
         ev = ct.on_timer(now)
@@ -424,6 +437,11 @@ class ProxyCore:
             return
         if self._is_loop(req):
             self._answer(req, via, source, key, 482, now)
+            return
+        proxy_require = req.values("proxy-require")
+        if proxy_require:
+            # RFC 3261 §16.3 step 5: we support no proxy extensions.
+            self._answer(req, via, source, key, 420, now, extra=[("Unsupported", ", ".join(proxy_require))])
             return
         self._pop_own_routes(req)
         in_dialog = req.to_tag is not None

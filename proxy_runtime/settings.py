@@ -8,7 +8,10 @@ uses ``CLEARIP_PROXY_<FIELD>`` (lists comma-separated); flags are the CLI's. A b
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +22,7 @@ from typing import Any
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 ENV_PREFIX = "CLEARIP_PROXY_"
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 DEFAULT_CLEARIP_URI = "sip:sip.clearip.com:5061;transport=tls"
 DEFAULT_COPY_HEADERS = ("Identity", "P-Asserted-Identity")
 DEFAULT_EMERGENCY_NUMBERS = ("911", "933")
@@ -146,10 +150,19 @@ def _as_bool(setting: str, value: Any) -> bool:
 
 
 def _as_number(setting: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise SettingsError(setting, f"expected a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise SettingsError(setting, f"expected a whole number, got {value!r}")
+        if isinstance(value, str) and not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+            raise SettingsError(setting, f"expected a whole number, got {value!r}")
     try:
         n = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SettingsError(setting, f"expected a number, got {value!r}") from None
+    if kind is float and not math.isfinite(n):
+        raise SettingsError(setting, f"expected a finite number, got {value!r}")
     return n
 
 
@@ -209,7 +222,7 @@ def validate(s: Settings) -> Settings:
         if not h or any(c in h for c in " :\t\r\n"):
             raise SettingsError("copy_headers", f"{h!r} is not a header name")
     for n in s.emergency_numbers:
-        if not n.lstrip("+").isdigit():
+        if not re.fullmatch(r"\+?[0-9]{1,15}", n):
             raise SettingsError("emergency_numbers", f"{n!r} is not a number")
     if s.emergency_action not in EMERGENCY_ACTIONS:
         raise SettingsError("emergency_action", f"must be one of {', '.join(EMERGENCY_ACTIONS)}")
@@ -226,7 +239,7 @@ def validate(s: Settings) -> Settings:
         try:
             ipaddress.ip_address(s.advertise)
         except ValueError:
-            if not all(part and (part.isalnum() or "-" in part) for part in s.advertise.split(".")):
+            if not _HOSTNAME.fullmatch(s.advertise):
                 raise SettingsError("advertise", f"{s.advertise!r} is not an address or host name") from None
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError("tls_cert" if not s.tls_cert else "tls_key", "tls_cert and tls_key go together")
@@ -287,12 +300,17 @@ def to_toml(s: Settings) -> str:
     for f in fields(Settings):
         v = getattr(s, f.name)
         if isinstance(v, tuple):
-            items = ", ".join(f'"{x}"' for x in v)
+            items = ", ".join(_toml_str(str(x)) for x in v)
             lines.append(f"{f.name} = [{items}]")
         elif isinstance(v, bool):
             lines.append(f"{f.name} = {'true' if v else 'false'}")
         elif isinstance(v, int | float):
             lines.append(f"{f.name} = {v}")
         else:
-            lines.append(f'{f.name} = "{v}"')
+            lines.append(f"{f.name} = {_toml_str(str(v))}")
     return "\n".join(lines) + "\n"
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string (JSON's escaping is a subset TOML accepts)."""
+    return json.dumps(text, ensure_ascii=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -19,12 +20,12 @@ def _toml_value(key: str, value: str) -> str:
     default = settings_mod.Settings.__dataclass_fields__[key].default
     if key in _LIST_KEYS:
         items = [v.strip() for v in value.split(",") if v.strip()]
-        return "[" + ", ".join(f'"{v}"' for v in items) + "]"
+        return "[" + ", ".join(json.dumps(v) for v in items) + "]"
     if isinstance(default, bool):
         return "true" if value.strip().lower() in ("1", "true", "yes", "on") else "false"
     if isinstance(default, int | float):
         return value.strip()
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(value)
 
 
 def set_value(path: str | os.PathLike[str], key: str, value: str) -> None:

@@ -369,3 +369,13 @@ def test_abort_all_gives_every_call_in_progress_a_final_response() -> None:
     assert [m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)] == [503]
     assert [m.method for t, m in out if isinstance(m, SipRequest)] == ["CANCEL"]
     assert core.in_flight == 0
+
+
+def test_unsupported_proxy_require_gets_420_with_unsupported() -> None:
+    core, net = make_core()
+    core.receive(invite(extra="Proxy-Require: noProxiesSupportThis\r\n"), SWITCH, 0.0)
+    out = net.take()
+    finals = [m for _, m in out if isinstance(m, SipResponse)]
+    assert [m.status for m in finals] == [420]
+    assert finals[0].get("unsupported") == "noProxiesSupportThis"
+    assert not [t for t, _ in out if t.transport == CLEARIP]
