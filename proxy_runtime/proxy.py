@@ -446,7 +446,7 @@ class ProxyCore:
         self._pop_own_routes(req)
         in_dialog = req.to_tag is not None
         if in_dialog or req.has("route"):
-            if not req.has("route") and self._uri_is_me(req.uri):
+            if not req.has("route") and self._uri_is_me(req):
                 self._answer(req, via, source, key, 481, now)  # nowhere to go
                 return
             self._relay(req, via, source, key, now)
@@ -471,7 +471,7 @@ class ProxyCore:
         if self._is_loop(req):
             return
         self._pop_own_routes(req)
-        if not req.has("route") and self._uri_is_me(req.uri):
+        if not req.has("route") and self._uri_is_me(req):
             return
         try:
             target = self._next_hop(req)
@@ -576,9 +576,9 @@ class ProxyCore:
                     break
 
     # --- routing helpers ---------------------------------------------------------------------
-    def _uri_is_me(self, uri_text: str) -> bool:
+    def _uri_is_me(self, req: SipRequest) -> bool:
         try:
-            uri = parse_uri(uri_text)
+            uri = req.parsed_uri
         except UriError:
             return False
         return self._is_me(uri)
@@ -637,7 +637,7 @@ class ProxyCore:
 
     def _next_hop(self, req: SipRequest) -> Target:
         route = req.first_value("route")
-        uri = parse_uri(parse_name_addr(route).uri) if route else parse_uri(req.uri)
+        uri = parse_uri(parse_name_addr(route).uri) if route else req.parsed_uri
         return self.target_for(uri)
 
     @staticmethod

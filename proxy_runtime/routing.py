@@ -134,7 +134,7 @@ class EmergencyMatcher:
 
 def dialled_number(request: SipRequest) -> str | None:
     try:
-        return parse_uri(request.uri).user_unescaped
+        return request.parsed_uri.user_unescaped
     except UriError:
         return None
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from proxy_runtime.sip.uri import UriError, parse_uri
+from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 SIP_VERSION = "SIP/2.0"
 MAX_HEADERS = 256
@@ -481,11 +482,20 @@ def parse_name_addr(value: str, *, strict: bool = False) -> NameAddr:
 class SipMessage:
     """Headers as ``[key, name, value]`` lists in order, plus the body bytes."""
 
-    __slots__ = ("body", "headers")
+    __slots__ = ("_cache", "body", "headers")
 
     def __init__(self, headers: list[list[str]] | None = None, body: bytes = b"") -> None:
         self.headers: list[list[str]] = headers if headers is not None else []
         self.body = body
+        # Parsed header values, keyed by what they were parsed from: an entry is used only while
+        # the header still holds that very string object, so any edit invalidates it.
+        self._cache: dict[str, tuple[str, Any]] = {}
+
+    def _cached(self, key: str, raw: str) -> Any:
+        entry = self._cache.get(key)
+        if entry is not None and entry[0] is raw:
+            return entry[1]
+        return None
 
     # --- header access -------------------------------------------------------------------------
     def get(self, name: str) -> str | None:
@@ -608,24 +618,47 @@ class SipMessage:
         v = self.get("cseq")
         if v is None:
             raise ParseError("missing CSeq")
-        return parse_cseq(v)
+        hit = self._cached("cseq", v)
+        if hit is None:
+            hit = parse_cseq(v)
+            self._cache["cseq"] = (v, hit)
+        return hit  # type: ignore[no-any-return]
 
     @property
     def top_via(self) -> Via:
-        v = self.first_value("via")
-        if v is None:
-            raise ParseError("missing Via")
-        return parse_via(v)
+        """The first Via value, parsed. A copy: editing it does not edit the message."""
+        for h in self.headers:
+            if h[0] == "via":
+                raw = h[2]
+                hit = self._cached("via", raw)
+                if hit is None:
+                    v = self.first_value("via")
+                    if v is None:
+                        break
+                    hit = parse_via(v)
+                    self._cache["via"] = (raw, hit)
+                return Via(hit.transport, hit.host, hit.port, dict(hit.params), hit.protocol)
+        raise ParseError("missing Via")
+
+    def _name_addr(self, key: str) -> NameAddr | None:
+        v = self.get(key)
+        if not v:
+            return None
+        hit = self._cached(key, v)
+        if hit is None:
+            hit = parse_name_addr(v)
+            self._cache[key] = (v, hit)
+        return hit  # type: ignore[no-any-return]
 
     @property
     def from_tag(self) -> str | None:
-        v = self.get("from")
-        return parse_name_addr(v).tag if v else None
+        na = self._name_addr("from")
+        return na.tag if na else None
 
     @property
     def to_tag(self) -> str | None:
-        v = self.get("to")
-        return parse_name_addr(v).tag if v else None
+        na = self._name_addr("to")
+        return na.tag if na else None
 
     # --- serialisation -------------------------------------------------------------------------
     def start_line(self) -> str:
@@ -672,7 +705,19 @@ class SipRequest(SipMessage):
         return f"{self.method} {self.uri} {SIP_VERSION}"
 
     def copy(self) -> SipRequest:
-        return SipRequest(self.method, self.uri, [list(h) for h in self.headers], self.body)
+        out = SipRequest(self.method, self.uri, [list(h) for h in self.headers], self.body)
+        out._cache = dict(self._cache)  # same strings, so the entries stay valid
+        return out
+
+    @property
+    def parsed_uri(self) -> SipUri:
+        """The Request-URI, parsed (cached while ``uri`` is unchanged)."""
+        uri = self.uri
+        hit = self._cached(" ruri", uri)
+        if hit is None:
+            hit = parse_uri(uri)
+            self._cache[" ruri"] = (uri, hit)
+        return hit  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<SipRequest {self.method} {self.uri} call-id={self.call_id!r}>"
@@ -692,7 +737,9 @@ class SipResponse(SipMessage):
         return f"{SIP_VERSION} {self.status} {self.reason}"
 
     def copy(self) -> SipResponse:
-        return SipResponse(self.status, self.reason, [list(h) for h in self.headers], self.body)
+        out = SipResponse(self.status, self.reason, [list(h) for h in self.headers], self.body)
+        out._cache = dict(self._cache)
+        return out
 
     def __repr__(self) -> str:
         return f"<SipResponse {self.status} {self.reason} call-id={self.call_id!r}>"
@@ -916,7 +963,11 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
     for k in ("from", "to", "call-id", "cseq"):
         if k not in first:
             raise ParseError(f"missing {canonical_name(k)}")
-    _, method = parse_cseq(headers[first["cseq"]][2])
+    cache = msg._cache
+    raw = headers[first["cseq"]][2]
+    cseq = parse_cseq(raw)
+    cache["cseq"] = (raw, cseq)
+    method = cseq[1]
     if isinstance(msg, SipRequest):
         if method != msg.method:
             raise ParseError("CSeq method does not match the request method")
@@ -927,6 +978,7 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
                 raise ParseError(f"bad Max-Forwards {mf[:20]!r}")
         try:
             ruri = parse_uri(msg.uri)
+            cache[" ruri"] = (msg.uri, ruri)
         except UriError as exc:
             if exc.status_hint == 416 and is_token(msg.uri.split(":", 1)[0]):
                 raise ParseError(exc.reason, 416) from None
@@ -937,11 +989,14 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
     if not headers[first["call-id"]][2]:
         raise ParseError("empty Call-ID")
     # From and To: name-addr syntax only (the proxy reads their tags, never routes on their URIs).
-    parse_name_addr(headers[first["from"]][2], strict=True)
-    parse_name_addr(headers[first["to"]][2], strict=True)
-    for value in vias:
-        for v in _split_strict(value, "Via") if "," in value else [value]:
-            parse_via(v, strict=True)
+    for k in ("from", "to"):
+        raw = headers[first[k]][2]
+        cache[k] = (raw, parse_name_addr(raw, strict=True))
+    for n, value in enumerate(vias):
+        for m, v in enumerate(_split_strict(value, "Via") if "," in value else [value]):
+            via = parse_via(v, strict=True)
+            if n == 0 and m == 0:
+                cache["via"] = (value, via)
     for value in contacts:
         if value == "*":
             continue
