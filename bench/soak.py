@@ -80,7 +80,10 @@ def _failed_calls(stat_out: str) -> int:
     return int(m[-1]) if m else 0
 
 
-def run(calls: int, batch: int, rate: int, workdir: Path, max_failed_ratio: float = 0.001) -> SoakResult:
+def run(
+    calls: int, batch: int, rate: int, workdir: Path, max_failed_ratio: float = 0.001, pause: float = 0.0
+) -> SoakResult:
+    """``pause``: seconds of silence before each batch after the first (transactions drain)."""
     res = SoakResult(calls, batch, rate)
     procs: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
@@ -130,6 +133,8 @@ def run(calls: int, batch: int, rate: int, workdir: Path, max_failed_ratio: floa
         }
         uac_key_args = [a for k, v in uac_keys.items() for a in ("-key", k, v)]
         while done < calls:
+            if done and pause:
+                time.sleep(pause)
             n = min(batch, calls - done)
             out = subprocess.run(
                 [
@@ -146,7 +151,10 @@ def run(calls: int, batch: int, rate: int, workdir: Path, max_failed_ratio: floa
                 raise RuntimeError(f"the proxy exited with {proxy.returncode}")
             res.rss_kb.append(rss_kb(proxy.pid))
             res.calls_done.append(done)
-            print(f"{done:>8} calls  RSS {res.rss_kb[-1] / 1024:.1f} MiB  failed {res.failed_calls}", file=sys.stderr)
+            print(
+                f"{done:>8} calls  RSS {res.rss_kb[-1] / 1024:.1f} MiB  failed {res.failed_calls}",
+                file=sys.stderr,
+            )
         res.seconds = time.monotonic() - t0
         ref_index = next(i for i, d in enumerate(res.calls_done) if d >= calls // 10)
         res.reference_kb = res.rss_kb[ref_index]

@@ -346,7 +346,7 @@ class SipEndpoint:
 
 def via_with_rport(resp: SipResponse, src: Source) -> None:
     """RFC 3581: fill ``received``/``rport`` in the top Via of a response when the request asked."""
-    for h in resp.headers:
+    for i, h in enumerate(resp.headers):
         if h[0] != "via":
             continue
         values = split_list(h[2])
@@ -369,7 +369,7 @@ def via_with_rport(resp: SipResponse, src: Source) -> None:
             out.append(f"received={src.addr[0]}")
         if changed:
             values[0] = ";".join(out)
-            h[2] = ", ".join(values)
+            resp.headers[i] = [h[0], h[1], ", ".join(values)]  # entries are replaced, never edited
         return
 
 

@@ -910,6 +910,8 @@ class ProxyCore:
             return
         call.clearip_latency_ms = (now - call.clearip_sent) * 1000.0
         call.clearip_outcome = routing.clearip_outcome(status)
+        call.clearip_request = None  # answered: nothing left to CANCEL there; free it
+        call.clearip_ct = None
         if status == 403:
             self._warn_403(now)
         if routing.clearip_action(resp) is routing.ClearIpAction.FORK:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -54,6 +55,7 @@ class _Outbound:
     keys: list[object] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -293,7 +295,16 @@ class ProxyServer:
             return  # keep-alive CRLF over UDP
         if self.tracer is not None:
             self.tracer.record("in", "udp", addr, data)
-        core.receive(data, Target("udp", addr[0], addr[1]), self._loop.time())
+        source = Target("udp", addr[0], addr[1])
+        if len(data) > self.settings.max_message_size:
+            # The stream framer enforces the cap on TCP/TLS; a datagram must not bypass it.
+            if core.is_trusted(addr[0]):
+                core.malformed(data, source, ParseError("message too large", 513), self._loop.time())
+            elif self.recorder is not None:
+                self.recorder.incr(names.UNTRUSTED_DROPPED)
+            self._kick()
+            return
+        core.receive(data, source, self._loop.time())
         if not core.clearip_up and self.link is not None:
             self.link.poke()  # a call may have needed ClearIP: reconnect now rather than after backoff
         self._kick()

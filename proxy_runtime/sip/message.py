@@ -480,7 +480,10 @@ def parse_name_addr(value: str, *, strict: bool = False) -> NameAddr:
 
 
 class SipMessage:
-    """Headers as ``[key, name, value]`` lists in order, plus the body bytes."""
+    """Headers as ``[key, name, value]`` lists in order, plus the body bytes.
+
+    A header entry is never edited in place once parsing is done: edits replace the entry. That
+    lets :meth:`copy` share entries between copies (a proxy copies every request it forwards)."""
 
     __slots__ = ("_cache", "body", "headers")
 
@@ -540,8 +543,10 @@ class SipMessage:
         headers = self.headers
         for i, h in enumerate(headers):
             if h[0] == key:
-                line = [key, h[1], value]
-                self.headers = [*headers[:i], line, *(x for x in headers[i + 1 :] if x[0] != key)]
+                headers[i] = [key, h[1], value]
+                for j in range(len(headers) - 1, i, -1):
+                    if headers[j][0] == key:
+                        del headers[j]
                 return
         headers.append([key, canonical_name(key), value])
 
@@ -705,7 +710,7 @@ class SipRequest(SipMessage):
         return f"{self.method} {self.uri} {SIP_VERSION}"
 
     def copy(self) -> SipRequest:
-        out = SipRequest(self.method, self.uri, [list(h) for h in self.headers], self.body)
+        out = SipRequest(self.method, self.uri, self.headers.copy(), self.body)
         out._cache = dict(self._cache)  # same strings, so the entries stay valid
         return out
 
@@ -737,7 +742,7 @@ class SipResponse(SipMessage):
         return f"{SIP_VERSION} {self.status} {self.reason}"
 
     def copy(self) -> SipResponse:
-        out = SipResponse(self.status, self.reason, [list(h) for h in self.headers], self.body)
+        out = SipResponse(self.status, self.reason, self.headers.copy(), self.body)
         out._cache = dict(self._cache)
         return out
 

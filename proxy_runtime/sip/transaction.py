@@ -155,6 +155,7 @@ class ClientTransaction:
             if klass == "1xx":
                 self._retransmit_at = None  # Timer A stops; Timer B only runs in Calling
                 self._timeout_at = None
+                self._data = b""  # never retransmitted again: free it (memory per ringing call)
             elif klass == "2xx":
                 self._retransmit_at = None
                 self._timeout_at = now + self.timers.timeout_64t1  # Timer M

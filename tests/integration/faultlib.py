@@ -45,7 +45,9 @@ def _crlf(text: str) -> bytes:
     return head_b + b"\r\n\r\n" + body_b
 
 
-def response_for(req: SipMessage, status: int, reason: str, *, to_tag: str | None = None, extra: str = "") -> bytes:
+def response_for(
+    req: SipMessage, status: int, reason: str, *, to_tag: str | None = None, extra: str = ""
+) -> bytes:
     """A response to ``req`` (all its Vias, From, To (+tag), Call-ID, CSeq)."""
     vias = "".join(f"Via: {v}\r\n" for v in req.all("via"))
     to = req.get("to") or ""
@@ -429,16 +431,32 @@ class UdpUa:
             self.sock.sendto(data, (HOST, port))
 
     def call(
-        self, proxy_port: int, *, number: str = "+15555550100", complete_dialog: bool = True, retransmit: bool = True
+        self,
+        proxy_port: int,
+        *,
+        number: str = "+15555550100",
+        complete_dialog: bool = True,
+        retransmit: bool = True,
     ) -> UacCall:
         call_id = f"{self.name}-{uuid.uuid4().hex[:12]}"
         branch = "z9hG4bK" + uuid.uuid4().hex[:16]
-        data = invite_bytes(call_id=call_id, local_port=self.port, proxy_port=proxy_port, number=number, branch=branch)
+        data = invite_bytes(
+            call_id=call_id, local_port=self.port, proxy_port=proxy_port, number=number, branch=branch
+        )
         c = UacCall(call_id, data, branch, time.monotonic(), complete_dialog=complete_dialog)
         with self._lock:
             self.calls[call_id] = c
             if retransmit:
-                self._retrans.append([time.monotonic() + self.T1, self.T1, data, (HOST, proxy_port), "inv:" + call_id, time.monotonic() + 32])
+                self._retrans.append(
+                    [
+                        time.monotonic() + self.T1,
+                        self.T1,
+                        data,
+                        (HOST, proxy_port),
+                        "inv:" + call_id,
+                        time.monotonic() + 32,
+                    ]
+                )
         self.send(data, proxy_port)
         return c
 
@@ -545,10 +563,10 @@ class UdpUa:
         inv = SipMessage(c.invite)
         return _crlf(
             f"""ACK {inv.request_uri} SIP/2.0
-            Via: {inv.get('via')}
+            Via: {inv.get("via")}
             Max-Forwards: 70
-            From: {inv.get('from')}
-            To: {resp.get('to')}
+            From: {inv.get("from")}
+            To: {resp.get("to")}
             Call-ID: {c.call_id}
             CSeq: 1 ACK
             Content-Length: 0
@@ -571,8 +589,8 @@ class UdpUa:
                     f"""{method} {ruri} SIP/2.0
                     Via: SIP/2.0/UDP {HOST}:{self.port};branch={branch};rport
                     Max-Forwards: 70
-                    From: {inv.get('from')}
-                    To: {resp.get('to')}
+                    From: {inv.get("from")}
+                    To: {resp.get("to")}
                     Call-ID: {c.call_id}
                     CSeq: {seq} {method}
                     {route_hdrs}
@@ -612,19 +630,27 @@ class UdpUa:
                 final = response_for(msg, 180, "Ringing", to_tag="cring", extra=rr)
             else:
                 final = response_for(
-                    msg, 200, "OK", to_tag="c200", extra=rr + f"Contact: <sip:carrier@{HOST}:{self.contact_port}>\r\n"
+                    msg,
+                    200,
+                    "OK",
+                    to_tag="c200",
+                    extra=rr + f"Contact: <sip:carrier@{HOST}:{self.contact_port}>\r\n",
                 )
             self.send(final, port)
             self._uas_last[(branch, method)] = final
             if mode == "answer":
-                self._retrans.append([now + self.T1, self.T1, final, (HOST, port), "2xx:" + msg.call_id, now + 32])
+                self._retrans.append(
+                    [now + self.T1, self.T1, final, (HOST, port), "2xx:" + msg.call_id, now + 32]
+                )
             return
         if method == "CANCEL":
             ok = response_for(msg, 200, "OK")
             self.send(ok, port)
             self._uas_last[(branch, method)] = ok
             if self.uas_mode == "ring":
-                self.send(response_for(SipMessage(_as_invite(msg)), 487, "Request Terminated", to_tag="cring"), port)
+                self.send(
+                    response_for(SipMessage(_as_invite(msg)), 487, "Request Terminated", to_tag="cring"), port
+                )
             return
         ok = response_for(msg, 200, "OK")
         self.send(ok, port)
@@ -729,7 +755,13 @@ def make_bad_certs(directory: Path, ca_cert: Path, ca_key_pem: bytes | None = No
 
     now = dt.datetime.now(dt.UTC)
 
-    def build(subject_cn: str, names: list[x509.GeneralName], issuer: x509.Name | None, signer: Any, ca: bool = False) -> tuple[Any, x509.Certificate]:
+    def build(
+        subject_cn: str,
+        names: list[x509.GeneralName],
+        issuer: x509.Name | None,
+        signer: Any,
+        ca: bool = False,
+    ) -> tuple[Any, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
         b = (
@@ -751,7 +783,9 @@ def make_bad_certs(directory: Path, ca_cert: Path, ca_key_pem: bytes | None = No
         cp, kp = directory / f"{stem}.pem", directory / f"{stem}.key"
         cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         kp.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cp), str(kp))
@@ -762,7 +796,10 @@ def make_bad_certs(directory: Path, ca_cert: Path, ca_key_pem: bytes | None = No
     ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     wk, wc = build("not-clearip.example", [x509.DNSName("not-clearip.example")], ca.subject, ca_key)
     sk, sc = build(
-        "localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], None, None
+        "localhost",
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        None,
+        None,
     )
     return BadCerts(ctx_for(wk, wc, "wrong-name"), ctx_for(sk, sc, "self-signed"))
 

@@ -46,7 +46,11 @@ class Net:
 def make_core(recorder: MetricsRecorder | None = None, **overrides: object) -> tuple[ProxyCore, Net]:
     s = load(
         environ={},
-        overrides={"allow": ["10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"], "timeout": 5, "ring_timeout": 20},
+        overrides={
+            "allow": ["10.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"],
+            "timeout": 5,
+            "ring_timeout": 20,
+        },
     )
     if overrides:
         s = replace(s, **overrides)  # type: ignore[arg-type]
@@ -74,7 +78,9 @@ def invite(i: int, *, transport: str = "UDP", port: int = 5060, mf: int = 70, ex
     return head.encode()
 
 
-def request(method: str, i: int, *, to_tag: str = "", branch: str | None = None, ruri: str = "", mf: int = 70) -> bytes:
+def request(
+    method: str, i: int, *, to_tag: str = "", branch: str | None = None, ruri: str = "", mf: int = 70
+) -> bytes:
     ruri = ruri or f"sip:+1555123{i:04d}@acme.sip.clearip.com"
     tt = f";tag={to_tag}" if to_tag else ""
     seq = 1 if method in ("CANCEL", "ACK") else 2
@@ -190,7 +196,9 @@ class World:
             i = len(self.invites)
             self.invites.append(i)
             tcp = n % 3 == 0
-            core.receive(invite(i, transport="TCP" if tcp else "UDP"), SWITCH_TCP if tcp else SWITCH, self.now)
+            core.receive(
+                invite(i, transport="TCP" if tcp else "UDP"), SWITCH_TCP if tcp else SWITCH, self.now
+            )
         elif action == "retransmit" and self.invites:
             i = self.invites[n % len(self.invites)]
             core.receive(invite(i), SWITCH, self.now)
@@ -224,7 +232,11 @@ class World:
         elif action == "clearip_up":
             core.set_clearip_up(True, self.now)
         elif action == "garbage":
-            junk = [b"\x00\xff" * (n % 50), b"SIP/2.0 200 OK\r\n\r\n", b"INVITE x SIP/2.0\r\nVia: nonsense\r\n\r\n"]
+            junk = [
+                b"\x00\xff" * (n % 50),
+                b"SIP/2.0 200 OK\r\n\r\n",
+                b"INVITE x SIP/2.0\r\nVia: nonsense\r\n\r\n",
+            ]
             core.receive(junk[n % 3], SWITCH, self.now)
         elif action == "tick":
             self.now += dt
@@ -257,7 +269,9 @@ def check(world: World) -> None:
         assert finals, f"{call_id}: accepted but never answered"
         statuses = [m.status for m in finals]
         changes = 1 + sum(1 for a, b in zip(statuses, statuses[1:], strict=False) if a != b)
-        assert changes <= world.tryings[call_id], f"{call_id}: finals {statuses}, {world.tryings[call_id]} accepted"
+        assert changes <= world.tryings[call_id], (
+            f"{call_id}: finals {statuses}, {world.tryings[call_id]} accepted"
+        )
         if world.tryings[call_id] == 1:
             non2xx = {st for st in statuses if st >= 300}
             assert len(non2xx) <= 1, f"{call_id}: several different final responses {statuses}"
@@ -270,7 +284,9 @@ def check(world: World) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ACTIONS)
-def test_fuzz_core_every_accepted_invite_ends_once_and_tables_drain(actions: list[tuple[str, int, int, float]]) -> None:
+def test_fuzz_core_every_accepted_invite_ends_once_and_tables_drain(
+    actions: list[tuple[str, int, int, float]],
+) -> None:
     world = World()
     for action in actions:
         world.step(*action)
@@ -281,7 +297,12 @@ def test_fuzz_core_every_accepted_invite_ends_once_and_tables_drain(actions: lis
 def test_fuzz_world_happy_path_sanity() -> None:
     """The fuzz's own plumbing reaches the carrier and back (so the fuzz explores real flows)."""
     world = World()
-    for action in [("invite", 1, 0, 0.0), ("clearip", 0, 302, 0.0), ("carrier", 0, 180, 0.0), ("carrier", 0, 200, 0.0)]:
+    for action in [
+        ("invite", 1, 0, 0.0),
+        ("clearip", 0, 302, 0.0),
+        ("carrier", 0, 180, 0.0),
+        ("carrier", 0, 200, 0.0),
+    ]:
         world.step(*action)
     assert world.to_carrier
     assert [m.status for m in world.finals["call-0@10.0.0.5"]] == [200]
@@ -375,7 +396,9 @@ def test_malformed_request_with_via_gets_400_and_malformed_response_is_dropped()
     core, net = make_core(rec)
     core.receive(invite(1, extra="CSeq: banana\r\n"), SWITCH, 0.0)
     assert sent_statuses(net) == [400]
-    core.receive(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 203.0.113.7;branch=z9hG4bKf422\r\nCSeq: x\r\n\r\n", SWITCH, 0.0)
+    core.receive(
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 203.0.113.7;branch=z9hG4bKf422\r\nCSeq: x\r\n\r\n", SWITCH, 0.0
+    )
     core.receive(b"\x16\x03\x01\x02\x00garbage", SWITCH, 0.0)
     assert net.sent == []
     assert rec._counts[MALFORMED_MESSAGES.name] >= 3
