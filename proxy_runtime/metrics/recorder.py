@@ -54,6 +54,17 @@ _ATTEMPTS = names.CARRIER_ATTEMPTS.name
 _ADVANCES = names.ROUTE_ADVANCES.name
 
 
+_js = json.encoder.encode_basestring  # JSON string literal (C implementation)
+
+
+def _jnum(value: float | None) -> str:
+    return "null" if value is None else json.dumps(value)
+
+
+def _jbool(value: bool) -> str:
+    return "true" if value else "false"
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -122,26 +133,22 @@ class MetricsRecorder:
             _call_log.info(self.call_line(rec))
 
     def call_line(self, rec: CallRecord) -> str:
-        """The per-call JSON line (phone numbers only when ``log_numbers``)."""
-        line: dict[str, object] = {
-            "event": "call",
-            "proxy": self._proxy_id,
-            "call_id": rec.call_id,
-            "outcome": None if rec.clearip_outcome is None else rec.clearip_outcome.value,
-            "clearip_ms": _ms(rec.clearip_latency_ms),
-            "attempts": rec.carrier_attempts,
-            "advances": rec.route_advances,
-            "status": rec.final_status,
-            "pdd_ms": _ms(rec.post_dial_delay_ms),
-            "emergency": rec.emergency,
-            "proxy_failed": rec.proxy_failed,
-            "overload": rec.overload_rejected,
-            "reason": rec.reason,
-        }
-        if self._log_numbers:
-            line["caller"] = rec.caller
-            line["callee"] = rec.callee
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+        """The per-call JSON line (phone numbers only when ``log_numbers``).
+
+        Formatted directly (one per call, on the call path): the same JSON ``json.dumps`` would
+        give for these fixed keys, at a fraction of its cost."""
+        outcome = "null" if rec.clearip_outcome is None else f'"{rec.clearip_outcome.value}"'
+        numbers = (
+            f',"caller":{_js(rec.caller)},"callee":{_js(rec.callee)}' if self._log_numbers else ""
+        )
+        return (
+            f'{{"event":"call","proxy":{_js(self._proxy_id)},"call_id":{_js(rec.call_id)},'
+            f'"outcome":{outcome},"clearip_ms":{_jnum(_ms(rec.clearip_latency_ms))},'
+            f'"attempts":{int(rec.carrier_attempts)},"advances":{int(rec.route_advances)},'
+            f'"status":{int(rec.final_status)},"pdd_ms":{_jnum(_ms(rec.post_dial_delay_ms))},'
+            f'"emergency":{_jbool(rec.emergency)},"proxy_failed":{_jbool(rec.proxy_failed)},'
+            f'"overload":{_jbool(rec.overload_rejected)},"reason":{_js(rec.reason)}{numbers}}}'
+        )
 
     def incr(self, spec: MetricSpec, n: int = 1) -> None:
         """Add ``n`` to a counter (MALFORMED_MESSAGES, UNTRUSTED_DROPPED, CLEARIP_RECONNECTS, ...)."""

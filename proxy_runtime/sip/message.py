@@ -994,6 +994,13 @@ def _validate(msg: SipMessage, first: dict[str, int], vias: list[str], contacts:
     if not headers[first["call-id"]][2]:
         raise ParseError("empty Call-ID")
     # From and To: name-addr syntax only (the proxy reads their tags, never routes on their URIs).
+    if isinstance(msg, SipResponse):
+        # A proxy routes a response by its top Via alone and relays the rest untouched: check
+        # that Via strictly, leave From/To/Contact and the lower Vias to the endpoints.
+        value = vias[0]
+        top = _split_strict(value, "Via")[0] if "," in value else value
+        cache["via"] = (value, parse_via(top, strict=True))
+        return
     for k in ("from", "to"):
         raw = headers[first[k]][2]
         cache[k] = (raw, parse_name_addr(raw, strict=True))

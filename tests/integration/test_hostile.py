@@ -49,7 +49,7 @@ def setup(
         timeout=1.0,
         wait_port=clearip.port,
         env=dict(ENV, **(env or {})),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
     return proxy, carrier, clearip
 
@@ -207,7 +207,7 @@ def test_malformed_and_forged_responses_are_dropped(lab: Lab) -> None:
         lab.add_closer(switch)
         c = switch.call(proxy.port)
         assert switch.wait_done([c], 4)
-        via = [v for _, m in carrier.received if m.method == "INVITE" for v in m.all("via")][0]
+        via = next(v for _, m in carrier.received if m.method == "INVITE" for v in m.all("via"))
         prefix = re.search(r"branch=(z9hG4bK\w{6})", via)
         assert prefix
         ours = forged.replace("z9hG4bKnotours", prefix.group(1) + "deadbeefx1")
@@ -313,7 +313,7 @@ def test_connections_per_source_are_capped(lab: Lab) -> None:
         refused = [s for s in socks if wait_closed(s, 0.3) is not None]
         assert len(refused) == 2, f"{len(refused)} of 5 connections refused (cap 3)"
         # The connections under the cap still carry SIP.
-        live = [s for s in socks if s not in refused][0]
+        live = next(s for s in socks if s not in refused)
         req = simple_request(
             "OPTIONS", local_port=live.getsockname()[1], ruri=f"sip:{HOST}:{proxy.port}", transport="TCP"
         )
