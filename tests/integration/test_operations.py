@@ -356,7 +356,7 @@ def test_doctor_falls_back_to_a_keepalive_when_options_is_unanswered(tmp_path: P
         server.close()
     sip = by_name(report)["clearip-sip"]
     assert sip["status"] == "WARN" and "keep-alive pong" in sip["detail"], sip
-    assert code == 0
+    assert code == 0, report
 
 
 def test_doctor_invalid_settings_fail_first(tmp_path: Path) -> None:
