@@ -66,7 +66,9 @@ def one_call(core: ProxyCore, sink: Sink, i: int, now: float) -> None:
     assert isinstance(to_clearip, SipRequest)
     contacts = "Contact: <sip:+15551234567@127.0.0.3>;q=0.9, <sip:+15551234567@127.0.0.5>;q=0.8\r\n"
     sink.last.clear()
-    core.receive(_reply(to_clearip, 302, "Moved Temporarily", f"Identity: {IDENTITY}\r\n{contacts}"), CLEARIP_SRC, now)
+    core.receive(
+        _reply(to_clearip, 302, "Moved Temporarily", f"Identity: {IDENTITY}\r\n{contacts}"), CLEARIP_SRC, now
+    )
     to_carrier = parse_message(sink.last[-1])
     assert isinstance(to_carrier, SipRequest)
     for status, reason in ((100, "Trying"), (180, "Ringing")):
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         prof.disable()
     total = time.process_time() - t0
     core.handle_timer(1e9)
-    print(f"{args.calls} calls: {total / args.calls * 1e6:.1f} µs CPU per call (including the harness's own parsing)")
+    per_call = total / args.calls * 1e6
+    print(f"{args.calls} calls: {per_call:.1f} µs CPU per call (including the harness's own parsing)")
     print(f"tables after timers: in_flight={core.in_flight}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -22,7 +22,9 @@ from typing import Any
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 ENV_PREFIX = "CLEARIP_PROXY_"
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 DEFAULT_CLEARIP_URI = "sip:sip.clearip.com:5061;transport=tls"
 DEFAULT_COPY_HEADERS = ("Identity", "P-Asserted-Identity")
 DEFAULT_EMERGENCY_NUMBERS = ("911", "933")

@@ -138,9 +138,7 @@ class MetricsRecorder:
         Formatted directly (one per call, on the call path): the same JSON ``json.dumps`` would
         give for these fixed keys, at a fraction of its cost."""
         outcome = "null" if rec.clearip_outcome is None else f'"{rec.clearip_outcome.value}"'
-        numbers = (
-            f',"caller":{_js(rec.caller)},"callee":{_js(rec.callee)}' if self._log_numbers else ""
-        )
+        numbers = f',"caller":{_js(rec.caller)},"callee":{_js(rec.callee)}' if self._log_numbers else ""
         return (
             f'{{"event":"call","proxy":{_js(self._proxy_id)},"call_id":{_js(rec.call_id)},'
             f'"outcome":{outcome},"clearip_ms":{_jnum(_ms(rec.clearip_latency_ms))},'
