@@ -198,8 +198,10 @@ class Bench:
             self.log_step(s.run_rate("mix", rate, seconds, mix503=True))
 
     def memory(self, kind: str, zero_fail: float) -> None:
-        rate = int(min(1000, max(200, 0.6 * zero_fail)))
-        n = int(min(self.args.memory_calls, rate * 20))
+        # Ringing calls are lighter than full calls (no ACK/BYE): ramp at 400 cps or more so the
+        # run reaches --memory-calls (10,000 by default) within about 25 s.
+        rate = int(min(1000, max(400, 0.8 * zero_fail)))
+        n = int(min(self.args.memory_calls, rate * 25))
         if not self.budget_left(n / rate + 20, f"{kind} memory run"):
             return
         with run.session(kind, True, self.wd(f"{kind}-pinned-memory"), carrier_hold_ms=120_000) as s:

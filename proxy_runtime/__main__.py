@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from proxy_runtime import gcpolicy
 from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import Settings, SettingsError
 
@@ -105,6 +106,8 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         await server.stop()
         return 1
     await publisher.start()
+    gcpolicy.apply()
+    gc_task = loop.create_task(gcpolicy.collect_periodically(), name="gc")
     control = await _start_control(server, config_args)
     stop = asyncio.Event()
 
@@ -138,6 +141,7 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         await stop.wait()
         await server.drain()
     finally:
+        gc_task.cancel()
         if control is not None:
             await control.stop()
         await server.stop()

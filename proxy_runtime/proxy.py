@@ -263,7 +263,7 @@ class ProxyCore:
             for call in list(self._calls.values()):
                 if call.phase == "clearip" and call.clearip_ct is not None:
                     call.clearip_ct.terminate()
-                    self._client.pop(call.clearip_ct.key, None)
+                    self._drop_client(call.clearip_ct)
                     call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
                     self._fail_call(call, 503, "ClearIP connection lost", now)
 
@@ -273,8 +273,8 @@ class ProxyCore:
         if ct is None:
             return
         if ct.transport_error() is Event.TRANSPORT_ERROR:
-            self._client.pop(ct.key, None)
             self._client_failed(ct, 503, "transport error", now)
+            self._drop_client(ct)
 
     def start_drain(self) -> None:
         self.draining = True
@@ -322,7 +322,7 @@ class ProxyCore:
                 if ev is Event.TIMEOUT:
                     log.debug("no ACK for final response on %s", obj.key)
                 if obj.terminated:
-                    self._server.pop(obj.key, None)
+                    self._drop_server(obj)
                 else:
                     self._schedule(obj)
             elif isinstance(obj, Call):
@@ -333,6 +333,22 @@ class ProxyCore:
     # =========================================================================================
     # Timers
     # =========================================================================================
+    # Ownership forms reference cycles (call <-> server transaction, branch <-> client transaction,
+    # call <-> branch). They are cut when a transaction ends, so a finished call is freed by
+    # reference counting the moment its last timer ends, never left to the cyclic GC.
+    def _drop_client(self, ct: ClientTransaction) -> None:
+        self._client.pop(ct.key, None)
+        ct.owner = None
+
+    def _drop_server(self, st: ServerTransaction) -> None:
+        self._server.pop(st.key, None)
+        owner, st.owner = st.owner, None
+        if isinstance(owner, Call):
+            owner.branch = None
+            owner.clearip_ct = None
+        elif isinstance(owner, Relay):
+            owner.ct = None
+
     def _guard(self, key: tuple[str, str], when: float, *, cancelled: bool) -> None:
         self._schedule(_InviteGuard(key, when, cancelled))
 
@@ -350,8 +366,8 @@ class ProxyCore:
                 self._respond(owner.st, r, now)
             return
         ct.terminate()
-        self._client.pop(guard.key, None)
         self._client_failed(ct, 408, "no final response after CANCEL", now)
+        self._drop_client(ct)
 
     def _schedule(self, obj: ClientTransaction | ServerTransaction | Call | _InviteGuard) -> None:
         d = obj.deadline
@@ -372,12 +388,12 @@ class ProxyCore:
 
     def _client_timer(self, ct: ClientTransaction, now: float) -> None:
         ev = ct.on_timer(now)
-        if ct.terminated:
-            self._client.pop(ct.key, None)
-        else:
-            self._schedule(ct)
         if ev is Event.TIMEOUT:
             self._client_failed(ct, 408, "request timeout", now)
+        if ct.terminated:
+            self._drop_client(ct)
+        else:
+            self._schedule(ct)
 
     def _set_call_deadline(self, call: Call, when: float | None) -> None:
         call.deadline = when
@@ -525,7 +541,7 @@ class ProxyCore:
     def _respond(self, st: ServerTransaction, resp: SipResponse, now: float) -> None:
         st.send_response(resp.serialize(), resp.status, now)
         if st.terminated:
-            self._server.pop(st.key, None)
+            self._drop_server(st)
         else:
             self._schedule(st)
 
@@ -1063,13 +1079,13 @@ class ProxyCore:
             self._stray_response(resp, via, source, now)
             return
         verdict = ct.receive_response(resp, resp.status, now)
+        owner = ct.owner
         if ct.terminated:
-            self._client.pop(key, None)
+            self._drop_client(ct)
         else:
             self._schedule(ct)
         if verdict is Verdict.ABSORB:
             return
-        owner = ct.owner
         if isinstance(owner, Branch):
             self._on_branch_response(owner.call, owner, resp, now)
         elif isinstance(owner, Call):

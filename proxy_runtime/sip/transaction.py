@@ -157,6 +157,8 @@ class ClientTransaction:
                 self._timeout_at = None
                 self._data = b""  # never retransmitted again: free it (memory per ringing call)
             elif klass == "2xx":
+                self._build_ack = None  # the TU ACKs a 2xx end to end
+                self._data = b""
                 self._retransmit_at = None
                 self._timeout_at = now + self.timers.timeout_64t1  # Timer M
                 self._update_deadline()
@@ -168,6 +170,7 @@ class ClientTransaction:
                     return Verdict.ABSORB
                 if self._build_ack is not None:
                     self._ack = self._build_ack(response)
+                    self._build_ack = None  # it holds the request: free it once used
                     self.transmit(self._ack)
                 self._retransmit_at = None
                 self._timeout_at = now if self.reliable else now + self.timers.timeout_64t1  # Timer D
