@@ -107,7 +107,7 @@ class Call:
     clearip_outcome: ClearIpOutcome | None = None
     clearip_latency_ms: float | None = None
     base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
-    targets: list[SipUri] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # Request-URIs to try (text: held per call)
     next_target: int = 0
     branch: Branch | None = None
     responses: list[SipResponse] = field(default_factory=list)
@@ -808,7 +808,7 @@ class ProxyCore:
             if s.emergency_action == "route" and s.emergency_route:
                 call.phase = "fork"
                 call.base = req
-                call.targets = [parse_uri(s.emergency_route)]
+                call.targets = [str(parse_uri(s.emergency_route))]
                 self._advance(call, now)
             else:
                 # Never wait on ClearIP for an emergency call: the switch takes its direct route.
@@ -852,7 +852,7 @@ class ProxyCore:
     def _advance(self, call: Call, now: float) -> None:
         """Start the next carrier attempt, or finish with the best response."""
         while call.next_target < len(call.targets) and not call.cancelled:
-            uri = call.targets[call.next_target]
+            uri = parse_uri(call.targets[call.next_target])
             call.next_target += 1
             base = call.base or call.request
             out = base.copy()
@@ -877,6 +877,9 @@ class ProxyCore:
             br.ct = self._start_client(out, target, (branch, "INVITE"), br, now)
             if br.ct.terminated:
                 continue
+            # Held while the call rings (maybe minutes): keep the text, not the parsed values.
+            out.forget_parsed()
+            base.forget_parsed()
             self._set_call_deadline(call, now + self.settings.timeout)
             return
         self._finish_best(call, now)
@@ -935,7 +938,8 @@ class ProxyCore:
             base = call.request.copy()
             routing.copy_headers(resp, base, self.settings.copy_headers)
             call.base = base
-            call.targets = routing.carrier_targets(resp)
+            call.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
+            call.targets = [str(u) for u in routing.carrier_targets(resp)]
             self._set_call_deadline(call, None)
             self._advance(call, now)
             return

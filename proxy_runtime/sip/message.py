@@ -494,6 +494,11 @@ class SipMessage:
         # the header still holds that very string object, so any edit invalidates it.
         self._cache: dict[str, tuple[str, Any]] = {}
 
+    def forget_parsed(self) -> None:
+        """Drop the cached parsed values (they are rebuilt on demand): for messages held long,
+        such as the INVITE of a ringing call, memory matters more than re-parsing speed."""
+        self._cache = {}
+
     def _cached(self, key: str, raw: str) -> Any:
         entry = self._cache.get(key)
         if entry is not None and entry[0] is raw:
