@@ -28,7 +28,7 @@ from typing import Any
 from bench import procs, report, run
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_STEPS = "100,250,500,750,1000,1250,1500,2000"
+DEFAULT_STEPS = "100,250,500,750,875,1000,1125,1250,1375,1500,2000"
 DEFAULT_UNPINNED_STEPS = "500,1000,1500,2000,2500"
 BUDGET_S = 560.0  # stop starting phases past this: make bench must end within 10 minutes
 

@@ -333,7 +333,7 @@ if [ "$UNINSTALL" = 1 ]; then
     if command -v nft >/dev/null; then nft delete table inet clearip_proxy 2>/dev/null || true; fi
   fi
   remove=("$R$UNIT_DIR/$UNIT" "$R$UNIT_DIR/$UNIT.d" "$R$PREFIX" "$R/usr/local/bin/clearip-proxy"
-    "$R/var/lib/clearip-proxy")
+    "$R/var/lib/clearip-proxy" "$R/etc/sysctl.d/90-clearip-proxy.conf")
   if [ "$KEEP_CONFIG" = 0 ]; then remove+=("$R$CONF_DIR"); fi
   rm -rf -- "${remove[@]}"
   if [ "$LIVE" = 1 ]; then systemctl daemon-reload; fi
@@ -459,6 +459,17 @@ if [ -n "$REGION" ]; then
   put_file "$CONF_DIR/environment" "AWS_REGION=$REGION
 AWS_DEFAULT_REGION=$REGION
 " 644 || true
+fi
+
+# Large UDP socket buffers (the proxy asks for 8 MiB; the kernel caps it at rmem_max/wmem_max): a
+# 200 KB default overflows in a few milliseconds at hundreds of calls per second.
+if put_file "/etc/sysctl.d/90-clearip-proxy.conf" "# Written by install.sh (clearip-proxy): room for SIP over UDP under load.
+net.core.rmem_max = 8388608
+net.core.wmem_max = 8388608
+" 644; then
+  if [ "$LIVE" = 1 ] && command -v sysctl >/dev/null; then
+    sysctl -q -p "/etc/sysctl.d/90-clearip-proxy.conf" || log "could not apply the UDP buffer sysctls now"
+  fi
 fi
 
 UNIT_CHANGED=0

@@ -22,6 +22,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from proxy_runtime import routing
 from proxy_runtime.metrics import names
@@ -60,9 +61,11 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER, 
 IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"})
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a message goes or came from. ``conn_id`` names a stream connection (0: any/new)."""
+class Target(NamedTuple):
+    """Where a message goes or came from. ``conn_id`` names a stream connection (0: any/new).
+
+    A named tuple rather than a frozen dataclass: one is built for every message in and out, and a
+    frozen dataclass's ``__init__`` costs several times more."""
 
     transport: str  # "udp" | "tcp" | "tls" | "clearip"
     host: str
@@ -933,13 +936,14 @@ class ProxyCore:
         call.clearip_ct = None
         if status == 403:
             self._warn_403(now)
-        if routing.clearip_action(resp) is routing.ClearIpAction.FORK:
+        targets = routing.carrier_targets(resp) if status == 302 else []
+        if targets:  # DESIGN §2: a 302 with usable Contacts forks; any other final is relayed
             call.phase = "fork"
             base = call.request.copy()
             routing.copy_headers(resp, base, self.settings.copy_headers)
             call.base = base
             call.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
-            call.targets = [str(u) for u in routing.carrier_targets(resp)]
+            call.targets = [str(u) for u in targets]
             self._set_call_deadline(call, None)
             self._advance(call, now)
             return
@@ -1126,11 +1130,13 @@ class ProxyCore:
     def _record(self, call: Call, status: int) -> None:
         if self.recorder is None:
             return
-        number = routing.dialled_number(call.request) or ""
-        try:
-            caller = parse_uri(parse_name_addr(call.request.get("from") or "").uri).user or ""
-        except (ParseError, UriError):
-            caller = ""
+        number = caller = ""
+        if self.recorder.log_numbers:  # numbers are parsed only when they may be logged
+            number = routing.dialled_number(call.request) or ""
+            try:
+                caller = parse_uri(parse_name_addr(call.request.get("from") or "").uri).user or ""
+            except (ParseError, UriError):
+                caller = ""
         self.recorder.record_call(
             CallRecord(
                 call_id=call.request.call_id,

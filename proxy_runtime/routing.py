@@ -5,17 +5,11 @@ Nothing here keeps state or touches the network; :mod:`proxy_runtime.proxy` call
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Sequence
 
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.sip.message import NameAddr, ParseError, SipRequest, SipResponse, parse_name_addr
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
-
-
-class ClearIpAction(enum.Enum):
-    FORK = "fork"  # 302: copy headers, serial-fork to the Contacts
-    RELAY = "relay"  # any other final: relay it to the caller unchanged
 
 
 def clearip_outcome(status: int) -> ClearIpOutcome:
@@ -26,13 +20,6 @@ def clearip_outcome(status: int) -> ClearIpOutcome:
         603: ClearIpOutcome.BLOCKED_603,
         403: ClearIpOutcome.FORBIDDEN_403,
     }.get(status, ClearIpOutcome.OTHER)
-
-
-def clearip_action(response: SipResponse) -> ClearIpAction:
-    """302 with at least one usable Contact forks; everything else is relayed."""
-    if response.status == 302 and carrier_targets(response):
-        return ClearIpAction.FORK
-    return ClearIpAction.RELAY
 
 
 def carrier_targets(response: SipResponse) -> list[SipUri]:
