@@ -373,6 +373,16 @@ def via_with_rport(resp: SipResponse, src: Source) -> None:
         return
 
 
+async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until each has ended (whatever it raised)."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
 def sdp_body(host: str, port: int, session: str) -> bytes:
     sid = int(time.time())
     return (
@@ -457,11 +467,7 @@ class SimulatedCarrier:
             await self.endpoint.listen_stream(self.host, port if not udp else 0)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(self._tasks)
         await self.endpoint.close()
 
     async def __aenter__(self) -> SimulatedCarrier:

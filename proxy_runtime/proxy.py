@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class Branch:
     abandoned: bool = False  # no provisional in time, or the call moved on: absorb what comes
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Call:
     """An initial INVITE: its server transaction, the ClearIP leg and the carrier branches."""
 
@@ -307,7 +308,7 @@ class ProxyCore:
         heap = self._heap
         while heap:
             when, _, obj = heap[0]
-            if getattr(obj, "deadline", None) == when:
+            if getattr(_live(obj), "deadline", None) == when:
                 return when
             heapq.heappop(heap)  # stale entry
         return None
@@ -315,7 +316,8 @@ class ProxyCore:
     def handle_timer(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            when, _, obj = heapq.heappop(heap)
+            when, _, entry = heapq.heappop(heap)
+            obj = _live(entry)
             if getattr(obj, "deadline", None) != when:
                 continue
             if isinstance(obj, ClientTransaction):
@@ -376,7 +378,9 @@ class ProxyCore:
         d = obj.deadline
         if d is not None:
             heap = self._heap
-            heapq.heappush(heap, (d, next(self._seq), obj))
+            # A call is held weakly: its long ring-limit entry must not keep a finished call alive.
+            entry: object = weakref.ref(obj) if isinstance(obj, Call) else obj
+            heapq.heappush(heap, (d, next(self._seq), entry))
             if len(heap) > self._heap_compact_at:
                 self._compact_heap()
 
@@ -385,7 +389,7 @@ class ProxyCore:
         is not enough: a finished call's ring-timeout entry (180 s ahead) would keep the whole call
         — requests, Identity headers, transactions — in memory for 180 s after it ended."""
         heap = self._heap
-        heap[:] = [e for e in heap if getattr(e[2], "deadline", None) == e[0]]  # in place: callers hold it
+        heap[:] = [e for e in heap if getattr(_live(e[2]), "deadline", None) == e[0]]  # in place
         heapq.heapify(heap)
         self._heap_compact_at = max(1024, 2 * len(heap))
 
@@ -1164,6 +1168,11 @@ class ProxyCore:
                 "in the ClearIP account; calls are being refused",
                 self.advertise,
             )
+
+
+def _live(entry: object) -> object:
+    """A timer heap entry's object (calls are held by weak reference; None once freed)."""
+    return entry() if type(entry) is weakref.ref else entry
 
 
 def _server_key(req: SipMessage, via: Via, method: str) -> tuple[str, str, str]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy_runtime.peers import T1, T2, SipEndpoint, Source, uri_user, via_with_rport
+from proxy_runtime.peers import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
 from proxy_runtime.sip.message import (
     REASON_PHRASES,
     ParseError,
@@ -522,11 +522,7 @@ class ClearIpSimulator:
             await self.endpoint.listen_stream(host, port, ssl_context=ssl_context)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(self._tasks)
         await self.endpoint.close()
 
     async def __aenter__(self) -> ClearIpSimulator:
