@@ -9,7 +9,7 @@ export CDK_DISABLE_CLI_TELEMETRY := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup demo test lint typecheck unit integration infra metrics bench synth clean
+.PHONY: all setup demo test lint typecheck unit integration infra metrics bench fuzz synth clean
 
 all: test
 
@@ -76,6 +76,10 @@ metrics: setup
 
 bench: setup .benchdeps
 	$(BIN)/python -m bench
+
+fuzz: $(BIN)/.installed requirements-fuzz.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-fuzz.txt
+	$(BIN)/python -m bench.fuzz_atheris -runs=1000000
 
 synth: setup
 	node_modules/.bin/cdk synth --quiet
