@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,28 +33,32 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 REGISTRY: list[Proc] = []
 _used_ports: set[int] = set()
+_port_lock = threading.Lock()
 
 
-def free_port() -> int:
-    """A port free for UDP and TCP on 127.0.0.1, below the ephemeral range, not handed out before."""
+def free_port(host: str = HOST) -> int:
+    """A port free for UDP and TCP on ``host``, chosen below Linux's ephemeral range (32768+) so
+    outgoing connections cannot take it meanwhile, and not handed out before in this process.
+    Thread-safe (the test harness calls it from several threads)."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(500):
-        port = rng.randrange(12000, 32000)
-        if port in _used_ports:
-            continue
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
-            ):
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                t.bind((HOST, port))
-                u.bind((HOST, port))
-        except OSError:
-            continue
-        _used_ports.add(port)
-        return port
-    raise RuntimeError("no free port on 127.0.0.1")
+    with _port_lock:
+        for _ in range(500):
+            port = rng.randrange(12000, 32000)
+            if port in _used_ports:
+                continue
+            try:
+                with (
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+                ):
+                    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    t.bind((host, port))
+                    u.bind((host, port))
+            except OSError:
+                continue
+            _used_ports.add(port)
+            return port
+    raise RuntimeError(f"no free port on {host}")
 
 
 def listening(port: int, transport: str) -> bool:

@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procs import free_port as free_port  # one implementation for the tests and the benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
@@ -45,35 +47,6 @@ SIPP_DEFAULT_TIMEOUT = 15.0
 # ---------------------------------------------------------------------------------------------
 # Ports
 # ---------------------------------------------------------------------------------------------
-
-_used_ports: set[int] = set()
-_port_lock = threading.Lock()
-
-
-def free_port(host: str = HOST) -> int:
-    """A port free for both UDP and TCP on ``host``, never handed out twice in this process.
-
-    Chosen below Linux's ephemeral range (32768+) so outgoing connections cannot take it meanwhile.
-    """
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    with _port_lock:
-        for _ in range(500):
-            port = rng.randrange(12000, 32000)
-            if port in _used_ports:
-                continue
-            try:
-                with (
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
-                ):
-                    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    t.bind((host, port))
-                    u.bind((host, port))
-            except OSError:
-                continue
-            _used_ports.add(port)
-            return port
-    raise RuntimeError("no free port found on 127.0.0.1")
 
 
 def _listening(port: int, transport: str) -> bool:
