@@ -440,9 +440,12 @@ class ProxyServer:
     # Outbound
     # ------------------------------------------------------------------------------------------
     def _send(self, target: Target, data: bytes, key: object) -> None:
-        t = target.transport
         if self.tracer is not None:
-            self.tracer.record("out", t, (target.host, target.port), data)
+            self.tracer.record("out", target.transport, (target.host, target.port), data)
+        self._transmit(target, data, key)
+
+    def _transmit(self, target: Target, data: bytes, key: object) -> None:
+        t = target.transport
         if t == "udp":
             if _is_ip(target.host):
                 assert self._udp_out is not None
@@ -479,7 +482,7 @@ class ProxyServer:
         assert self._loop is not None
         cached = self._dns.get(target.host)
         if cached:
-            self._send(Target(target.transport, cached, target.port, target.conn_id), data, key)
+            self._transmit(Target(target.transport, cached, target.port, target.conn_id), data, key)
             return
 
         async def resolve() -> None:
@@ -493,7 +496,7 @@ class ProxyServer:
             if len(self._dns) > 1000:
                 self._dns.clear()
             self._dns[target.host] = addr
-            self._send(Target(target.transport, addr, target.port, target.conn_id), data, key)
+            self._transmit(Target(target.transport, addr, target.port, target.conn_id), data, key)
 
         self._loop.create_task(resolve())
 
