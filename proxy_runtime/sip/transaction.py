@@ -89,6 +89,7 @@ class ClientTransaction:
     """
 
     __slots__ = (
+        "__weakref__",
         "_ack",
         "_build_ack",
         "_data",
@@ -181,6 +182,7 @@ class ClientTransaction:
                     self._interval = self.timers.t2
             else:
                 self._retransmit_at = None
+                self._data = b""  # never sent again: free it for Timer K's wait
                 self._timeout_at = now if self.reliable else now + self.timers.t4  # Timer K
         self._update_deadline()
         return Verdict.PASS
@@ -225,6 +227,7 @@ class ServerTransaction:
     """
 
     __slots__ = (
+        "__weakref__",
         "_interval",
         "_last",
         "_retransmit_at",
