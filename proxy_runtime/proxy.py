@@ -271,8 +271,8 @@ class ProxyCore:
         )
         try:
             target = self._response_target(req.top_via, source)
-        except ParseError:
-            return
+        except ParseError:  # e.g. a bad rport: the source address is where the client is
+            target = source
         self._send(target, resp.serialize(), None)
 
     def set_clearip_up(self, up: bool, now: float) -> None:
@@ -633,6 +633,8 @@ class ProxyCore:
             return source
         rport = via.params.get("rport")
         if rport:
+            if not (len(rport) <= 5 and rport.isdigit() and rport.isascii() and 0 < int(rport) < 65536):
+                raise ParseError(f"bad Via rport {rport[:20]!r}")  # RFC 3581: rport [= 1*DIGIT]
             return Target("udp", source.host, int(rport))
         if "rport" in via.params:
             return Target("udp", source.host, source.port)

@@ -412,6 +412,23 @@ def test_malformed_request_with_via_gets_400_and_malformed_response_is_dropped()
     assert [m.status for _, m, _ in net.take() if isinstance(m, SipResponse)] == [100]
 
 
+def test_bad_rport_gets_400_at_the_source_port_instead_of_an_exception() -> None:
+    """A Via ``rport`` that is not a port (RFC 3581: ``rport [= 1*DIGIT]``) used to raise ValueError
+    out of receive(): no answer at all, a traceback per datagram. Now: 400 to the source address."""
+    core, net = make_core()
+    for i, rport in enumerate(["abc", "70000", "0", "9" * 5000], start=1):
+        data = invite(i).replace(b";branch=", f";rport={rport};branch=".encode())
+        assert core.receive(data, Target("udp", "10.0.0.5", 40000 + i), 0.0) is False
+        sent = net.take()
+        assert [(t, m.status) for t, m, _ in sent if isinstance(m, SipResponse)] == [
+            (Target("udp", "10.0.0.5", 40000 + i), 400)
+        ]
+        assert not [t for t, _, _ in sent if t.transport == CLEARIP]
+    assert core.in_flight == 0
+    core.receive(invite(9).replace(b";branch=", b";rport=5099;branch="), SWITCH, 0.1)  # a good one
+    assert [(t.port, m.status) for t, m, _ in net.take() if isinstance(m, SipResponse)] == [(5099, 100)]
+
+
 def test_untrusted_sources_get_nothing_and_are_counted() -> None:
     rec = MetricsRecorder(proxy_id="t")
     core, net = make_core(rec)
