@@ -627,10 +627,14 @@ class ProxyCore:
         return st
 
     def _response_target(self, via: Via, source: Target) -> Target:
-        """RFC 3261 §18.2.2 with RFC 3581: streams answer on the connection; UDP to the source IP,
-        at the rport when the client asked for it, else at the Via's port."""
-        if source.transport != "udp":
+        """RFC 3261 §18.2.2 with RFC 3581: streams answer on the connection (``conn_id``), and once
+        it has closed on a new connection to the source IP at the Via's sent-by port (the source
+        port was the client's ephemeral one); UDP to the source IP, at the rport when the client
+        asked for it, else at the Via's port."""
+        if source.transport == CLEARIP:
             return source
+        if source.transport != "udp":
+            return Target(source.transport, source.host, via.sent_by[1], source.conn_id)
         rport = via.params.get("rport")
         if rport:
             if not (len(rport) <= 5 and rport.isdigit() and rport.isascii() and 0 < int(rport) < 65536):

@@ -441,7 +441,9 @@ class ProxyServer:
     # ------------------------------------------------------------------------------------------
     def _send(self, target: Target, data: bytes, key: object) -> None:
         if self.tracer is not None:
-            self.tracer.record("out", target.transport, (target.host, target.port), data)
+            conn = self._conns.get(target.conn_id) if target.conn_id else None
+            peer = conn.peer if conn is not None and not conn.closed else (target.host, target.port)
+            self.tracer.record("out", target.transport, peer, data)
         self._transmit(target, data, key)
 
     def _transmit(self, target: Target, data: bytes, key: object) -> None:

@@ -8,8 +8,11 @@ carrier timeout costs one second.
 
 from __future__ import annotations
 
+import re
 import signal
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,11 @@ from tests.integration.faultlib import (
     LossyUdpRelay,
     UdpUa,
     closed_port,
+    invite_bytes,
     simple_request,
     start_proxy,
 )
-from tests.integration.harness import HOST, REPO, Lab, SipMessage
+from tests.integration.harness import HOST, REPO, Lab, SipMessage, split_stream
 
 TIMEOUT = 1.0
 NUMBER = "+15555550100"
@@ -158,6 +162,85 @@ def test_no_call_is_left_without_a_final_response_across_a_reset(lab: Lab) -> No
     # Exactly one final per call (retransmissions of the same final aside).
     for c in calls:
         assert len({m.status for _, m in c.finals}) == 1
+
+
+def _read_messages(sock: socket.socket, want: int, timeout: float) -> list[SipMessage]:
+    """Read until ``want`` messages, EOF or ``timeout`` (bounded)."""
+    buf = b""
+    out: list[SipMessage] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, OSError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+        msgs, buf = split_stream(buf)
+        out.extend(SipMessage(m) for m in msgs)
+    return out
+
+
+def _ack_and_bye(inv: SipMessage, ok: SipMessage, port: int) -> bytes:
+    m = re.search(r"<([^>]+)>", ok.get("contact") or "")
+    assert m, ok.raw
+    routes = "".join(f"Route: {r}\r\n" for r in ok.all("record-route"))
+    out = b""
+    for method, seq in (("ACK", 1), ("BYE", 2)):
+        out += (
+            f"{method} {m.group(1)} SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {HOST}:{port};branch=z9hG4bK{uuid.uuid4().hex}\r\nMax-Forwards: 70\r\n"
+            f"From: {inv.get('from')}\r\nTo: {ok.get('to')}\r\nCall-ID: {inv.call_id}\r\n"
+            f"CSeq: {seq} {method}\r\n{routes}Content-Length: 0\r\n\r\n"
+        ).encode()
+    return out
+
+
+@pytest.mark.parametrize("closed_by", ["switch", "proxy_framing_error"])
+def test_calls_survive_the_switch_tcp_connection_closing_mid_call(lab: Lab, closed_by: str) -> None:
+    """A TCP switch's connection closes while 3 calls wait on ClearIP (the switch drops it, or the
+    proxy closes it after a message with a bad Content-Length). RFC 3261 §18.2.2: the finals go on a
+    new connection to the source address at the Via's sent-by port (they used to be sent to the
+    switch's old ephemeral port: refused, and every call was left without a final response)."""
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=0.5)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(4)
+    lab.add_closer(listener)
+    via_port = listener.getsockname()[1]  # the switch listens where its Via says
+    conn = socket.create_connection((HOST, proxy.port), timeout=2)
+    lab.add_closer(conn)
+    invites = [
+        invite_bytes(
+            call_id=f"tcp-{i}-{uuid.uuid4().hex[:8]}", local_port=via_port, proxy_port=0, transport="TCP"
+        )
+        for i in range(3)
+    ]
+    conn.sendall(b"".join(invites))
+    assert [m.status for m in _read_messages(conn, 3, 2)] == [100, 100, 100]
+    if closed_by == "switch":
+        conn.close()
+    else:
+        conn.sendall(
+            f"OPTIONS sip:{HOST} SIP/2.0\r\nVia: SIP/2.0/TCP {HOST}:{via_port};branch=z9hG4bKbadcl\r\n"
+            "Content-Length: many\r\n\r\n".encode()
+        )
+        assert [m.status for m in _read_messages(conn, 2, 2)] == [400]  # then EOF: closed
+    listener.settimeout(3)
+    back, _ = listener.accept()
+    lab.add_closer(back)
+    finals = {m.call_id: m for m in _read_messages(back, 3, 3) if m.cseq[1] == "INVITE" and m.status >= 200}
+    by_id = {SipMessage(i).call_id: SipMessage(i) for i in invites}
+    assert set(finals) == set(by_id), finals
+    assert {m.status for m in finals.values()} == {200}
+    back.sendall(b"".join(_ack_and_bye(by_id[cid], ok, via_port) for cid, ok in finals.items()))
+    byes = [m for m in _read_messages(back, 20, 3) if m.cseq[1] == "BYE"]
+    assert sorted(m.call_id for m in byes) == sorted(finals)
+    assert {m.status for m in byes} == {200}
 
 
 # ---------------------------------------------------------------------------------------------
