@@ -451,7 +451,11 @@ class ProxyServer:
         if t == "udp":
             if _is_ip(target.host):
                 assert self._udp_out is not None
-                self._udp_out.sendto(data, (target.host, target.port))
+                try:
+                    self._udp_out.sendto(data, (target.host, target.port))
+                except (OSError, ValueError) as exc:  # e.g. an IPv6 address and an IPv4 socket
+                    log.info("cannot send to udp %s:%d: %s", target.host, target.port, exc)
+                    self._error_soon(key)
             else:
                 self._resolve_then(target, data, key)
             return
@@ -491,7 +495,7 @@ class ProxyServer:
             assert self._loop is not None
             try:
                 infos = await self._loop.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: UnicodeError for a label IDNA refuses
                 self._error_soon(key)
                 return
             addr = str(infos[0][4][0])
@@ -529,7 +533,7 @@ class ProxyServer:
                     self.settings.timeout,
                 )
                 self._outbound_pending.pop(conn.conn_id, None)
-            except (OSError, TimeoutError, ssl.SSLError) as exc:
+            except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:  # ValueError: see resolve()
                 log.info("cannot connect to %s %s:%d: %s", target.transport, target.host, target.port, exc)
                 conn.closed = True
                 self.stream_closed(conn, exc)

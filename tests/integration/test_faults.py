@@ -308,6 +308,30 @@ def test_each_carrier_failure_alone_moves_the_call_on(lab: Lab, first: str) -> N
     assert c.final is not None and c.final.status == 200
 
 
+def test_contacts_the_proxy_cannot_send_to_fail_at_once_and_keep_the_clearip_link(lab: Lab) -> None:
+    """302 Contacts the adapter cannot send to: an IPv6 address over UDP (the UDP socket is IPv4:
+    uvloop's sendto raised ValueError out of the core, in the middle of the fork, while reading the
+    ClearIP connection: the call never got a final response and uvloop closed the ClearIP link), and
+    host names IDNA refuses (a 64-character label: UnicodeError, which escaped the resolver and the
+    TCP connect). Each is a transport error now: the next Contact is tried at once."""
+    good = peer(lab, "good", "answer")
+    label = "a" * 64
+    bad = [
+        f"<sip:{NUMBER}@[::1]:5060>;q=0.9",
+        f"<sip:{NUMBER}@{label}.example>;q=0.8",
+        f"<sip:{NUMBER}@{label}.example;transport=tcp>;q=0.7",
+    ]
+    clearip = stub(lab, contacts=", ".join([*bad, contact(good, 0.5)]))
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    switch = peer(lab, "switch")
+    calls = [switch.call(proxy.port) for _ in range(3)]
+    assert switch.wait_done(calls, 5), [c.final for c in calls]
+    assert [c.final.status for c in calls if c.final] == [200, 200, 200]
+    assert max(c.final_after for c in calls) < 1.0  # no Contact waited out the 3 s timeout
+    assert clearip.accepted == 1  # the ClearIP connection was never dropped
+    assert "Traceback" not in proxy.output()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. UDP loss
 # ---------------------------------------------------------------------------------------------
