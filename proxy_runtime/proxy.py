@@ -1059,14 +1059,14 @@ class ProxyCore:
             if status > 100:
                 if call.pdd_ms is None:
                     call.pdd_ms = (now - call.received) * 1000.0
-                self._forward_upstream(call, resp, now)
+                self._pass_upstream(call.st, resp, now)
             return
         if status < 300:
             if call.cancelled or call.phase == "done":
                 if not call.answered:
                     self._hang_up(br, resp, now)  # answered after the caller cancelled
                 else:
-                    self._forward_upstream(call, resp, now)  # 2xx retransmission
+                    self._pass_upstream(call.st, resp, now)  # 2xx retransmission
                 return
             call.answered = True
             out = resp.copy()
@@ -1081,9 +1081,6 @@ class ProxyCore:
             self._advance(call, now)
         else:
             self._finish_best(call, now)
-
-    def _forward_upstream(self, call: Call, resp: SipResponse, now: float) -> None:
-        self._pass_upstream(call.st, resp, now)
 
     def _pass_upstream(self, st: ServerTransaction, resp: SipResponse, now: float) -> None:
         """A provisional or a 2xx (retransmission) through the server transaction, our Via off."""
@@ -1191,15 +1188,12 @@ class ProxyCore:
         elif isinstance(owner, _Upstream):
             self._pass_upstream(owner.st, resp, now)  # a 2xx retransmission (Accepted)
         elif isinstance(owner, Relay):
-            out = resp.copy()
-            out.pop_first_value("via")
             if resp.status >= 200 and method == "INVITE" and resp.status < 300:
-                if owner.st.send_response(out.serialize(), out.status, now):
-                    self._schedule(owner.st)
+                self._pass_upstream(owner.st, resp, now)
                 owner.st.owner = None
                 ct.owner = _Upstream(owner.st)  # the relay (its forwarded request) is freed
             elif resp.status > 100 or method != "INVITE":
-                self._respond(owner.st, out, now)
+                self._respond(owner.st, self._strip_via(resp), now)
                 if resp.status >= 200:
                     owner.st.owner = None  # answered: the relay is no longer needed
         if ct.state is State.COMPLETED:
