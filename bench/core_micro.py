@@ -14,7 +14,7 @@ import pstats
 import time
 from dataclasses import replace
 
-from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
+from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
 from proxy_runtime.sip.message import SipRequest, parse_message
 

@@ -11,13 +11,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from proxy_runtime import gcpolicy
 from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import Settings, SettingsError
+from proxy_runtime.transport import gcpolicy
 
 if TYPE_CHECKING:
-    from proxy_runtime.control import ControlServer
-    from proxy_runtime.server import ProxyServer
+    from proxy_runtime.operations.control import ControlServer
+    from proxy_runtime.transport.server import ProxyServer
 
 log = logging.getLogger("clearip")
 
@@ -87,7 +87,7 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
     from proxy_runtime.metrics.publisher import MetricsPublisher
     from proxy_runtime.metrics.recorder import MetricsRecorder
     from proxy_runtime.metrics.sinks import make_sink
-    from proxy_runtime.server import ProxyServer
+    from proxy_runtime.transport.server import ProxyServer
 
     recorder = MetricsRecorder(proxy_id=settings.proxy_id, log_numbers=settings.log_numbers)
     loop = asyncio.get_running_loop()
@@ -153,9 +153,9 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
 
 
 async def _start_control(server: ProxyServer, config_args: argparse.Namespace | None) -> ControlServer | None:
-    """The local control socket (status, traces: see proxy_runtime/control.py); ``off`` disables it.
+    """The local control socket (status, traces: operations/control.py); ``off`` disables it.
     A proxy that cannot open it still carries calls: the failure is logged, not fatal."""
-    from proxy_runtime import control as control_mod
+    from proxy_runtime.operations import control as control_mod
 
     path = getattr(config_args, "control_socket", None) or os.environ.get(control_mod.ENV_SOCKET) or ""
     if path == "off":
@@ -204,7 +204,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     """Persist one setting in the settings file (used by the Session Manager documents)."""
-    from proxy_runtime.settings_file import set_value
+    from proxy_runtime.settings.file import set_value
 
     try:
         set_value(args.config, args.key, args.value)
@@ -216,13 +216,13 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(argv: Sequence[str]) -> int:
-    from proxy_runtime import simulator
+    from proxy_runtime.tools import simulator
 
     return simulator.main(list(argv))
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from proxy_runtime import demo
+    from proxy_runtime.tools import demo
 
     return demo.main(list(argv))
 
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
     if argv and argv[0] in ("doctor", "trace"):
-        from proxy_runtime import operations  # type: ignore[attr-defined,unused-ignore]
+        from proxy_runtime.operations import cli as operations  # type: ignore[attr-defined,unused-ignore]
 
         return int(operations.main(argv))
     args = build_parser().parse_args(argv)

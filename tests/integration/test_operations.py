@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from proxy_runtime.control import request
+from proxy_runtime.operations.control import request
 from tests.integration.flows import CALLED, CLEARIP_KEYS, IDENTITY_1, IDENTITY_2, PAI_OUTBOUND
 from tests.integration.harness import (
     HOST,

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from proxy_runtime.peers import SimulatedCarrier, SimulatedSwitch, Transport
-from proxy_runtime.simulator import ClearIpSimulator, decode_passport, parse_rules
 from proxy_runtime.sip.message import SipResponse, parse_message, parse_name_addr
+from proxy_runtime.tools.peers import SimulatedCarrier, SimulatedSwitch, Transport
+from proxy_runtime.tools.simulator import ClearIpSimulator, decode_passport, parse_rules
 
 RULES = parse_rules(
     tomllib.loads(
@@ -305,7 +305,7 @@ def _proxy_runnable() -> tuple[bool, str]:
 @pytest.mark.parametrize("mode", ["auto", "subprocess"])
 def test_demo_passes(mode: Any) -> None:
     """The demo end to end: every call of DESIGN §2's table ends as expected (exit status 0)."""
-    from proxy_runtime.demo import run_demo
+    from proxy_runtime.tools.demo import run_demo
 
     ok, why = _proxy_runnable()
     assert ok, why  # deliberately a failure, not a skip: the demo is the product's main job
@@ -320,7 +320,7 @@ def test_redirect_over_tls(tmp_path: Any) -> None:
     import ssl
     import subprocess
 
-    from proxy_runtime.simulator import server_ssl_context
+    from proxy_runtime.tools.simulator import server_ssl_context
 
     openssl = shutil.which("openssl")
     if openssl is None:

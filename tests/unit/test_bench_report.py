@@ -108,15 +108,15 @@ def test_readme_splice_keeps_the_prose() -> None:
 
 def test_folded_profile() -> None:
     folded = (
-        "process 1:python;main (proxy_runtime/__main__.py:10);receive (/x/proxy_runtime/proxy.py:5);"
+        "process 1:python;main (proxy_runtime/__main__.py:10);receive (/x/proxy_runtime/core/proxy.py:5);"
         "parse (/x/proxy_runtime/sip/message.py:7) 30\n"
-        "process 1:python;main (proxy_runtime/__main__.py:10);receive (/x/proxy_runtime/proxy.py:6) 10\n"
+        "process 1:python;main (proxy_runtime/__main__.py:10);receive (/x/proxy_runtime/core/proxy.py:6) 10\n"
         "garbage\n"
     )
     self_c, incl, total = parse_folded(folded)
     assert total == 40
     assert self_c["parse (proxy_runtime/sip/message.py)"] == 30
-    assert incl["receive (proxy_runtime/proxy.py)"] == 40  # two lines of one function merged
+    assert incl["receive (proxy_runtime/core/proxy.py)"] == 40  # two lines of one function merged
 
 
 def test_identity_and_injection_file(tmp_path: object) -> None:

@@ -17,9 +17,9 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics.names import MALFORMED_MESSAGES, UNTRUSTED_DROPPED
 from proxy_runtime.metrics.recorder import MetricsRecorder
-from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
 from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
 

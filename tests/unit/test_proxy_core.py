@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
+from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
 from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy_runtime.simulator import (
+from proxy_runtime.sip.message import SipRequest, parse_message, parse_name_addr
+from proxy_runtime.tools.simulator import (
     DEFAULT_RULES,
     DEFAULT_RULES_TOML,
     DEFAULT_X5U,
@@ -21,7 +22,6 @@ from proxy_runtime.simulator import (
     normalize_number,
     parse_rules,
 )
-from proxy_runtime.sip.message import SipRequest, parse_message, parse_name_addr
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[2] / "examples" / "simulator-rules.toml"
 

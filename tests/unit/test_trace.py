@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy_runtime.trace import (
+from proxy_runtime.operations.trace import (
     LINKTYPE_RAW,
     PCAP_MAGIC,
     TraceOptions,

@@ -1,13 +1,13 @@
 """SIP call traces without a packet capture: every message the proxy receives or sends, decrypted.
 
-A :class:`Tracer` is attached to the running :class:`~proxy_runtime.server.ProxyServer` (its
+A :class:`Tracer` is attached to the running :class:`~proxy_runtime.transport.server.ProxyServer` (its
 ``tracer`` attribute) and receives ``record(direction, transport, peer, data)`` for each message.
 It writes either a readable text trace or a pcap file that Wireshark decodes as SIP, and enforces
 its limits itself: at most ``max_bytes`` per file, ``max_files`` files (the oldest is deleted when
 a new one starts: ``trace.txt`` is the newest, ``trace.txt.1`` the one before, ...), and an end time
 after which it closes and detaches. Phone numbers are masked unless ``log_numbers`` is set.
 
-No asyncio here: the control server (:mod:`proxy_runtime.control`) schedules the time limit with the
+No asyncio here: the control server (:mod:`.control`) schedules the time limit with the
 loop, and :meth:`Tracer.record` also checks it, so a trace never outlives its deadline by more than
 one message. Writes go to a buffered file object; a trace costs a few microseconds a message.
 """

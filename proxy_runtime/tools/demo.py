@@ -2,7 +2,7 @@
 
 It starts, on free 127.0.0.1 ports, the simulator with a demo rule set, carrier A (UDP; answers 503
 for one number so the proxy must route-advance) and carrier B (TCP), and the proxy itself (in process
-when :class:`proxy_runtime.server.ProxyServer` exists, else ``python -m proxy_runtime run`` as a
+when :class:`proxy_runtime.transport.server.ProxyServer` exists, else ``python -m proxy_runtime run`` as a
 subprocess). A simulated switch then places one call per row of DESIGN §2's table and the demo prints
 what ClearIP said, what each carrier saw and what the switch got. Exit status 0 when every call ended
 as expected, 1 otherwise.
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TextIO
 
-from proxy_runtime.peers import CallResult, SimulatedCarrier, SimulatedSwitch, Transport, uri_user
-from proxy_runtime.simulator import ClearIpSimulator, RuleSet, normalize_number, parse_rules
+from proxy_runtime.tools.peers import CallResult, SimulatedCarrier, SimulatedSwitch, Transport, uri_user
+from proxy_runtime.tools.simulator import ClearIpSimulator, RuleSet, normalize_number, parse_rules
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class _SubprocessProxy:
 def proxy_server_class() -> Any | None:
     """The lead's in-process API, when present: ``ProxyServer(settings)`` with start()/stop()."""
     try:
-        module = importlib.import_module("proxy_runtime.server")
+        module = importlib.import_module("proxy_runtime.transport.server")
     except ImportError:
         return None
     cls = getattr(module, "ProxyServer", None)
@@ -263,7 +263,7 @@ async def start_proxy(
     clearip = f"sip:{LOOPBACK}:{clearip_port};transport=tcp"
     cls = proxy_server_class() if mode != "subprocess" else None
     if mode == "inprocess" and cls is None:
-        raise RuntimeError("proxy_runtime.server.ProxyServer is not available")
+        raise RuntimeError("proxy_runtime.transport.server.ProxyServer is not available")
     if cls is not None:
         from proxy_runtime import settings as settings_mod
 

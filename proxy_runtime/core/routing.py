@@ -1,6 +1,6 @@
 """The routing policy, as pure functions: DESIGN §2's table, serial-fork rules and best response.
 
-Nothing here keeps state or touches the network; :mod:`proxy_runtime.proxy` calls these.
+Nothing here keeps state or touches the network; :mod:`proxy_runtime.core.proxy` calls these.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy_runtime import control
 from proxy_runtime import settings as settings_mod
+from proxy_runtime.operations import control
 from proxy_runtime.settings import Settings, SettingsError
 from proxy_runtime.sip.framing import PING, FramingError, StreamFramer
 from proxy_runtime.transport import tls

@@ -1,4 +1,4 @@
-"""The asyncio adapter around :class:`~proxy_runtime.proxy.ProxyCore`: listeners, the ClearIP
+"""The asyncio adapter around :class:`~proxy_runtime.core.proxy.ProxyCore`: listeners, the ClearIP
 link, outbound connections, one timer, metrics publishing, drain and reload.
 
 The core is fed from the sockets and re-armed with one ``loop.call_at`` at its next deadline,
@@ -18,9 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
-from proxy_runtime.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import HostPort, Settings
 from proxy_runtime.sip.framing import FramingError
 from proxy_runtime.sip.message import ParseError

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy_runtime.peers import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
 from proxy_runtime.sip.message import (
     REASON_PHRASES,
     ParseError,
@@ -50,8 +49,9 @@ from proxy_runtime.sip.message import (
     make_response,
     parse_name_addr,
 )
+from proxy_runtime.tools.peers import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
 
-log = logging.getLogger("proxy_runtime.simulator")
+log = logging.getLogger("proxy_runtime.tools.simulator")
 
 ACTIONS = ("redirect", "reject", "block", "silence", "delay")
 DEFAULT_X5U = "https://certificates.example/cert.pem"

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from proxy_runtime import routing
+from proxy_runtime.core import routing
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.recorder import MetricsRecorder

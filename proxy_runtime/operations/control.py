@@ -10,7 +10,7 @@ one JSON object on one line back, then the connection closes::
 
 Answers carry ``"ok": true`` or ``"ok": false, "error": "..."``. The socket is created mode 0660
 (owner and group of the proxy, and root); ``clearip-proxy doctor`` and ``clearip-proxy trace`` are
-its clients (:mod:`proxy_runtime.operations`). SIGUSR1 toggles a trace with default limits
+its clients (:mod:`proxy_runtime.operations.cli`). SIGUSR1 toggles a trace with default limits
 (:meth:`ControlServer.toggle_trace`).
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy_runtime.trace import (
+from proxy_runtime.operations.trace import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FILES,
     DEFAULT_SECONDS,
@@ -39,7 +39,7 @@ from proxy_runtime.trace import (
 )
 
 if TYPE_CHECKING:
-    from proxy_runtime.server import ProxyServer
+    from proxy_runtime.transport.server import ProxyServer
 
 log = logging.getLogger("clearip.control")
 
