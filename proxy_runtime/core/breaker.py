@@ -24,6 +24,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from proxy_runtime.settings import Settings
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
@@ -171,3 +173,13 @@ class Breaker:
             self._admitted = 0
         elif new is BreakerState.CLOSED:
             self._timeouts.clear()
+
+
+def breaker_settings(s: Settings) -> BreakerSettings:
+    """The breaker's part of the proxy's settings (validated there, named in errors)."""
+    return BreakerSettings(
+        threshold=s.breaker_threshold,
+        window=s.breaker_window,
+        cool_off=s.breaker_cool_off,
+        probe_every=s.breaker_probe_every,
+    )

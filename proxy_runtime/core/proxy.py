@@ -297,6 +297,12 @@ class ProxyCore:
             self._client_failed(ct, 503, "transport error", now)
             self._drop_client(ct)
 
+    def client_alive(self, key: object) -> bool:
+        """Whether the client transaction ``key`` still waits for something (the adapter forgets
+        the keys of finished ones it tracks per connection)."""
+        ct = self._client.get(key)
+        return ct is not None and ct.state in (State.CALLING, State.TRYING, State.PROCEEDING)
+
     def start_drain(self) -> None:
         self.draining = True
 
