@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from proxy_runtime.core import routing
+from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.recorder import MetricsRecorder
@@ -103,7 +104,7 @@ class Call:
     request: SipRequest
     source: Target
     received: float
-    phase: str = "clearip"  # clearip -> fork -> done
+    phase: str = "clearip"  # [link ->] clearip -> fork -> done (link: held for the ClearIP link)
     deadline: float | None = None
     queue: float | None = None  # the duration whose deadline queue holds it (see _arm_call)
     clearip_ct: ClientTransaction | None = None
@@ -121,6 +122,7 @@ class Call:
     answered: bool = False
     pdd_ms: float | None = None
     emergency: bool = False
+    probe: bool = False  # sent to ClearIP as the half-open breaker's probe
     proxy_failed: bool = False
     reason: str = ""
 
@@ -178,9 +180,17 @@ class ProxyCore:
         recorder: MetricsRecorder | None = None,
         timers: TimerSettings = DEFAULT_TIMERS,
         instance: str | None = None,
+        need_link: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._send = send
+        # The core's one action besides sending: "a call needs the ClearIP link, connect now".
+        # The adapter connects and answers with set_clearip_up(True) or clearip_unreachable().
+        # Without it (no adapter that can connect) a call that finds the link down gets 503 at once.
+        self._need_link = need_link
+        self._held: dict[object, Call] = {}  # calls waiting for the link, by server transaction key
+        self.breaker = Breaker(breaker_settings(settings))
+        self._breaker_moves = 0
         self.advertise = advertise
         self.ports = dict(ports)
         self.own_hosts = {advertise.lower(), *(h.lower() for h in own_hosts)}
@@ -221,6 +231,8 @@ class ProxyCore:
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._networks = settings.allow_networks
         self._trusted_cache.clear()
+        self.breaker.update(breaker_settings(settings), 0.0)
+        self._publish_breaker()
 
     def is_trusted(self, host: str) -> bool:
         ok = self._trusted_cache.get(host)
@@ -280,6 +292,11 @@ class ProxyCore:
         was = self.clearip_up
         self.clearip_up = up
         self._gauge(names.CLEARIP_CONNECTED, 1.0 if up else 0.0)
+        if up:
+            held, self._held = self._held, {}
+            for call in held.values():
+                if call.phase == "link":
+                    self._send_to_clearip(call, now)
         if was and not up:
             for call in list(self._calls.values()):
                 if call.phase == "clearip" and call.clearip_ct is not None:
@@ -287,6 +304,13 @@ class ProxyCore:
                     self._drop_client(call.clearip_ct)
                     call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
                     self._fail_call(call, 503, "ClearIP connection lost", now)
+
+    def clearip_unreachable(self, now: float, error: str = "") -> None:
+        """The adapter's connect to ClearIP failed (refused, timed out, TLS): every call held for
+        the link gets 503 now, so "ClearIP down" still answers at once."""
+        for call in list(self._held.values()):
+            call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self._fail_call(call, 503, "ClearIP unreachable", now)
 
     def transport_error(self, key: object, now: float) -> None:
         """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
@@ -473,9 +497,17 @@ class ProxyCore:
 
     def _call_timer(self, call: Call, now: float) -> None:
         call.deadline = None
-        if call.phase == "clearip":
+        if call.phase == "link":
+            # The link did not come up within the bounded wait (a connect that hangs).
+            call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self._fail_call(
+                call, 503, f"ClearIP unreachable (no connection within {self.settings.link_wait:g} s)", now
+            )
+        elif call.phase == "clearip":
             # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
             call.clearip_outcome = ClearIpOutcome.TIMEOUT
+            self.breaker.on_timeout(now, probe=call.probe)
+            self._publish_breaker()
             if call.clearip_ct is not None and call.clearip_request is not None:
                 self._send_cancel(call.clearip_request, self._clearip_target, now)
             self._fail_call(call, 503, f"ClearIP did not answer within {self.settings.timeout:g} s", now)
@@ -737,7 +769,8 @@ class ProxyCore:
     @staticmethod
     def target_for(uri: SipUri) -> Target:
         host = (uri.params.get("maddr") or uri.host).lower()
-        return Target(uri.transport, host, uri.port or uri.default_port)
+        # An explicit port 0 stays 0 (the adapter fails it at once); only a missing one defaults.
+        return Target(uri.transport, host, uri.default_port if uri.port is None else uri.port)
 
     def _via_for(self, transport: str, branch: str) -> str:
         if transport == CLEARIP:
@@ -894,16 +927,36 @@ class ProxyCore:
                     call, 503, "emergency call: use the direct emergency route", now, failed=False
                 )
             return
-        if not self.clearip_up:
-            call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
-            self._fail_call(call, 503, "ClearIP unreachable", now)
+        admission = self.breaker.admit(now)
+        self._publish_breaker()  # the cool-off may have ended: half-open
+        if admission is Admission.REJECT:
+            # ClearIP is connected but not answering (brownout): 503 now, not after `timeout`.
+            self._incr(names.CLEARIP_BREAKER_REJECTED)
+            self._fail_call(call, 503, "ClearIP not answering (breaker open)", now)
             return
+        call.probe = admission is Admission.PROBE
+        if not self.clearip_up:
+            if self._need_link is None:
+                call.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+                self._fail_call(call, 503, "ClearIP unreachable", now)
+                return
+            # Hold the call (bounded) while the adapter connects now, whatever its backoff.
+            call.phase = "link"
+            self._held[key] = call
+            self._arm_call(call, s.link_wait, now)
+            self._need_link()
+            return
+        self._send_to_clearip(call, now)
+
+    def _send_to_clearip(self, call: Call, now: float) -> None:
+        call.phase = "clearip"
+        req = call.request
         branch = self._new_branch(req)
         out = self._prepare_forward(req, self._clearip_target, branch)
         call.clearip_request = out
         call.clearip_sent = now
         call.clearip_ct = self._start_client(out, self._clearip_target, (branch, "INVITE"), call, now)
-        self._arm_call(call, s.timeout, now)
+        self._arm_call(call, self.settings.timeout, now)
 
     def _cancel_call(self, call: Call, now: float) -> None:
         if call.st.has_final or call.phase == "done":
@@ -992,6 +1045,7 @@ class ProxyCore:
         if call.phase == "done":
             return
         call.phase = "done"
+        self._held.pop(call.st.key, None)
         self._arm_call(call, None, now)
         self._respond(call.st, resp, now)
         self._calls.pop(call.st.key, None)
@@ -1024,6 +1078,8 @@ class ProxyCore:
             return
         call.clearip_latency_ms = (now - call.clearip_sent) * 1000.0
         call.clearip_outcome = routing.clearip_outcome(status)
+        self.breaker.on_answer(now)  # any final: ClearIP is answering
+        self._publish_breaker()
         call.clearip_request = None  # answered: nothing left to CANCEL there; free it
         call.clearip_ct = None
         if status == 403:
@@ -1253,6 +1309,28 @@ class ProxyCore:
             )
         )
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))
+
+    def _publish_breaker(self) -> None:
+        """The breaker's state as the ClearIpBreakerOpen gauge, and a log line, when it moved."""
+        b = self.breaker
+        if b.transitions == self._breaker_moves:
+            return
+        self._breaker_moves = b.transitions
+        self._gauge(names.CLEARIP_BREAKER_OPEN, 1.0 if b.tripped else 0.0)
+        st = b.settings
+        if b.state is BreakerState.OPEN:
+            log.warning(
+                "ClearIP breaker open: ClearIP did not answer %d calls in a row; answering 503 at once "
+                "for %g s",
+                st.threshold,
+                st.cool_off,
+            )
+        elif b.state is BreakerState.HALF_OPEN:
+            log.warning(
+                "ClearIP breaker half-open: one call in %d goes to ClearIP as a probe", st.probe_every
+            )
+        else:
+            log.warning("ClearIP breaker closed: ClearIP answers again")
 
     def _warn_403(self, now: float) -> None:
         if now - self._last_403_log >= 60:

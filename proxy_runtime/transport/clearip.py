@@ -108,6 +108,7 @@ class ClearIpLink:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
+        last_log = -1e9
         while True:
             self._lost.clear()
             self._wake.clear()
@@ -135,7 +136,10 @@ class ClearIpLink:
                 self.first_attempt_done.set()
                 attempt += 1
                 delay = min(self.reconnect_max, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
-                if attempt <= 3 or attempt % 20 == 0:  # a long outage: not one line per attempt
+                # One line per attempt, but at most one a second: calls arriving during an outage
+                # each ask for an attempt, and a busy proxy must not log hundreds a second.
+                if loop.time() - last_log >= 1.0:
+                    last_log = loop.time()
                     log.warning(
                         "ClearIP %s:%s unreachable (%s); attempt %d, next in %.1f s or when a call needs it",
                         self.host,

@@ -181,7 +181,13 @@ class ProxyServer:
         with contextlib.suppress(OSError):
             own.update(socket.gethostbyname_ex(socket.gethostname())[2])
         self.core = ProxyCore(
-            s, self._send, advertise=advertise, ports=ports, own_hosts=own, recorder=self.recorder
+            s,
+            self._send,
+            advertise=advertise,
+            ports=ports,
+            own_hosts=own,
+            recorder=self.recorder,
+            need_link=self._need_link,
         )
         uri = s.clearip_uri
         use_tls = uri.transport == "tls"
@@ -196,6 +202,7 @@ class ProxyServer:
             reconnect_max=s.reconnect_max,
             max_size=s.max_message_size,
             on_state=self._clearip_state,
+            on_connect_failed=self._clearip_connect_failed,
         )
         self.link.start()
         # Say "ready" once the first connection attempt to ClearIP has ended (bounded), so a call
@@ -434,10 +441,29 @@ class ProxyServer:
 
     def _clearip_state(self, up: bool) -> None:
         if self.core is not None and self._loop is not None:
-            self.core.set_clearip_up(up, self._loop.time())
+            try:
+                self.core.set_clearip_up(up, self._loop.time())
+            except Exception as exc:  # runs in the link's task: an escape would end the link
+                contained.report("handling the ClearIP link going " + ("up" if up else "down"), exc)
+            finally:
+                self._kick()
             if up and self.recorder is not None and self.link is not None and self.link.reconnects:
                 self.recorder.incr(names.CLEARIP_RECONNECTS)
-            self._kick()
+
+    def _need_link(self) -> None:
+        """The core holds a call for the ClearIP link: connect now (one attempt at a time)."""
+        if self.link is not None:
+            self.link.connect_now()
+
+    def _clearip_connect_failed(self, error: str) -> None:
+        """A connect to ClearIP failed: the calls held for it get 503 at once."""
+        if self.core is not None and self._loop is not None:
+            try:
+                self.core.clearip_unreachable(self._loop.time(), error)
+            except Exception as exc:  # runs in the link's task: an escape would end the link
+                contained.report("failing the calls held for the ClearIP link", exc)
+            finally:
+                self._kick()
 
     async def _sweep(self) -> None:
         """Close idle connections and ones stuck mid-message (slow-loris)."""
