@@ -146,7 +146,7 @@ class Breaker:
         ):
             self._move(_Event.TRIP, now)
 
-    def update(self, settings: BreakerSettings, now: float) -> None:
+    def update(self, settings: BreakerSettings) -> None:
         """New settings (reload). The state is kept; turning the breaker off closes it."""
         self._settings = settings
         recent = list(self._timeouts)[-max(1, settings.threshold) :]

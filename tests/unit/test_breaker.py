@@ -122,11 +122,11 @@ def test_threshold_zero_turns_it_off() -> None:
 
 def test_reload_keeps_the_state_and_turning_it_off_closes_it() -> None:
     b = tripped(0.0)
-    b.update(BreakerSettings(threshold=3, window=10.0, cool_off=1.0, probe_every=2), 0.5)
+    b.update(BreakerSettings(threshold=3, window=10.0, cool_off=1.0, probe_every=2))
     assert b.state_at(0.5) is BreakerState.OPEN
     assert b.state_at(1.2) is BreakerState.HALF_OPEN  # the new cool-off applies
     before = b.transitions
-    b.update(BreakerSettings(threshold=0), 1.3)
+    b.update(BreakerSettings(threshold=0))
     assert st(b) is BreakerState.CLOSED and b.transitions == before + 1
 
 
