@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -28,7 +29,7 @@ import pytest
 from proxy_runtime.settings import load
 from proxy_runtime.transport.server import ProxyServer
 from tests.integration.faultlib import ClearIpStub, UdpUa, response_for, start_proxy
-from tests.integration.harness import HOST, Lab, SipMessage, split_stream
+from tests.integration.harness import HOST, Lab, Pki, SipMessage, split_stream
 
 NUMBER = "+15555550100"
 
@@ -358,6 +359,47 @@ def test_contacts_at_udp_port_0_or_tls_to_a_plain_tcp_listener_fail_fast(lab: La
     assert not zero.invite_times
     for conn in accepted:
         conn.close()
+
+
+def test_a_tls_contact_at_a_real_tls_listener_still_works(lab: Lab, pki: Pki) -> None:
+    """The bounded handshake (TCP connect, then TLS with a deadline) against a real TLS carrier:
+    the INVITE arrives over TLS and the carrier's answer reaches the caller."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(4)
+    lab.add_closer(listener)
+    got: list[SipMessage] = []
+
+    def serve() -> None:
+        listener.settimeout(5)
+        with contextlib.suppress(OSError):
+            raw, _ = listener.accept()
+            conn = ctx.wrap_socket(raw, server_side=True)
+            conn.settimeout(3)
+            buf = b""
+            while not got:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                msgs, buf = split_stream(buf + chunk)
+                got.extend(SipMessage(m) for m in msgs if m.startswith(b"INVITE"))
+            conn.sendall(response_for(got[0], 486, "Busy Here", to_tag="busy"))
+            with contextlib.suppress(OSError):
+                conn.recv(65536)  # the ACK
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    clearip = stub(lab, contacts=contact(listener.getsockname()[1], 0.9, ";transport=tls"))
+    proxy = start_proxy(
+        lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port, clearip_ca=pki.ca_cert
+    )
+    switch = peer(lab, "switch")
+    c = switch.call(proxy.port)
+    assert switch.wait_final([c], 4), proxy.output()
+    assert c.final is not None and c.final.status == 486
+    assert got and "SIP/2.0/TLS" in (got[0].get("via") or "")
 
 
 def test_an_exception_while_reading_the_clearip_connection_is_contained(
