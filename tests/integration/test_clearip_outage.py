@@ -172,7 +172,7 @@ def test_breaker_a_silent_clearip_costs_the_timeout_until_the_breaker_opens_then
     assert switch.wait_final(fast, 1.0)
     for c in fast:
         assert c.final is not None and c.final.status == 503
-        assert c.final_after < 0.2, c.final_after
+        assert c.final_after < 0.3, c.final_after  # was `timeout` (1 s) each
         assert "breaker" in reason_of(c.final), reason_of(c.final)
     assert clearip.total_invites() == 3
 
@@ -183,11 +183,11 @@ def test_breaker_a_silent_clearip_costs_the_timeout_until_the_breaker_opens_then
     assert switch.wait_final(probe_round, timeout + 1.5)
     assert clearip.total_invites() == 4  # exactly one probe reached ClearIP
     waited = sorted(c.final_after for c in probe_round)
-    assert waited[0] < 0.2 and waited[1] < 0.2 and waited[2] >= timeout - 0.1, waited
+    assert waited[0] < 0.3 and waited[1] < 0.3 and waited[2] >= timeout - 0.1, waited
     t_reopen = time.monotonic()
     again = switch.call(proxy.port, complete_dialog=False)
     assert switch.wait_final([again], 1.0)
-    assert again.final is not None and again.final_after < 0.2 and "breaker" in reason_of(again.final)
+    assert again.final is not None and again.final_after < 0.3 and "breaker" in reason_of(again.final)
 
     # ClearIP answers again: after the next cool-off the probe is answered and the breaker closes.
     clearip.mode = "answer"
