@@ -35,7 +35,7 @@ PARTIAL_MESSAGE_TIMEOUT = 10.0  # a started message must complete within this (s
 TLS_HANDSHAKE_TIMEOUT = 10.0  # a TLS client must finish its handshake within this (or idle_timeout)
 # Outbound TLS (a carrier Contact with transport=tls): the handshake must finish within this many
 # TCP connect round trips, and never under the floor. A TLS server answers a ClientHello within one
-# round trip; a plain TCP SIP listener never answers (it waits for a CRLF CRLF that never comes),
+# round trip; a plain TCP SIP listener typically never answers (it waits for a CRLF CRLF),
 # and without this bound the call sat out the whole `timeout` on it.
 TLS_HANDSHAKE_RTTS = 8
 TLS_HANDSHAKE_FLOOR = 1.0
