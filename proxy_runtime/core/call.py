@@ -79,8 +79,10 @@ class CallHost(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CarrierTarget:
-    """Where one carrier attempt goes, as ClearIP's redirect named it. Held as text while the
-    call waits (a parsed URI costs several times the memory)."""
+    """Where one carrier attempt goes, as ClearIP's redirect named it (a Contact, or the
+    configured emergency route). Held as text while the call waits (a parsed URI costs several
+    times the memory). What ClearIP says about one Contact alone belongs here, and
+    :meth:`Branch.build` turns it into that branch's INVITE."""
 
     uri: str
 

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable
 
 from proxy_runtime.core import routing
-from proxy_runtime.core.call import Branch, Call, CarrierTarget, call_record
+from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
     CLEARIP,
@@ -64,7 +64,8 @@ from proxy_runtime.sip.transaction import (
 )
 from proxy_runtime.sip.uri import UriError
 
-__all__ = ["ALLOW", "CLEARIP", "Branch", "Call", "CarrierTarget", "ProxyCore", "Relay", "SendFn", "Target"]
+# CLEARIP, SendFn and Target live in stamp.py; the adapter imports them from here with ProxyCore.
+__all__ = ["ALLOW", "CLEARIP", "ProxyCore", "SendFn", "Target"]
 
 log = logging.getLogger("clearip.proxy")
 
@@ -73,6 +74,8 @@ IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"}
 
 
 class ProxyCore:
+    """The dispatcher: one per proxy process, fed by the adapter (see the module's docstring)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -98,8 +101,8 @@ class ProxyCore:
             clearip_transport=settings.clearip_uri.transport,
         )
         self.ports = self.stamper.ports
-        self._timers = Timers()
-        self._txns = Transactions(send, self._timers, timers, failed=self._client_failed)
+        self._wakeups = Timers()
+        self._txns = Transactions(send, self._wakeups, timers, failed=self._client_failed)
         self._calls: dict[object, Call] = {}  # by server transaction key
         self.clearip_up = False
         self.draining = False
@@ -184,15 +187,15 @@ class ProxyCore:
             "calls": len(self._calls),
             "server_transactions": len(self._txns.server),
             "client_transactions": len(self._txns.client),
-            "timers": len(self._timers),
+            "timers": len(self._wakeups),
         }
 
     def next_deadline(self) -> float | None:
-        return self._timers.next_deadline()
+        return self._wakeups.next_deadline()
 
     def handle_timer(self, now: float) -> None:
         txns = self._txns
-        for obj in self._timers.due(now):
+        for obj in self._wakeups.due(now):
             if isinstance(obj, Call):
                 obj.on_timer(now)
             else:
@@ -269,7 +272,7 @@ class ProxyCore:
         via = req.top_via
         st = self._txns.server.get(server_key(req, via, "INVITE"))
         if st is not None and st.receive_ack(now):
-            self._timers.schedule(st)
+            self._wakeups.schedule(st)
             return  # ACK for our non-2xx final (hop-by-hop)
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end
 
@@ -363,7 +366,7 @@ class ProxyCore:
         if ct.terminated:
             txns.drop_client(ct)
         else:
-            self._timers.schedule(ct)
+            self._wakeups.schedule(ct)
         if verdict is Verdict.ABSORB:
             return
         if isinstance(owner, Branch):
@@ -405,7 +408,7 @@ class ProxyCore:
         self._send(target, data, None)
 
     def arm(self, call: Call, duration: float | None, now: float) -> None:
-        self._timers.arm(call, duration, now)
+        self._wakeups.arm(call, duration, now)
 
     def call_finished(self, call: Call, status: int) -> None:
         """A call sent its final response: out of the table, into the metrics."""
