@@ -103,12 +103,17 @@ def asked_clearip(call: Call, host: FakeHost) -> SipRequest:
     return host.sent[-1]
 
 
-def test_a_302_forks_in_q_order_advances_on_503_and_returns_the_best_response() -> None:
-    call, host = new_call()
-    to_clearip = asked_clearip(call, host)
-    resp = parse_message(redirect(to_clearip), datagram=True)
+def forked(call: Call, host: FakeHost) -> SipResponse:
+    """Ask ClearIP and feed the call its 302 (two Contacts, B at q=0.9 before A at q=0.5)."""
+    resp = parse_message(redirect(asked_clearip(call, host)), datagram=True)
     assert isinstance(resp, SipResponse)
     call.on_clearip_response(resp, 0.05)
+    return resp
+
+
+def test_a_302_forks_in_q_order_advances_on_503_and_returns_the_best_response() -> None:
+    call, host = new_call()
+    resp = forked(call, host)
     assert host.take() == [("arm", None), ("client", Target("udp", *CARRIER_B), "INVITE"), ("arm", 5.0)]
     first = host.sent[-1]
     assert first.get_all("identity") == resp.get_all("identity")  # ClearIP's headers copied in
@@ -124,10 +129,7 @@ def test_a_302_forks_in_q_order_advances_on_503_and_returns_the_best_response() 
 
 def test_caller_cancel_while_ringing_cancels_the_branch_and_answers_487() -> None:
     call, host = new_call()
-    to_clearip = asked_clearip(call, host)
-    resp = parse_message(redirect(to_clearip), datagram=True)
-    assert isinstance(resp, SipResponse)
-    call.on_clearip_response(resp, 0.05)
+    forked(call, host)
     host.take()
     br = call.branch
     assert br is not None
