@@ -40,6 +40,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--emergency-action", "emergency_action", {"choices": settings_mod.EMERGENCY_ACTIONS}),
     ("--emergency-route", "emergency_route", {"metavar": "URI"}),
     ("--max-in-flight", "max_in_flight", {"metavar": "N"}),
+    ("--overload-queue-delay", "overload_queue_delay", {"metavar": "SECONDS"}),
     ("--metrics", "metrics", {"metavar": "|".join(settings_mod.METRICS_SINKS)}),
     ("--metrics-interval", "metrics_interval", {"metavar": "SECONDS"}),
     ("--proxy-id", "proxy_id", {"metavar": "ID"}),

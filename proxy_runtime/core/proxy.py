@@ -30,6 +30,14 @@ from collections.abc import Callable, Iterable
 from proxy_runtime.core import routing
 from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
 from proxy_runtime.core.call import Branch, Call, call_record
+from proxy_runtime.core.overload import (
+    OverloadControl,
+    ack_for_refusal,
+    overload_settings,
+    refusal,
+    refusal_candidate,
+    refusal_tag,
+)
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
     CLEARIP,
@@ -45,6 +53,7 @@ from proxy_runtime.core.timers import Timers
 from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
+from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
 from proxy_runtime.sip.message import (
     ParseError,
@@ -120,6 +129,10 @@ class ProxyCore:
         uri = settings.clearip_uri
         self.clearip_target = Target(CLEARIP, uri.host, uri.port or 5061)
         self._last_403_log = -1e9
+        self.overload = OverloadControl(overload_settings(settings))
+        self._refusal_tag = refusal_tag(self.stamper.instance)
+        self._refusal_tag_bytes = self._refusal_tag.encode()
+        self._last_overload_log = -1e9
 
     # =========================================================================================
     # Adapter-facing API
@@ -136,6 +149,12 @@ class ProxyCore:
         self._trusted = routing.AllowList(settings.allow_networks)
         self.breaker.update(breaker_settings(settings))
         self._publish_breaker()
+        self.overload.update_settings(overload_settings(settings))
+
+    def note_queue_delay(self, delay: float, now: float) -> None:
+        """The adapter read a datagram that had waited ``delay`` seconds in the kernel's receive
+        queue (the overload signal: see :mod:`.overload`)."""
+        self.overload.observe(delay, now)
 
     def is_trusted(self, host: str) -> bool:
         return self._trusted.allows(host)
@@ -145,6 +164,10 @@ class ProxyCore:
         malformed (the adapter closes a stream connection after too many of those)."""
         if not trusted and source.transport != CLEARIP and not self._trusted.allows(source.host):
             self._incr(names.UNTRUSTED_DROPPED)
+            return True
+        if data[:4] == b"ACK " and ack_for_refusal(data, self._refusal_tag_bytes):
+            return True  # the ACK for a stateless overload refusal: nothing waits for it
+        if data[:7] == b"INVITE " and self.overload.shedding and self._refused(data, source, now):
             return True
         try:
             msg = parse_message(data, datagram=source.transport == "udp")
@@ -159,6 +182,52 @@ class ProxyCore:
         except ParseError as exc:  # a header that only failed when the proxy needed it
             self.malformed(data, source, exc, now)
             return False
+        return True
+
+    def _refused(self, data: bytes, source: Target, now: float) -> bool:
+        """Overload: refuse a new call (503 + Retry-After, statelessly) when the controller says so.
+        Retransmissions of admitted calls, in-dialog requests and emergency calls go on."""
+        found = refusal_candidate(data)
+        if found is None:
+            return False
+        req, via = found
+        try:
+            if server_key(req, via, "INVITE") in self._txns.server or self.is_emergency(req):
+                return False
+            if self.overload.admit(now):
+                return False
+            stamp_via(req, via, source)
+            target = response_target(req.top_via, source)
+        except ParseError:
+            return False  # the full parse answers it
+        self._send(target, refusal(req, self.overload.settings.retry_after, self._refusal_tag), None)
+        if self.recorder is not None:
+            self.recorder.record_call(
+                CallRecord(
+                    call_id=req.call_id,
+                    clearip_outcome=None,
+                    clearip_latency_ms=None,
+                    carrier_attempts=0,
+                    route_advances=0,
+                    final_status=503,
+                    post_dial_delay_ms=None,
+                    emergency=False,
+                    proxy_failed=True,
+                    overload_rejected=True,
+                    reason="proxy overloaded (queue delay)",
+                ),
+                log_line=False,
+            )
+        if now - self._last_overload_log >= 1.0:
+            self._last_overload_log = now
+            ol = self.overload
+            log.warning(
+                "overload: requests wait %.0f ms before they are read; refusing %.0f%% of new calls "
+                "with 503 (%d refused since start)",
+                ol.delay * 1000,
+                ol.refuse * 100,
+                ol.refused,
+            )
         return True
 
     def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
@@ -301,6 +370,8 @@ class ProxyCore:
         if st is not None and st.receive_ack(now):
             self._wakeups.schedule(st)
             return  # ACK for our non-2xx final (hop-by-hop)
+        if st is None and req.to_tag == self._refusal_tag:
+            return  # ACK for a stateless overload refusal that the byte check missed
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end
 
     def _on_cancel(self, req: SipRequest, source: Target, now: float) -> None:

@@ -98,8 +98,10 @@ class MetricsRecorder:
     def log_numbers(self, value: bool) -> None:
         self._log_numbers = value
 
-    def record_call(self, rec: CallRecord) -> None:
-        """Fold one finished call into the interval and log its JSON line on ``clearip.calls``."""
+    def record_call(self, rec: CallRecord, *, log_line: bool = True) -> None:
+        """Fold one finished call into the interval and log its JSON line on ``clearip.calls``
+        (``log_line=False``: counted only — overload refusals, summarised once a second instead,
+        as a line per refusal would cost as much as the refusal itself)."""
         counts = self._counts
         counts[_CALLS] += 1
         if 200 <= rec.final_status < 300:
@@ -129,7 +131,7 @@ class MetricsRecorder:
             h = hist[_ADVANCES]
             a = float(max(0, rec.route_advances))
             h[a] = h.get(a, 0) + 1
-        if _call_log.isEnabledFor(logging.INFO):
+        if log_line and _call_log.isEnabledFor(logging.INFO):
             _call_log.info(self.call_line(rec))
 
     def call_line(self, rec: CallRecord) -> str:

@@ -86,6 +86,11 @@ class Settings:
     advance_on_4xx: bool = True  # route-advance on 4xx other than those that must not advance
     large_over_tcp: bool = False  # send requests over 1,300 bytes by TCP (RFC 3261 §18.1.1)
     max_in_flight: int = 2000  # INVITE server transactions; above it new INVITEs get 503 Retry-After
+    # Overload control (core/overload.py): past this many seconds of queue delay (how long UDP
+    # datagrams wait in the kernel before the proxy reads them) a share of new INVITEs get 503 with
+    # Retry-After `overload_retry_after` s, so admitted calls keep the CPU. 0 = off.
+    overload_queue_delay: float = 0.1
+    overload_retry_after: int = 5
     drain_timeout: float = 30.0
     # Security.
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -233,6 +238,16 @@ def validate(s: Settings) -> Settings:
         raise SettingsError("drain_timeout", "must not be negative")
     if s.max_in_flight < 1:
         raise SettingsError("max_in_flight", "must be at least 1")
+    if not (s.overload_queue_delay == 0 or 0.005 <= s.overload_queue_delay <= 0.4):
+        raise SettingsError(
+            "overload_queue_delay",
+            "must be 0 (off) or between 0.005 and 0.4 seconds (SIP clients retransmit after 0.5 s), "
+            f"got {s.overload_queue_delay}",
+        )
+    if not 1 <= s.overload_retry_after <= 3600:
+        raise SettingsError(
+            "overload_retry_after", f"must be 1 to 3600 seconds, got {s.overload_retry_after}"
+        )
     if not 1500 <= s.max_message_size <= 1_048_576:
         raise SettingsError("max_message_size", "must be between 1500 and 1048576 bytes")
     try:

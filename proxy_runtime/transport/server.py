@@ -27,7 +27,7 @@ from proxy_runtime.sip.message import ParseError
 from proxy_runtime.transport import tls
 from proxy_runtime.transport.clearip import ClearIpLink
 from proxy_runtime.transport.stream import StreamConnection, contained
-from proxy_runtime.transport.udp import UdpEndpoint
+from proxy_runtime.transport.udp import UdpSocket, bound_socket
 
 log = logging.getLogger("clearip.server")
 
@@ -52,7 +52,7 @@ class Listener:
     transport: str
     bound: HostPort
     server: asyncio.AbstractServer | None = None
-    udp: UdpEndpoint | None = None
+    udp: UdpSocket | None = None
 
 
 @dataclass
@@ -127,7 +127,7 @@ class ProxyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
-        self._udp_out: UdpEndpoint | None = None
+        self._udp_out: UdpSocket | None = None
         self._conns: dict[int, StreamConnection] = {}
         self._by_peer: dict[tuple[str, str, int], StreamConnection] = {}
         self._per_source: dict[str, int] = defaultdict(int)
@@ -146,12 +146,8 @@ class ProxyServer:
         if s.tls:
             self._tls_server = tls.server_context(s.tls_cert, s.tls_key)
         for hp in s.udp:
-            transport, proto = await loop.create_datagram_endpoint(
-                lambda: UdpEndpoint(self._on_datagram), local_addr=(hp.host, hp.port)
-            )
-            _grow_buffers(transport.get_extra_info("socket"))
-            sockname = transport.get_extra_info("sockname")
-            self.listeners.append(Listener("udp", HostPort(hp.host, sockname[1]), udp=proto))
+            udp = self._udp_socket(hp.host, hp.port)
+            self.listeners.append(Listener("udp", HostPort(hp.host, udp.sockname[1]), udp=udp))
         for name, hps, ctx in (("tcp", s.tcp, None), ("tls", s.tls, self._tls_server)):
             for hp in hps:
                 srv = await loop.create_server(
@@ -165,13 +161,8 @@ class ProxyServer:
                 )
                 port = srv.sockets[0].getsockname()[1]
                 self.listeners.append(Listener(name, HostPort(hp.host, port), server=srv))
-        udp = [lst for lst in self.listeners if lst.udp is not None]
-        if udp:
-            self._udp_out = udp[0].udp
-        else:
-            _, self._udp_out = await loop.create_datagram_endpoint(
-                lambda: UdpEndpoint(self._on_datagram), local_addr=("0.0.0.0", 0)
-            )
+        bound = [lst.udp for lst in self.listeners if lst.udp is not None]
+        self._udp_out = bound[0] if bound else self._udp_socket("0.0.0.0", 0)
         ports: dict[str, int] = {}
         for lst in self.listeners:
             ports.setdefault(lst.transport, lst.bound.port)
@@ -213,6 +204,19 @@ class ProxyServer:
         desc = ", ".join(f"{lst.transport}:{lst.bound}" for lst in self.listeners)
         log.info("ready: listening on %s; advertising %s; ClearIP %s", desc, advertise, s.clearip)
 
+    def _udp_socket(self, host: str, port: int) -> UdpSocket:
+        assert self._loop is not None
+        sock = bound_socket(host, port)
+        _grow_buffers(sock)
+        return UdpSocket(
+            sock,
+            self._loop,
+            self._on_datagram,
+            max_size=self.settings.max_message_size,
+            on_queue_delay=self._on_queue_delay,
+            on_batch_done=self._after_batch,
+        )
+
     def _handshake_timeout(self, ctx: ssl.SSLContext | None) -> float | None:
         """A TLS client that connects and never completes its handshake is not a connection the
         sweeper sees (asyncio calls connection_made after the handshake): bound it here."""
@@ -252,12 +256,12 @@ class ProxyServer:
         for lst in self.listeners:
             if lst.server is not None:
                 lst.server.close()
-            if lst.udp is not None and lst.udp.transport is not None:
-                lst.udp.transport.close()
+            if lst.udp is not None:
+                lst.udp.close()
         for conn in list(self._conns.values()):
             conn.close()
-        if self._udp_out is not None and self._udp_out.transport is not None:
-            self._udp_out.transport.close()
+        if self._udp_out is not None:
+            self._udp_out.close()
         for lst in self.listeners:
             if lst.server is not None:
                 with contextlib.suppress(Exception):
@@ -328,7 +332,16 @@ class ProxyServer:
     # ------------------------------------------------------------------------------------------
     # Inbound
     # ------------------------------------------------------------------------------------------
+    def _after_batch(self) -> None:
+        if self.core is not None and self._loop is not None:
+            self._kick()
+
+    def _on_queue_delay(self, delay: float) -> None:
+        if self.core is not None and self._loop is not None:
+            self.core.note_queue_delay(delay, self._loop.time())
+
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        """One datagram of a batch; the UDP socket calls :meth:`_kick` once the batch is read."""
         core = self.core
         if core is None or self._loop is None:
             return
@@ -343,14 +356,11 @@ class ProxyServer:
                 core.malformed(data, source, ParseError("message too large", 513), self._loop.time())
             elif self.recorder is not None:
                 self.recorder.incr(names.UNTRUSTED_DROPPED)
-            self._kick()
             return
         try:
             core.receive(data, source, self._loop.time())
         except Exception as exc:  # a bug costs this datagram, never the listener or the timer
             contained.report("reading a udp message", exc, f" from {addr[0]}:{addr[1]}")
-        finally:
-            self._kick()
 
     def _new_stream(self, name: str, *, outbound: bool) -> StreamConnection:
         assert self._loop is not None

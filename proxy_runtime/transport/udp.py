@@ -1,28 +1,175 @@
-"""UDP listener: each datagram goes to the proxy core with its source address."""
+"""UDP listener: reads datagrams in batches straight from the socket, with the kernel's receive
+timestamp, and hands each to the proxy core with its source address.
+
+Why not asyncio's datagram transport: it hides how long a datagram waited in the kernel's receive
+queue, and that wait is the overload signal (core/overload.py) — it rises as soon as requests come
+faster than they are served, well before the buffer overflows and the kernel drops them. Reading
+the socket ourselves (``loop.add_reader`` + ``recvmsg_into``) gives the SO_TIMESTAMPNS receive time
+of each datagram, one reusable buffer instead of an allocation per read, and a batch boundary, so
+the adapter re-arms the core's timer once per batch instead of once per datagram.
+
+Sending goes straight to ``sendto`` (UDP never blocks in practice with an 8 MiB send buffer); when
+the kernel does say EAGAIN the datagram waits in a bounded queue for the socket to become writable,
+as asyncio's transport did.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
+import logging
+import socket
+import struct
+import sys
+import time
 from collections.abc import Callable
-from typing import cast
+
+log = logging.getLogger("clearip.udp")
+
+# Linux's SO_TIMESTAMPNS (asm-generic and x86: 35; the cmsg type SCM_TIMESTAMPNS is the same).
+# Python's socket module does not export it. Elsewhere no timestamp: the queue delay is unknown
+# and overload control falls back to max_in_flight.
+SO_TIMESTAMPNS = 35 if sys.platform == "linux" else None
+_TIMESPEC = struct.Struct("@qq")
+BATCH = 64  # datagrams read per wake-up at most, then the loop runs timers and other sockets
+SEND_QUEUE_MAX = 10_000  # datagrams held while the kernel says EAGAIN; beyond, dropped (UDP)
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port`` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpSocket:
+    """One bound UDP socket driven by the event loop's reader callback."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_datagram: Callable[[bytes, tuple[str, int]], None],
+        *,
+        max_size: int = 65535,
+        on_queue_delay: Callable[[float], None] | None = None,
+        on_batch_done: Callable[[], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = loop
         self._on_datagram = on_datagram
-        self.transport: asyncio.DatagramTransport | None = None
+        self._on_queue_delay = on_queue_delay
+        self._on_batch_done = on_batch_done
+        # One byte more than the largest message, so an oversized datagram is seen as such.
+        self._buf = bytearray(max_size + 1)
+        self._view = memoryview(self._buf)
+        self._timestamps = False
+        if SO_TIMESTAMPNS is not None and on_queue_delay is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self._timestamps = True
+            except OSError:
+                pass
+        self._anc = socket.CMSG_SPACE(_TIMESPEC.size) if self._timestamps else 0
+        self._pending: collections.deque[tuple[bytes, tuple[str, int]]] = collections.deque()
+        self.closed = False
+        self.dropped_sends = 0
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is not a subclass
+    @property
+    def sockname(self) -> tuple[str, int]:
+        name = self.sock.getsockname()
+        return str(name[0]), int(name[1])
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._on_datagram(data, (str(addr[0]), int(addr[1])))
+    @property
+    def timestamps(self) -> bool:
+        """Whether the kernel stamps each datagram (the queue delay is measured)."""
+        return self._timestamps
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and the like: UDP has no per-send error; retransmission timers
-        # and the no-provisional timeout handle the unreachable peer.
-        pass
+    # ---- receiving ---------------------------------------------------------------------------
+    def _readable(self) -> None:
+        sock = self.sock
+        view = self._view
+        anc = self._anc
+        on_datagram = self._on_datagram
+        try:
+            for i in range(BATCH):
+                try:
+                    n, ancdata, _flags, addr = sock.recvmsg_into((view,), anc)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. a queued ICMP error: the next read goes on
+                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                        return
+                    continue
+                if i == 0 and ancdata:
+                    self._queue_delay(ancdata)
+                on_datagram(bytes(view[:n]), (str(addr[0]), int(addr[1])))
+                if self.closed:
+                    return
+        finally:
+            if self._on_batch_done is not None and not self.closed:
+                self._on_batch_done()
 
+    def _queue_delay(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """The first datagram of a batch waited longest: report how long (wall clock, as the
+        kernel's stamp is)."""
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(payload)
+                delay = time.time() - (sec + nsec * 1e-9)
+                if self._on_queue_delay is not None:
+                    self._on_queue_delay(max(0.0, delay))
+                return
+
+    # ---- sending -----------------------------------------------------------------------------
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(data, addr)
+        """Send now; queue on EAGAIN. OSError (unreachable network, bad address) goes to the caller,
+        which fails the transaction at once instead of waiting for its timer."""
+        if self.closed:
+            return
+        if self._pending:
+            self._queue(data, addr)
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._queue(data, addr)
+            self._loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _queue(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(self._pending) >= SEND_QUEUE_MAX:
+            self.dropped_sends += 1  # the peer retransmits, or our transaction does
+            return
+        self._pending.append((data, addr))
+
+    def _writable(self) -> None:
+        pending = self._pending
+        while pending:
+            data, addr = pending[0]
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.info("cannot send to udp %s:%d: %s", addr[0], addr[1], exc)
+            pending.popleft()
+        self._loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+        self._pending.clear()
+        self.sock.close()
