@@ -197,6 +197,20 @@ class Bench:
             time.sleep(1.0)
             self.log_step(s.run_rate("mix", rate, seconds, mix503=True))
 
+    def overload(self, kind: str, zero_fail: float) -> None:
+        """Offered 1.5x and 2x the proxy's own zero-failure rate for 10 s (issue 16), each in a
+        fresh session, then half the zero-failure rate for 5 s in the same processes: past
+        capacity calls completed should stay >= 90 % of the zero-failure rate, every other INVITE
+        answered at once (503), and the calm run right after should have no failure."""
+        for factor in (1.5, 2.0):
+            rate = int(round(zero_fail * factor / 10.0) * 10)
+            seconds = self.args.overload_seconds
+            if not self.budget_left(seconds + 5 + 40, f"{kind} overload {factor}x"):
+                return
+            with run.session(kind, True, self.wd(f"{kind}-pinned-overload-{factor}")) as s:
+                self.log_step(s.run_rate("overload", rate, seconds))
+                self.log_step(s.run_rate("after", max(50, int(zero_fail / 2)), 5.0))
+
     def memory(self, kind: str, zero_fail: float) -> None:
         # Ringing calls are lighter than full calls (no ACK/BYE): ramp at 400 cps or more so the
         # run reaches --memory-calls (10,000 by default) within about 25 s.
@@ -231,6 +245,10 @@ class Bench:
                 self.half_and_mix(kind, zero[kind], a.step_seconds)
             else:
                 self.note(f"{kind}: no clean pinned step, so no half-rate / mix runs")
+        if not a.no_overload:
+            for kind in self.kinds:
+                if zero[kind] > 0:
+                    self.overload(kind, zero[kind])
         for kind in self.kinds:
             self.memory(kind, zero[kind])
         if not a.no_unpinned:
@@ -265,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unpinned-seconds", type=float, default=6.0)
     p.add_argument("--retries", type=int, default=1, help="re-runs of a step that failed (noise guard)")
     p.add_argument("--memory-calls", type=int, default=10_000)
+    p.add_argument("--no-overload", action="store_true", help="skip the 1.5x / 2x overload runs")
+    p.add_argument("--overload-seconds", type=float, default=10.0)
     p.add_argument("--quick-rate", type=int, default=300)
     p.add_argument("--quick-seconds", type=float, default=5.0)
     p.add_argument("--profile-rate", type=int, default=300)

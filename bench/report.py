@@ -124,7 +124,7 @@ def parse_proc_status_kb(text: str, key: str) -> int:
 class StepResult:
     target: str  # "ours" | "kamailio"
     pinned: bool
-    kind: str  # "step" | "half" | "mix" | "quick"
+    kind: str  # "step" | "half" | "mix" | "quick" | "overload" | "after"
     rate: int  # offered cps
     seconds: float  # offered duration
     calls: int = 0  # calls created by the switch
@@ -142,16 +142,35 @@ class StepResult:
     sipp_cpu_util: float = 0.0  # load generator CPU seconds / wall seconds (1.0 = one core busy)
     other_load: float = 0.0  # cores busy with anything else on the machine during the step
     exit_code: int | None = None
+    carried: int | None = None  # calls the carriers completed (None: not counted, older runs)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def refused(self) -> int:
+        """Calls the switch saw end with 503/500 without reaching a carrier: overload refusals
+        (and, in the mix run, ClearIP's 503s). SIPp's scenario counts them as successful calls."""
+        return 0 if self.carried is None else max(0, self.ok - self.carried)
+
+    @property
+    def completed_cps(self) -> float:
+        """Calls carried to the carrier and completed, per offered second."""
+        return (self.ok if self.carried is None else self.carried) / max(self.seconds, 0.001)
+
+    @property
     def clean(self) -> bool:
-        """Zero failed calls and kept up with the offered rate."""
-        return self.failed == 0 and self.calls > 0 and self.achieved_cps >= 0.9 * self.rate
+        """Zero failed calls, none refused (a refused call is a failure for the zero-failure
+        rate, though SIPp counts the 503 as a successful end), and kept up with the offered rate."""
+        return (
+            self.failed == 0
+            and self.calls > 0
+            and self.achieved_cps >= 0.9 * self.rate
+            and (self.kind == "mix" or self.refused == 0)
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["clean"] = self.clean
+        d["refused"] = self.refused
         return d
 
 
@@ -257,6 +276,31 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def overload_table(steps: Sequence[StepResult]) -> list[str]:
+    """Each overload step (offered 1.5x / 2x the proxy's own zero-failure rate for 10 s) beside
+    the calm run right after it in the same processes."""
+    out = [
+        "| proxy | offered cps | completed cps | refused (503) | failed | retrans switch/peers "
+        "| setup p50 / p99 ms | then at half rate: failed, p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for i, s in enumerate(steps):
+        if s.kind != "overload":
+            continue
+        after = steps[i + 1] if i + 1 < len(steps) and steps[i + 1].kind == "after" else None
+        tail = (
+            "-"
+            if after is None
+            else f"{after.failed}{'' if after.clean else ' ✗'}, {_fmt(after.p99_ms, '.0f')}"
+        )
+        out.append(
+            f"| {s.target} | {s.rate} | {s.completed_cps:.0f} | {s.refused} | {s.failed} "
+            f"| {s.retrans_switch}/{s.retrans_peers} "
+            f"| {_fmt(s.p50_ms, '.0f')} / {_fmt(s.p99_ms, '.0f')} | {tail} |"
+        )
+    return out
+
+
 def _step_fields(d: dict[str, Any]) -> dict[str, Any]:
     names = StepResult.__dataclass_fields__
     return {k: v for k, v in d.items() if k in names}
@@ -329,6 +373,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{_fmt(u.get('ours_cpu_s_per_1k'), '.2f')}, "
             f"Kamailio {_fmt(u.get('kamailio_cpu_s_per_1k'), '.2f')}.",
         ]
+    if any(s.kind == "overload" for s in steps):
+        lines += ["", "### Overload (pinned): offered past each proxy's own zero-failure rate", ""]
+        lines += overload_table(steps)
     lines += ["", "### Every run", "", *step_table(steps)]
     if mems:
         lines += [

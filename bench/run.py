@@ -133,6 +133,10 @@ class Session:
         for p in self.peers():
             p.stop()
 
+    def carried(self) -> int:
+        """Calls the carriers completed so far (cumulative over the session)."""
+        return sum(report.stat_int(c.last_stats(), "SuccessfulCall(C)") for c in self.carriers)
+
     def peers_retrans(self) -> int:
         return sum(report.stat_int(p.last_stats(), "Retransmissions(C)") for p in self.peers())
 
@@ -207,6 +211,7 @@ class Session:
         calls = max(1, int(rate * seconds))
         res = StepResult(self.target_kind, self.pinned, kind, rate, seconds)
         retrans0 = self.peers_retrans()
+        carried0 = self.carried()
         cpu0 = self.target.cpu_seconds()
         sipp0 = self.sipp_cpu([])
         kids0 = _children_cpu()
@@ -243,6 +248,7 @@ class Session:
         res.failed = report.stat_int(st, "FailedCall(C)")
         res.retrans_switch = report.stat_int(st, "Retransmissions(C)")
         res.retrans_peers = self.peers_retrans() - retrans0
+        res.carried = self.carried() - carried0
         samples = []
         for f in uac.log.parent.glob("*_rtt.csv"):
             samples += report.parse_rtt_csv(f.read_text())

@@ -129,3 +129,18 @@ def test_identity_and_injection_file(tmp_path: object) -> None:
     lines = p.read_text().splitlines()
     assert lines[0] == "SEQUENTIAL"
     assert sum(1 for ln in lines[1:] if ln.startswith("503;")) == 3 and len(lines) == 11
+
+
+def test_refused_calls_are_not_clean_and_the_overload_table_pairs_each_run_with_the_calm_one() -> None:
+    base = {"target": "ours", "pinned": True, "seconds": 10.0, "calls": 10000, "achieved_cps": 1000.0}
+    # SIPp counts a 503 end as a successful call: 10,000 ok but the carriers completed 7,000.
+    refusing = StepResult(kind="step", rate=1000, ok=10000, carried=7000, **base)  # type: ignore[arg-type]
+    assert refusing.refused == 3000 and not refusing.clean
+    assert StepResult(kind="step", rate=1000, ok=10000, carried=10000, **base).clean  # type: ignore[arg-type]
+    assert StepResult(kind="mix", rate=1000, ok=10000, carried=7000, **base).clean  # type: ignore[arg-type]
+    assert StepResult(kind="step", rate=1000, ok=10000, **base).clean  # type: ignore[arg-type]  # older JSON
+    over = StepResult(kind="overload", rate=1500, ok=15000, carried=9500, **base)  # type: ignore[arg-type]
+    after = StepResult(kind="after", rate=500, ok=2500, carried=2500, p99_ms=12.0, **base)  # type: ignore[arg-type]
+    rows = report.overload_table([over, after])
+    assert len(rows) == 3
+    assert "| ours | 1500 | 950 | 5500 | 0 |" in rows[2] and rows[2].endswith("| 0, 12 |")
