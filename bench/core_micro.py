@@ -1,20 +1,24 @@
 """In-process cost of one full call through the sans-I/O core (no sockets, no event loop).
 
-``python -m bench.core_micro --calls 20000 [--profile]`` drives ProxyCore through the benchmark's
+``python -m bench.core_micro --calls 20000 [--profile] [--refusals]`` drives ProxyCore through the benchmark's
 flow — INVITE, 100, ClearIP 302 (~900-byte Identity, two Contacts), ACK, carrier 100/180/200,
 ACK for 2xx, BYE, 200 — and prints microseconds of CPU per call. It isolates the proxy's own
 work from the kernel and SIPp, so optimisations of the parser and core can be measured alone.
+``--refusals`` measures instead the CPU of one new INVITE refused by overload control (503 +
+Retry-After, stateless).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import pstats
 import time
 from dataclasses import replace
 
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
+from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
 from proxy_runtime.sip.message import SipRequest, parse_message
 
@@ -90,11 +94,51 @@ def one_call(core: ProxyCore, sink: Sink, i: int, now: float) -> None:
     core.handle_timer(now)
 
 
+def refusals(n: int, prof: cProfile.Profile | None) -> float:
+    """CPU per new INVITE refused by overload control (the queue delay held far past the target),
+    through the same recorder a running proxy has: the cost that decides how much room refusing
+    makes past capacity."""
+    s = replace(load(environ={}), allow=("127.0.0.0/8",), max_in_flight=10**9, overload_queue_delay=0.05)
+    core = ProxyCore(
+        s,
+        Sink(),
+        advertise="127.0.0.1",
+        ports={"udp": 5060},
+        instance="bench",
+        recorder=MetricsRecorder(proxy_id="bench"),
+    )
+    core.set_clearip_up(True, 0.0)
+    now = 0.0
+    while now < 0.5:  # the queue delay rises to 0.5 s: the controller refuses all but 2 %
+        core.note_queue_delay(now, now)
+        now += 0.001
+    invites = [_invite(i) for i in range(n)]
+    t0 = time.process_time()
+    if prof:
+        prof.enable()
+    for data in invites:
+        core.note_queue_delay(1.0, 0.5)
+        core.receive(data, SWITCH, 0.5)
+    if prof:
+        prof.disable()
+    total = time.process_time() - t0
+    print(f"{core.overload.refused} of {n} refused")
+    return total / n * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--refusals", action="store_true", help="CPU per INVITE refused by overload control")
     args = ap.parse_args(argv)
+    if args.refusals:
+        prof = cProfile.Profile() if args.profile else None
+        logging.getLogger("clearip").setLevel(logging.ERROR)  # the once-a-second summary line
+        print(f"{refusals(args.calls, prof):.1f} µs CPU per refused INVITE")
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return 0
     s = replace(load(environ={}), allow=("127.0.0.0/8",), max_in_flight=10**9)
     sink = Sink()
     core = ProxyCore(s, sink, advertise="127.0.0.1", ports={"udp": 5060, "tcp": 5060}, instance="bench")
