@@ -28,8 +28,10 @@ from collections.abc import Callable
 log = logging.getLogger("clearip.udp")
 
 # Linux's SO_TIMESTAMPNS (asm-generic and x86: 35; the cmsg type SCM_TIMESTAMPNS is the same).
-# Python's socket module does not export it. Elsewhere no timestamp: the queue delay is unknown
-# and overload control falls back to max_in_flight.
+# Python's socket module does not export it. The kernel turns on arrival stamps asynchronously
+# when the first socket on the host asks (a deferred static key): for the first few milliseconds
+# after start-up a datagram is stamped when read instead, i.e. a delay of 0. Elsewhere no
+# timestamp: the queue delay is unknown and overload control falls back to max_in_flight.
 SO_TIMESTAMPNS = 35 if sys.platform == "linux" else None
 _TIMESPEC = struct.Struct("@qq")
 BATCH = 64  # datagrams read per wake-up at most, then the loop runs timers and other sockets
