@@ -193,6 +193,13 @@ class ControlServer:
                 "breaker": core.breaker.state.value if core is not None else "closed",
             },
             "calls_in_flight": core.in_flight if core is not None else 0,
+            # Overload control (docs/FAULTS.md): the queue delay it acted on last, the share of
+            # new INVITEs it refuses now, and how many it has refused since start.
+            "overload": {
+                "queue_delay_ms": round(core.overload.delay * 1000, 1) if core is not None else 0.0,
+                "refusing_percent": round(core.overload.refuse * 100, 1) if core is not None else 0.0,
+                "refused": core.overload.refused if core is not None else 0,
+            },
             "draining": bool(core is not None and core.draining),
             "advertise": core.advertise if core is not None else s.advertise,
             "settings": {
@@ -203,6 +210,8 @@ class ControlServer:
                 "emergency_numbers": list(s.emergency_numbers),
                 "emergency_action": s.emergency_action,
                 "max_in_flight": s.max_in_flight,
+                "overload_queue_delay": s.overload_queue_delay,
+                "overload_retry_after": s.overload_retry_after,
                 "metrics": s.metrics,
                 "metrics_interval": s.metrics_interval,
                 "proxy_id": s.proxy_id,

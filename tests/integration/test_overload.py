@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import collections
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
+from proxy_runtime.operations.control import request
 from tests.integration.faultlib import ClearIpStub, start_proxy
 from tests.integration.harness import HOST, Lab, SipMessage
 
 RATES = (1500, 3000, 6000)  # new calls a second, for a second each, until some are refused
 ANSWER_LIMIT = 1.0  # "at once": before the switch's second retransmission (T1 = 0.5 s, then 1 s)
+
+
+class ShortDir:
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="ovl")
+        self.path = Path(self._dir.name)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 class Switch:
@@ -116,12 +128,22 @@ class Switch:
 def test_past_capacity_every_invite_is_answered_at_once_and_calls_succeed_after(lab: Lab) -> None:
     clearip = ClearIpStub(status=404)
     lab.add_closer(clearip)
+    sock_dir = ShortDir()  # a Unix socket path must be short
+    lab.add_closer(sock_dir)
+    control = sock_dir.path / "c.sock"
     proxy = start_proxy(
         lab,
         f"sip:{HOST}:{clearip.port};transport=tcp",
         timeout=5.0,
         wait_port=clearip.port,
-        extra=["--overload-queue-delay", "0.05", "--max-in-flight", "100000"],
+        extra=[
+            "--overload-queue-delay",
+            "0.05",
+            "--max-in-flight",
+            "100000",
+            "--control-socket",
+            str(control),
+        ],
     )
     switch = Switch()
     lab.add_closer(switch)
@@ -155,6 +177,9 @@ def test_past_capacity_every_invite_is_answered_at_once_and_calls_succeed_after(
     else:
         raise AssertionError(f"the proxy never refused a call: {summary}")
     assert clearip.total_invites() == sum(1 for m in switch.final.values() if m.status == 404)
+    # The operator sees it: the control socket's status counts the refusals.
+    ovl = request(control, {"cmd": "status"})["overload"]
+    assert ovl["refused"] == sum(1 for m in switch.final.values() if m.status == 503), ovl
     # The load falls back: the next calls are all carried.
     time.sleep(0.5)
     after = [f"after-{i}" for i in range(20)]
