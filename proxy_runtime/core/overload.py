@@ -22,7 +22,7 @@ guards keep a short burst or a collection pause from costing calls: while the qu
 (under half the target) with a small refusal share nothing is refused (§4.1), and after a quiet
 spell the first ``max_burst`` (0.1 s) of a burst refuses nothing (§4.4's burst allowance).
 
-Defaults (tuned on a model of this proxy: a refusal costs about a tenth of a carried call): the
+Defaults (tuned on a model of this proxy with a refusal at a tenth of a carried call): the
 control interval 20 ms; alpha 1.0 and beta 5.0 per interval for delays in seconds; the step
 capped at +0.1 a interval; the refusal share capped at 0.98, so a probe of new calls always gets
 through and the proxy notices the load falling back. Modelled at 2x capacity: 89 % of capacity
@@ -34,7 +34,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import ParseError, SipRequest, Via, make_response, try_parse_for_reply
+from proxy_runtime.sip.message import (
+    ParseError,
+    SipRequest,
+    Via,
+    make_response,
+    parse_via,
+    try_parse_for_reply,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +182,9 @@ def overload_settings(settings: Settings) -> OverloadSettings:
 
 # ---- the cheap path for a refused call ------------------------------------------------------
 # A refusal must cost a small fraction of a carried call, or refusing cannot make room (at 2x
-# capacity a refusal costing a fifth of a call leaves only 70 % of capacity for calls). So a refused
-# INVITE is read with the reply-only parser (start line, Via, From, To, Call-ID, CSeq: about a
-# third of a full parse), answered statelessly (RFC 3261 §16.11 lets a proxy answer statelessly;
+# capacity a refusal costing a fifth of a call leaves only 75 % of capacity for calls). So a refused
+# INVITE is read from its bytes (scan_invite below; the reply-only parser for anything unusual:
+# about a third of a full parse), answered statelessly (RFC 3261 §16.11 lets a proxy answer statelessly;
 # a lost 503 is answered again when the caller retransmits), and the ACK for that 503 is
 # recognised from its bytes by the To tag the refusal used, and dropped without a parse.
 
@@ -226,3 +233,116 @@ def _has_tag(value: bytes, tag: bytes) -> bool:
         if name.strip().lower() == b"tag" and v.strip() == tag:
             return True
     return False
+
+
+# ---- the byte-level refusal ----------------------------------------------------------------
+# Written by hand because no SIP library offers a partial read cheaper than this project's own
+# reply-only parser, and the refusal's cost decides how much of capacity survives at 2x load.
+# Anything unusual (folded or compact-form headers with quotes, no magic cookie, an emergency
+# number anywhere in the Request-URI, a To tag) returns None and takes the parsed path above.
+
+_WANTED = {
+    b"via": b"via",
+    b"v": b"via",
+    b"from": b"from",
+    b"f": b"from",
+    b"to": b"to",
+    b"t": b"to",
+    b"call-id": b"call-id",
+    b"i": b"call-id",
+    b"cseq": b"cseq",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedInvite:
+    """What a refusal needs from a new INVITE, read from its bytes."""
+
+    via: Via  # the top Via, parsed
+    vias: tuple[bytes, ...]  # every Via header line's value, in order (the first holds the top Via)
+    from_: bytes
+    to: bytes
+    call_id: bytes
+    cseq: bytes
+
+    def refusal(self, top_via: Via, tag: str, retry_after: int) -> bytes:
+        """The stateless 503: every Via (the top one as stamped), From, To with ``tag``, Call-ID,
+        CSeq, Retry-After (RFC 3261 §8.2.6.2)."""
+        first = self.vias[0]
+        rest = first.split(b",", 1)[1] if b"," in first else b""
+        out = [
+            b"SIP/2.0 503 Service Unavailable",
+            b"Via: " + str(top_via).encode() + (b"," + rest if rest else b""),
+        ]
+        out += [b"Via: " + v for v in self.vias[1:]]
+        out += [
+            b"From: " + self.from_,
+            b"To: " + self.to + b";tag=" + tag.encode(),
+            b"Call-ID: " + self.call_id,
+            b"CSeq: " + self.cseq,
+        ]
+        if retry_after:
+            out.append(b"Retry-After: %d" % retry_after)
+        out.append(b"Content-Length: 0")
+        return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def emergency_digits(numbers: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The digits to look for in a Request-URI before refusing from the bytes: each emergency
+    number without a leading + or 1 (the matcher accepts 911, 1911 and +1911 alike)."""
+    out = []
+    for n in numbers:
+        digits = "".join(c for c in n if c.isdigit())
+        if digits.startswith("1") and len(digits) > 3:
+            digits = digits[1:]
+        if digits:
+            out.append(digits.encode())
+    return tuple(out)
+
+
+def scan_invite(data: bytes, emergency: tuple[bytes, ...]) -> ScannedInvite | None:
+    """A new out-of-dialog INVITE read from its bytes, or None (take the parsed path).
+    ``emergency``: :func:`emergency_digits` — an INVITE whose Request-URI holds any of them is
+    left to the parsed path, which knows an emergency call for sure."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    start = lines[0]
+    if not start.startswith(b"INVITE ") or not start.endswith(b" SIP/2.0"):
+        return None
+    ruri = start[7:-8]
+    if b"%" in ruri or any(n in ruri for n in emergency):
+        return None  # maybe an emergency call (escaped digits too): the parsed path decides
+    vias: list[bytes] = []
+    found: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        if not line or line[0] in b" \t":
+            return None  # a folded header: the parser handles it
+        name, sep, value = line.partition(b":")
+        if not sep:
+            return None
+        key = _WANTED.get(name.strip().lower())
+        if key is None:
+            continue
+        value = value.strip()
+        if key == b"via":
+            vias.append(value)
+        elif key in found:
+            return None  # a repeated From/To/Call-ID/CSeq: malformed, the parser answers 400
+        else:
+            found[key] = value
+    if not vias or len(found) != 4:
+        return None
+    to = found[b"to"]
+    if b"tag" in to.lower() or b'"' in vias[0]:
+        return None  # a To tag (in-dialog: never refused), or a quoted Via parameter
+    if found[b"cseq"].split()[-1:] != [b"INVITE"]:
+        return None  # a CSeq that does not match the method: the parser answers 400
+    try:
+        via = parse_via(vias[0].split(b",", 1)[0].decode("ascii"))
+    except (ParseError, UnicodeDecodeError):
+        return None
+    if not via.branch.startswith("z9hG4bK"):
+        return None
+    return ScannedInvite(via, tuple(vias), found[b"from"], to, found[b"call-id"], found[b"cseq"])

@@ -33,10 +33,12 @@ from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.overload import (
     OverloadControl,
     ack_for_refusal,
+    emergency_digits,
     overload_settings,
     refusal,
     refusal_candidate,
     refusal_tag,
+    scan_invite,
 )
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
@@ -133,6 +135,8 @@ class ProxyCore:
         self._refusal_tag = refusal_tag(self.stamper.instance)
         self._refusal_tag_bytes = self._refusal_tag.encode()
         self._last_overload_log = -1e9
+        self._emergency_digits = emergency_digits(settings.emergency_numbers)
+        self._no_request = SipRequest("INVITE", "")  # for server_key / stamp_via on a scanned Via
 
     # =========================================================================================
     # Adapter-facing API
@@ -150,6 +154,7 @@ class ProxyCore:
         self.breaker.update(breaker_settings(settings))
         self._publish_breaker()
         self.overload.update_settings(overload_settings(settings))
+        self._emergency_digits = emergency_digits(settings.emergency_numbers)
 
     def note_queue_delay(self, delay: float, now: float) -> None:
         """The adapter read a datagram that had waited ``delay`` seconds in the kernel's receive
@@ -186,25 +191,41 @@ class ProxyCore:
 
     def _refused(self, data: bytes, source: Target, now: float) -> bool:
         """Overload: refuse a new call (503 + Retry-After, statelessly) when the controller says so.
-        Retransmissions of admitted calls, in-dialog requests and emergency calls go on."""
-        found = refusal_candidate(data)
-        if found is None:
-            return False
-        req, via = found
+        Retransmissions of admitted calls, in-dialog requests and emergency calls go on. The
+        common INVITE is read from its bytes; anything unusual takes the reply-only parser."""
+        retry_after = self.overload.settings.retry_after
+        scanned = scan_invite(data, self._emergency_digits)
         try:
-            if server_key(req, via, "INVITE") in self._txns.server or self.is_emergency(req):
-                return False
-            if self.overload.admit(now):
-                return False
-            stamp_via(req, via, source)
-            target = response_target(req.top_via, source)
+            if scanned is not None:
+                via = scanned.via
+                if server_key(self._no_request, via, "INVITE") in self._txns.server:
+                    return False
+                if self.overload.admit(now):
+                    return False
+                stamp_via(self._no_request, via, source)  # received= / rport on the Via alone
+                target = response_target(via, source)
+                out = scanned.refusal(via, self._refusal_tag, retry_after)
+                call_id = scanned.call_id.decode("utf-8", "replace")
+            else:
+                found = refusal_candidate(data)
+                if found is None:
+                    return False
+                req, via = found
+                if server_key(req, via, "INVITE") in self._txns.server or self.is_emergency(req):
+                    return False
+                if self.overload.admit(now):
+                    return False
+                stamp_via(req, via, source)
+                target = response_target(req.top_via, source)
+                out = refusal(req, retry_after, self._refusal_tag)
+                call_id = req.call_id
         except ParseError:
             return False  # the full parse answers it
-        self._send(target, refusal(req, self.overload.settings.retry_after, self._refusal_tag), None)
+        self._send(target, out, None)
         if self.recorder is not None:
             self.recorder.record_call(
                 CallRecord(
-                    call_id=req.call_id,
+                    call_id=call_id,
                     clearip_outcome=None,
                     clearip_latency_ms=None,
                     carrier_attempts=0,

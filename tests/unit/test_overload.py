@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from proxy_runtime.core.overload import OverloadControl, OverloadSettings, ack_for_refusal
+from proxy_runtime.core.overload import (
+    OverloadControl,
+    OverloadSettings,
+    ack_for_refusal,
+    emergency_digits,
+    scan_invite,
+)
 from proxy_runtime.core.proxy import ProxyCore, Target
 from proxy_runtime.settings import SettingsError, load
-from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
 from tests.unit.test_proxy_core import SWITCH, Net, invite, make_core
 
 TICK = 0.001
@@ -184,3 +190,51 @@ def test_core_drops_the_ack_for_a_refusal_without_forwarding_it() -> None:
     ).encode()
     core.receive(ack, Target("udp", SWITCH.host, SWITCH.port), 0.6)
     assert net.sent == []
+
+
+def test_the_byte_level_refusal_is_a_well_formed_503_like_the_parsed_one() -> None:
+    data = invite(branch="z9hG4bKbytes").replace(
+        b"Via: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKbytes\r\n",
+        b"Via: SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKbytes;rport, SIP/2.0/TCP 10.0.0.1;branch=z9hG4bKx\r\n"
+        b"v: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKy\r\n",
+    )
+    scanned = scan_invite(data, emergency_digits(("911", "+1933")))
+    assert scanned is not None
+    core, net = _overloaded_core()
+    source = Target("udp", "10.0.0.77", 40000)
+    while not net.sent:  # until the controller refuses one (it lets about 2 % through)
+        core.receive(
+            data.replace(b"z9hG4bKbytes", f"z9hG4bKb{len(net.sent)}{core.overload.refused}".encode()),
+            source,
+            0.5,
+        )
+        net.sent = [s for s in net.sent if b" 503 " in s[1][:20]]
+    target, raw, _ = net.sent[0]
+    assert (target.host, target.port) == ("10.0.0.77", 40000)  # rport: back to the source port
+    resp = parse_message(raw, datagram=True)
+    assert isinstance(resp, SipResponse) and resp.status == 503
+    vias = resp.values("via")
+    assert len(vias) == 3
+    assert "received=10.0.0.77" in vias[0] and "rport=40000" in vias[0]
+    assert vias[1].startswith("SIP/2.0/TCP 10.0.0.1") and vias[2].startswith("SIP/2.0/UDP 10.0.0.2")
+    assert resp.to_tag == "t35t-ovl" and resp.get("retry-after") == "5"
+    assert resp.call_id == "call-1@10.0.0.5" and resp.cseq == (1, "INVITE")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        (
+            b"To: <sip:+15551234567@acme.sip.clearip.com>",
+            b"To: <sip:+15551234567@acme.sip.clearip.com>;tag=x",
+        ),
+        (b";branch=z9hG4bKsw1", b";branch=old-2543"),
+        (b"Max-Forwards: 70\r\n", b"Max-Forwards:\r\n 70\r\n"),  # folded
+        (b"INVITE sip:+15551234567@", b"INVITE sip:911@"),  # maybe an emergency call
+        (b"INVITE sip:+15551234567@", b"INVITE sip:%39%31%31@"),
+        (b"CSeq: 1 INVITE", b"CSeq: 1 BYE"),
+    ],
+)
+def test_unusual_invites_are_left_to_the_parsed_path(change: tuple[bytes, bytes]) -> None:
+    assert scan_invite(invite(), emergency_digits(("911",))) is not None
+    assert scan_invite(invite().replace(*change), emergency_digits(("911",))) is None
