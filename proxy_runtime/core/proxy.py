@@ -31,19 +31,11 @@ from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    parse_message,
-    parse_name_addr,
-    parse_via,
-    split_list,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via, parse_name_addr, parse_via, split_list
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,

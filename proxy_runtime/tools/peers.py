@@ -27,18 +27,12 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    make_response,
-    parse_message,
-    parse_name_addr,
-    split_list,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.grammar import parse_name_addr, split_list
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import UriError, parse_uri
 
 log = logging.getLogger(__name__)

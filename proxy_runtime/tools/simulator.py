@@ -40,15 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy_runtime.sip.message import (
-    REASON_PHRASES,
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    make_response,
-    parse_name_addr,
-)
+from proxy_runtime.sip.build import REASON_PHRASES, make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.tools.peers import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
 
 log = logging.getLogger("proxy_runtime.tools.simulator")

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from proxy_runtime.sip.message import SipResponse, parse_message, parse_name_addr
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipResponse
+from proxy_runtime.sip.parse import parse_message
 from proxy_runtime.tools.peers import SimulatedCarrier, SimulatedSwitch, Transport
 from proxy_runtime.tools.simulator import ClearIpSimulator, decode_passport, parse_rules
 

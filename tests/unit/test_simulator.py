@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy_runtime.sip.message import SipRequest, parse_message, parse_name_addr
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipRequest
+from proxy_runtime.sip.parse import parse_message
 from proxy_runtime.tools.simulator import (
     DEFAULT_RULES,
     DEFAULT_RULES_TOML,
