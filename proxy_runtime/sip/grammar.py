@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.uri import plain_params
 
 SIP_VERSION = "SIP/2.0"
 # Header fields in one message; also bounds the values in one list header (a value flood costs like
@@ -338,14 +339,9 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
         f_portn = int(f_port) if f_port else None
         if f_portn is not None and not 0 < f_portn < 65536:
             raise ParseError(f"bad Via port {f_port!r}")
-        f_pdict: dict[str, str | None] = {}
-        if f_params:
-            for part in f_params[1:].split(";"):
-                k, sep, v = part.partition("=")
-                f_pdict[k.lower()] = v if sep else None
         if f_host[0] == "[":
             f_host = f_host[1:-1]
-        return Via(f_transport.upper(), f_host.lower(), f_portn, f_pdict, SIP_VERSION)
+        return Via(f_transport.upper(), f_host.lower(), f_portn, plain_params(f_params), SIP_VERSION)
     if value.startswith("SIP/2.0/"):
         sp = value.find(" ", 8)
         tab = value.find("\t", 8)

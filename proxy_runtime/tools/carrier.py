@@ -15,8 +15,8 @@ from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.tools.endpoint import (
     T1,
-    T2,
     Addr,
+    Peer,
     ReceivedRequest,
     SipEndpoint,
     Source,
@@ -51,7 +51,7 @@ class _UasInvite:
     task: asyncio.Task[None] | None = None
 
 
-class SimulatedCarrier:
+class SimulatedCarrier(Peer):
     """A carrier's SIP endpoint: answers INVITEs by behaviour, per called number or by default.
 
     ``numbers`` maps a called number (R-URI user, with or without ``+``) to a behaviour; other numbers
@@ -90,13 +90,6 @@ class SimulatedCarrier:
     async def stop(self) -> None:
         await cancel_tasks(self._tasks)
         await self.endpoint.close()
-
-    async def __aenter__(self) -> SimulatedCarrier:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def address(self, transport: Transport = "udp") -> Addr:
         return self.endpoint.local_addr(transport)
@@ -225,16 +218,4 @@ class SimulatedCarrier:
         resp = make_response(inv.request, status, reason, to_tag=inv.to_tag, extra=extra, body=body)
         data = self._send(inv, inv.source, resp)
         if inv.source.transport == "udp":
-            self._spawn(self._retransmit_final(inv, data))
-
-    async def _retransmit_final(self, inv: _UasInvite, data: bytes) -> None:
-        """Timer G (non-2xx) / RFC 3261 §13.3.1.4 (2xx): resend until ACK, for 64*T1 at most."""
-        interval = self.t1
-        deadline = time.monotonic() + 64 * self.t1
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(inv.acked.wait(), interval)
-                return
-            except TimeoutError:
-                self.endpoint.reply(inv.source, data)
-                interval = min(interval * 2, T2)
+            self._spawn(self.endpoint.resend_until_acked(inv.source, data, inv.acked, self.t1))

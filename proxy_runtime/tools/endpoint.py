@@ -19,9 +19,10 @@ import logging
 import secrets
 import ssl
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
@@ -280,6 +281,19 @@ class SipEndpoint:
         elif self.udp is not None and self.udp.transport is not None:
             self.udp.transport.sendto(data, src.addr)
 
+    async def resend_until_acked(self, src: Source, data: bytes, acked: asyncio.Event, t1: float) -> None:
+        """A final response over UDP (RFC 3261 Timer G, and §13.3.1.4 for a 2xx): resend ``data`` at
+        T1, 2*T1, ... (at most T2 apart) until ``acked`` is set, giving up after 64*T1 (Timer H)."""
+        interval = t1
+        deadline = time.monotonic() + 64 * t1
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(acked.wait(), interval)
+                return
+            except TimeoutError:
+                self.reply(src, data)
+                interval = min(interval * 2, T2)
+
     async def send(self, msg: SipMessage | bytes, transport: Transport, addr: Addr) -> Source:
         """Send to an address; streams reuse an open connection to it or open one."""
         data = msg if isinstance(msg, bytes) else msg.serialize()
@@ -333,6 +347,23 @@ class SipEndpoint:
         self._conns.clear()
         self._outbound.clear()
         self.udp = None
+
+
+class Peer(ABC):
+    """What the simulated peers share: ``async with peer:`` starts it with its defaults, then stops it."""
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def via_with_rport(resp: SipResponse, src: Source) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.tools.answers import SERVER_HEADER, build_answer
-from proxy_runtime.tools.endpoint import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
+from proxy_runtime.tools.endpoint import T1, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
 from proxy_runtime.tools.rules import DEFAULT_RULES, DEFAULT_RULES_TOML, Rule, RulesError, RuleSet, load_rules
 
 log = logging.getLogger("proxy_runtime.tools.simulator")
@@ -192,19 +192,8 @@ class ClearIpSimulator:
         inv.final = self._send(inv.source, resp)
         inv.status = resp.status
         if inv.source.transport == "udp":
-            self._spawn(asyncio.get_running_loop().create_task(self._retransmit(inv)))
-
-    async def _retransmit(self, inv: _ServerInvite) -> None:
-        """Timer G until the ACK, giving up at Timer H (64*T1)."""
-        interval = self.t1
-        deadline = time.monotonic() + 64 * self.t1
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(inv.acked.wait(), interval)
-                return
-            except TimeoutError:
-                self.endpoint.reply(inv.source, inv.final)
-                interval = min(interval * 2, T2)
+            resend = self.endpoint.resend_until_acked(inv.source, inv.final, inv.acked, self.t1)
+            self._spawn(asyncio.get_running_loop().create_task(resend))
 
     def _on_cancel(self, req: SipRequest, src: Source) -> None:
         inv = self._invites.get(self._key(req))

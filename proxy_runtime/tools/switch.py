@@ -25,6 +25,7 @@ from proxy_runtime.tools.endpoint import (
     T1,
     T2,
     Addr,
+    Peer,
     ReceivedRequest,
     SipEndpoint,
     Source,
@@ -82,7 +83,7 @@ class _ClientTx:
         self.queue: asyncio.Queue[SipResponse] = asyncio.Queue()
 
 
-class SimulatedSwitch:
+class SimulatedSwitch(Peer):
     """A carrier switch placing calls: ``await switch.call("+12125551234", proxy_addr, "udp")``."""
 
     _counter = itertools.count(1)
@@ -112,13 +113,6 @@ class SimulatedSwitch:
 
     async def stop(self) -> None:
         await self.endpoint.close()
-
-    async def __aenter__(self) -> SimulatedSwitch:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # --- receiving ---------------------------------------------------------------------------
     def _on_message(self, msg: SipMessage, src: Source) -> None:
@@ -422,18 +416,21 @@ class SimulatedSwitch:
             hop_transport, hop_addr = uri_target(next_hop, transport)
         except UriError:
             hop_transport, hop_addr = transport, proxy
-        ack = self._request(
-            "ACK",
-            ruri,
-            hop_transport,
-            new_branch(),
-            from_=from_hdr,
-            to=to_hdr,
-            call_id=invite.call_id,
-            cseq=1,
-            routes=route_hdrs,
-        )
-        ack_data = ack.serialize()
+
+        def in_dialog(method: str, cseq: int) -> SipRequest:
+            return self._request(
+                method,
+                ruri,
+                hop_transport,
+                new_branch(),
+                from_=from_hdr,
+                to=to_hdr,
+                call_id=invite.call_id,
+                cseq=cseq,
+                routes=route_hdrs,
+            )
+
+        ack_data = in_dialog("ACK", 1).serialize()
         self._remember_ack(invite.top_via.branch, ack_data, hop_transport, hop_addr)
         try:
             await self.endpoint.send(ack_data, hop_transport, hop_addr)
@@ -443,18 +440,7 @@ class SimulatedSwitch:
         if not bye:
             return
         await asyncio.sleep(hold)
-        bye_req = self._request(
-            "BYE",
-            ruri,
-            hop_transport,
-            new_branch(),
-            from_=from_hdr,
-            to=to_hdr,
-            call_id=invite.call_id,
-            cseq=2,
-            routes=route_hdrs,
-        )
-        resp = await self._non_invite(bye_req, hop_transport, hop_addr, 64 * self.t1)
+        resp = await self._non_invite(in_dialog("BYE", 2), hop_transport, hop_addr, 64 * self.t1)
         result.bye_status = resp.status if resp else None
         result.torn_down = resp is not None and resp.status == 200
         if resp is None:
