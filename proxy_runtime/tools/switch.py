@@ -283,18 +283,25 @@ class SimulatedSwitch(Peer):
             sdp_host = self.endpoint.local_addr(transport)[0]
         except ConnectionError:
             sdp_host = self.host
-        invite = self._request(
-            "INVITE",
-            ruri,
-            transport,
-            branch,
-            from_=from_hdr,
-            to=to_hdr,
-            call_id=call_id,
-            cseq=1,
-            extra=extra_headers,
-            body=sdp_body(sdp_host, 30000, "switch"),
-        )
+
+        def in_transaction(
+            method: str, extra: Iterable[tuple[str, str]] = (), body: bytes = b""
+        ) -> SipRequest:
+            """The INVITE, or the CANCEL that must match it (RFC 3261 §9.1: same branch, CSeq number)."""
+            return self._request(
+                method,
+                ruri,
+                transport,
+                branch,
+                from_=from_hdr,
+                to=to_hdr,
+                call_id=call_id,
+                cseq=1,
+                extra=extra,
+                body=body,
+            )
+
+        invite = in_transaction("INVITE", extra_headers, sdp_body(sdp_host, 30000, "switch"))
         key = (branch, "INVITE")
         tx = self._txs[key] = _ClientTx()
         data = invite.serialize()
@@ -328,16 +335,7 @@ class SimulatedSwitch(Peer):
                     if cancel_at is not None and now >= cancel_at:
                         cancel_at = None
                         result.cancelled = True
-                        cancel = self._request(
-                            "CANCEL",
-                            ruri,
-                            transport,
-                            branch,
-                            from_=from_hdr,
-                            to=to_hdr,
-                            call_id=call_id,
-                            cseq=1,
-                        )
+                        cancel = in_transaction("CANCEL")
                         cancel.headers = [h for h in cancel.headers if h[0] != "user-agent"]
                         cancel_task = loop.create_task(
                             self._non_invite(cancel, transport, proxy, 32 * self.t1)
