@@ -1,4 +1,4 @@
-"""Building responses to requests (RFC 3261 §8.2.6, §16.7): the reason phrases the proxy uses and
+"""Building responses to requests (RFC 3261 §8.2.6): the reason phrases the proxy uses and
 :func:`make_response`. Sans-I/O; it must not parse bytes (that is :mod:`proxy_runtime.sip.parse`).
 """
 

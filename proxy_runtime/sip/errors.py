@@ -1,7 +1,7 @@
 """The error every SIP parsing step raises: what was wrong and the status a server should answer.
 
-Like h11's ``error_status_hint``: the transport answers a request that fails to parse with
-``status_hint`` (400, 413, 416, 505, 513) and keeps serving.
+Like h11's ``error_status_hint``: the proxy answers a request that fails to parse with
+``status_hint`` (400, 416, 505, 513) and keeps serving.
 """
 
 from __future__ import annotations
