@@ -1,13 +1,15 @@
 """One initial INVITE's life: the ClearIP question, the redirect targets, the serial fork, the answer.
 
-Owns: :class:`Call` — a state machine per initial INVITE (phases ``clearip`` -> ``fork`` -> ``done``)
-with its ClearIP leg, the carrier targets ClearIP returned (:class:`CarrierTarget`), one
-:class:`Branch` per carrier attempt, the advance rules (DESIGN §2), the best response (RFC 3261
-§16.7), its one timer (ClearIP / carrier ``timeout``, ring limit), late answers after the call
-moved on (hung up: ACK + BYE), and the facts its :class:`CallRecord` reports.
+Owns: :class:`Call` — a state machine per initial INVITE (phases [``link`` ->] ``clearip`` ->
+``fork`` -> ``done``; ``link``: held, bounded, while the adapter connects to ClearIP) with its
+ClearIP leg, the carrier targets ClearIP returned (:class:`CarrierTarget`), one :class:`Branch` per
+carrier attempt, the advance rules (DESIGN §2), the best response (RFC 3261 §16.7), its one timer
+(the link wait, ClearIP / carrier ``timeout``, ring limit), late answers after the call moved on
+(hung up: ACK + BYE), and the facts its :class:`CallRecord` reports.
 
-Events come in as method calls (``start``, ``on_clearip_response``, ``on_branch_response``,
-``on_clearip_failed``, ``on_branch_failed``, ``on_timer``, ``cancel``, ``clearip_lost``, ``abort``)
+Events come in as method calls (``start``, ``ask_clearip``, ``on_clearip_response``,
+``on_branch_response``, ``on_clearip_failed``, ``on_branch_failed``, ``on_timer``, ``cancel``,
+``link_failed``, ``clearip_lost``, ``abort``)
 and act only through the narrow :class:`CallHost` the dispatcher gives it: start, abandon or
 CANCEL a client transaction, respond, send statelessly, arm the call's timer, report the end.
 
@@ -21,22 +23,20 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from proxy_runtime.core import routing
+from proxy_runtime.core.breaker import Admission
 from proxy_runtime.core.stamp import CLEARIP, Stamper, Target, stamp_forward, strip_own_via, target_for
 from proxy_runtime.core.transactions import CANCEL_OWNER, Upstream
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    make_response,
-    parse_name_addr,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
 
-Phase = Literal["clearip", "fork", "done"]
+Phase = Literal["link", "clearip", "fork", "done"]
 
 
 class CallHost(Protocol):
@@ -55,6 +55,17 @@ class CallHost(Protocol):
     def clearip_target(self) -> Target: ...
 
     def is_emergency(self, request: SipRequest) -> bool: ...
+
+    def admit(self, now: float) -> Admission: ...
+
+    @property
+    def can_wait_for_link(self) -> bool: ...
+
+    def hold_for_link(self, call: Call) -> None: ...
+
+    def clearip_answered(self, now: float) -> None: ...
+
+    def clearip_timed_out(self, now: float, *, probe: bool) -> None: ...
 
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
@@ -212,6 +223,7 @@ class Call:
         "next_target",
         "pdd_ms",
         "phase",
+        "probe",
         "proxy_failed",
         "queue",
         "reason",
@@ -249,6 +261,7 @@ class Call:
         self.answered = False
         self.pdd_ms: float | None = None
         self.emergency = False
+        self.probe = False  # sent to ClearIP as the half-open breaker's probe
         self.proxy_failed = False
         self.reason = ""
 
@@ -271,18 +284,46 @@ class Call:
                 # Never wait on ClearIP for an emergency call: the switch takes its direct route.
                 self.fail(503, "emergency call: use the direct emergency route", now, failed=False)
             return
-        if not host.clearip_up:
-            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
-            self.fail(503, "ClearIP unreachable", now)
+        admission = host.admit(now)
+        if admission is Admission.REJECT:
+            # ClearIP is connected but not answering (brownout): 503 now, not after `timeout`.
+            self.fail(503, "ClearIP not answering (breaker open)", now)
             return
+        self.probe = admission is Admission.PROBE
+        if not host.clearip_up:
+            if not host.can_wait_for_link:
+                self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+                self.fail(503, "ClearIP unreachable", now)
+                return
+            # Held (bounded) while the adapter connects now, whatever its reconnect backoff:
+            # ask_clearip when the link is up, link_failed when the connect failed.
+            self.phase = "link"
+            host.arm(self, s.link_wait, now)
+            host.hold_for_link(self)
+            return
+        self.ask_clearip(now)
+
+    def ask_clearip(self, now: float) -> None:
+        """Send the INVITE to ClearIP (the link is up) and wait up to ``timeout`` for its answer."""
+        if self.phase not in ("clearip", "link"):
+            return
+        self.phase = "clearip"
+        host = self.host
         stamper = host.stamper
         target = host.clearip_target
+        req = self.request
         branch = stamper.new_branch(req)
         out = stamper.prepare_forward(req, target, branch)
         self.clearip_request = out
         self.clearip_sent = now
         self.clearip_ct = host.start_client(out, target, (branch, "INVITE"), self, now)
-        host.arm(self, s.timeout, now)
+        host.arm(self, host.settings.timeout, now)
+
+    def link_failed(self, now: float) -> None:
+        """The connect this call was held for failed (refused, TLS...): 503 at once."""
+        if self.phase == "link":
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self.fail(503, "ClearIP unreachable", now)
 
     def on_clearip_response(self, resp: SipResponse, now: float) -> None:
         status = resp.status
@@ -293,6 +334,7 @@ class Call:
         self.clearip_outcome = routing.clearip_outcome(status)
         self.clearip_request = None  # answered: nothing left to CANCEL there; free it
         self.clearip_ct = None
+        host.clearip_answered(now)  # any final: ClearIP is answering (the breaker closes)
         if status == 403:
             host.clearip_forbidden(now)
         targets = routing.carrier_targets(resp) if status == 302 else []
@@ -371,9 +413,15 @@ class Call:
 
     def on_timer(self, now: float) -> None:
         self.deadline = None
-        if self.phase == "clearip":
+        if self.phase == "link":
+            # The link did not come up within the bounded wait (a connect that hangs).
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            wait = self.host.settings.link_wait
+            self.fail(503, f"ClearIP unreachable (no connection within {wait:g} s)", now)
+        elif self.phase == "clearip":
             # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
             self.clearip_outcome = ClearIpOutcome.TIMEOUT
+            self.host.clearip_timed_out(now, probe=self.probe)
             if self.clearip_ct is not None and self.clearip_request is not None:
                 self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
             self.fail(503, f"ClearIP did not answer within {self.host.settings.timeout:g} s", now)

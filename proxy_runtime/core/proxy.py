@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from proxy_runtime.core import routing
+from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
 from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
@@ -45,15 +46,11 @@ from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    parse_message,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,
@@ -87,9 +84,17 @@ class ProxyCore:
         recorder: MetricsRecorder | None = None,
         timers: TimerSettings = DEFAULT_TIMERS,
         instance: str | None = None,
+        need_link: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._send = send
+        # The core's one action besides sending: "a call needs the ClearIP link, connect now".
+        # The adapter connects and answers with set_clearip_up(True) or clearip_unreachable().
+        # Without it (no adapter that can connect) a call that finds the link down gets 503 at once.
+        self._need_link = need_link
+        self._held: dict[object, Call] = {}  # calls waiting for the link, by server transaction key
+        self.breaker = Breaker(breaker_settings(settings))
+        self._breaker_moves = 0
         self.advertise = advertise
         self.recorder = recorder
         self.timers = timers
@@ -125,6 +130,8 @@ class ProxyCore:
         self.settings = settings
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._trusted = routing.AllowList(settings.allow_networks)
+        self.breaker.update(breaker_settings(settings))
+        self._publish_breaker()
 
     def is_trusted(self, host: str) -> bool:
         return self._trusted.allows(host)
@@ -162,9 +169,25 @@ class ProxyCore:
         was = self.clearip_up
         self.clearip_up = up
         self._gauge(names.CLEARIP_CONNECTED, 1.0 if up else 0.0)
+        if up:
+            held, self._held = self._held, {}
+            for call in held.values():
+                call.ask_clearip(now)  # the calls held for the link go to ClearIP now
         if was and not up:
             for call in list(self._calls.values()):
                 call.clearip_lost(now)
+
+    def clearip_unreachable(self, now: float, error: str = "") -> None:
+        """The adapter's connect to ClearIP failed (refused, timed out, TLS): every call held for
+        the link gets 503 now, so "ClearIP down" still answers at once."""
+        for call in list(self._held.values()):
+            call.link_failed(now)
+
+    def client_alive(self, key: object) -> bool:
+        """Whether the client transaction ``key`` still waits for something (the adapter forgets
+        the keys of finished ones it tracks per connection)."""
+        ct = self._txns.client.get(key)
+        return ct is not None and ct.state in (State.CALLING, State.TRYING, State.PROCEEDING)
 
     def transport_error(self, key: object, now: float) -> None:
         """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
@@ -386,6 +409,31 @@ class ProxyCore:
     def is_emergency(self, request: SipRequest) -> bool:
         return self._emergency.matches(routing.dialled_number(request))
 
+    def admit(self, now: float) -> Admission:
+        """The brownout breaker's word on a call that needs ClearIP."""
+        admission = self.breaker.admit(now)
+        self._publish_breaker()  # the cool-off may have ended: half-open
+        if admission is Admission.REJECT:
+            self._incr(names.CLEARIP_BREAKER_REJECTED)
+        return admission
+
+    @property
+    def can_wait_for_link(self) -> bool:
+        return self._need_link is not None
+
+    def hold_for_link(self, call: Call) -> None:
+        self._held[call.st.key] = call
+        if self._need_link is not None:
+            self._need_link()
+
+    def clearip_answered(self, now: float) -> None:
+        self.breaker.on_answer(now)
+        self._publish_breaker()
+
+    def clearip_timed_out(self, now: float, *, probe: bool) -> None:
+        self.breaker.on_timeout(now, probe=probe)
+        self._publish_breaker()
+
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
     ) -> ClientTransaction:
@@ -413,6 +461,7 @@ class ProxyCore:
     def call_finished(self, call: Call, status: int) -> None:
         """A call sent its final response: out of the table, into the metrics."""
         self._calls.pop(call.st.key, None)
+        self._held.pop(call.st.key, None)
         recorder = self.recorder
         if recorder is None:
             return
@@ -432,6 +481,28 @@ class ProxyCore:
     # =========================================================================================
     # Metrics
     # =========================================================================================
+    def _publish_breaker(self) -> None:
+        """The breaker's state as the ClearIpBreakerOpen gauge, and a log line, when it moved."""
+        b = self.breaker
+        if b.transitions == self._breaker_moves:
+            return
+        self._breaker_moves = b.transitions
+        self._gauge(names.CLEARIP_BREAKER_OPEN, 1.0 if b.tripped else 0.0)
+        st = b.settings
+        if b.state is BreakerState.OPEN:
+            log.warning(
+                "ClearIP breaker open: ClearIP did not answer %d calls in a row; answering 503 at once "
+                "for %g s",
+                st.threshold,
+                st.cool_off,
+            )
+        elif b.state is BreakerState.HALF_OPEN:
+            log.warning(
+                "ClearIP breaker half-open: one call in %d goes to ClearIP as a probe", st.probe_every
+            )
+        else:
+            log.warning("ClearIP breaker closed: ClearIP answers again")
+
     def _incr(self, spec: names.MetricSpec) -> None:
         if self.recorder is not None:
             self.recorder.incr(spec)

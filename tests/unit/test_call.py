@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from proxy_runtime.core.breaker import Admission
 from proxy_runtime.core.call import Branch, Call
 from proxy_runtime.core.routing import EmergencyMatcher
 from proxy_runtime.core.stamp import CLEARIP, Stamper, Target
 from proxy_runtime.settings import Settings, load
-from proxy_runtime.sip.message import SipRequest, SipResponse, make_response, parse_message
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from tests.unit.test_proxy_core import CARRIER_A, CARRIER_B, invite, redirect
 
@@ -41,6 +44,24 @@ class FakeHost:
 
     def is_emergency(self, request: SipRequest) -> bool:
         return EmergencyMatcher(self.settings.emergency_numbers).matches(request.parsed_uri.user)
+
+    # The breaker and the link wait are ProxyCore's (tested in test_breaker / test_outage_core):
+    # here every call is admitted and a down link is not waited for.
+    def admit(self, now: float) -> Admission:
+        return Admission.SEND
+
+    @property
+    def can_wait_for_link(self) -> bool:
+        return False
+
+    def hold_for_link(self, call: Call) -> None:
+        raise AssertionError("can_wait_for_link is False: a call must not be held")
+
+    def clearip_answered(self, now: float) -> None:
+        pass
+
+    def clearip_timed_out(self, now: float, *, probe: bool) -> None:
+        pass
 
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
