@@ -17,6 +17,7 @@ clock (``now`` is an argument). Policy that needs no state lives in :mod:`routin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -70,13 +71,17 @@ class CallHost(Protocol):
 
     def clearip_forbidden(self, now: float) -> None: ...
 
+    def redirect_headers_ignored(self, names: Sequence[str], now: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class CarrierTarget:
-    """Where one carrier attempt goes, as ClearIP's redirect named it. Held as text while the
-    call waits (a parsed URI costs several times the memory)."""
+    """Where one carrier attempt goes, as ClearIP's redirect named it: the Request-URI (held as
+    text while the call waits: a parsed URI costs several times the memory) and the header fields
+    its Contact URI carried for this branch alone (RFC 3261 §19.1.1; unescaped, in order)."""
 
     uri: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -197,18 +202,29 @@ class Call:
         self.clearip_ct = None
         if status == 403:
             host.clearip_forbidden(now)
-        targets = routing.carrier_targets(resp) if status == 302 else []
-        if targets:  # DESIGN §2: a 302 with usable Contacts forks; any other final is relayed
-            self.phase = "fork"
-            base = self.request.copy()
-            routing.copy_headers(resp, base, host.settings.copy_headers)
-            self.base = base
-            self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
-            self.targets = [CarrierTarget(str(u)) for u in targets]
-            host.arm(self, None, now)
-            self._advance(now)
+        if status not in host.settings.redirect_codes:
+            # DESIGN §2: any final but a followed redirect is relayed, 6xx (603, 607, 608) with
+            # their Reason and Call-Info untouched.
+            self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
             return
-        self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
+        redirect = routing.redirect_targets(resp)
+        ignored = [name for t in redirect.targets for name in t.ignored]
+        if ignored:
+            host.redirect_headers_ignored(ignored, now)
+        if not redirect.targets:
+            # Never relay it: the switch would chase the redirect (or fail the call) itself. A 503
+            # with the cause, as for the other ClearIP faults, makes it route-advance.
+            self.clearip_outcome = ClearIpOutcome.REDIRECT_UNUSABLE
+            self.fail(503, f"ClearIP {status} without a usable Contact ({redirect.why_unusable})", now)
+            return
+        self.phase = "fork"
+        base = self.request.copy()
+        routing.copy_headers(resp, base, host.settings.copy_headers)
+        self.base = base
+        self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
+        self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
+        host.arm(self, None, now)
+        self._advance(now)
 
     def on_clearip_failed(self, ct: ClientTransaction, text: str, now: float) -> None:
         """The ClearIP leg timed out or could not be sent."""
@@ -336,11 +352,13 @@ class Call:
         s = host.settings
         stamper = host.stamper
         while self.next_target < len(self.targets) and not self.cancelled:
-            uri = parse_uri(self.targets[self.next_target].uri)
+            carrier = self.targets[self.next_target]
+            uri = parse_uri(carrier.uri)
             self.next_target += 1
             base = self.base or self.request
             out = base.copy()
             out.uri = str(uri)
+            routing.apply_uri_headers(out, carrier.headers)  # this Contact's own, over the 302's
             out.remove("route")
             target = target_for(uri)
             if (
