@@ -5,7 +5,8 @@ byte for byte where it matters: the Request-URI, each Identity in order, the PAI
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -47,14 +48,13 @@ def redirected_call(
     *,
     switch_transport: str,
     carriers: Sequence[tuple[str, str]],
-    contacts: object,
+    contacts: Callable[[list[Sipp]], str],
     clearip_scenario: str = "clearip_302.xml",
     switch_scenario: str = "uac_call.xml",
-    proxy_kw: dict[str, object] | None = None,
+    proxy_kw: dict[str, Any] | None = None,
 ) -> Call:
     """Carriers (scenario, transport) → ClearIP answering with ``contacts(carriers)`` → proxy → switch."""
     peers = [lab.carrier(f"carrier{i + 1}", sc, tp) for i, (sc, tp) in enumerate(carriers)]
-    assert callable(contacts)
     keys = dict(CLEARIP_KEYS, contacts=contacts(peers))
     clearip = lab.clearip(clearip_scenario, keys)
     proxy = lab.proxy(clearip.port, **(proxy_kw or {}))
