@@ -243,11 +243,14 @@ def validate(s: Settings) -> Settings:
         raise SettingsError("emergency_action", f"must be one of {', '.join(EMERGENCY_ACTIONS)}")
     if s.emergency_action == "route":
         try:
-            parse_uri(s.emergency_route)
+            route = parse_uri(s.emergency_route)
         except UriError:
             raise SettingsError(
                 "emergency_route", "a SIP URI is required when emergency_action = route"
             ) from None
+        if route.headers or s.emergency_route.rstrip().endswith("?"):
+            # It becomes the Request-URI, where RFC 3261 §19.1.1 allows no headers part.
+            raise SettingsError("emergency_route", "must not carry URI headers ('?...')")
     if s.metrics not in METRICS_SINKS:
         raise SettingsError("metrics", f"must be one of {', '.join(METRICS_SINKS)}, got {s.metrics!r}")
     if s.advertise:

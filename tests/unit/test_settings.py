@@ -124,6 +124,10 @@ def test_booleans_lists_and_numbers() -> None:
         ({"emergency_numbers": "91a"}, "emergency_numbers"),
         ({"emergency_action": "ignore"}, "emergency_action"),
         ({"emergency_action": "route"}, "emergency_route"),
+        (
+            {"emergency_action": "route", "emergency_route": "sip:psap@192.0.2.9?Priority=emergency"},
+            "emergency_route",
+        ),
         ({"metrics": "prometheus"}, "metrics"),
         ({"advertise": "not an address!"}, "advertise"),
         ({"log_level": "TRACE"}, "log_level"),
