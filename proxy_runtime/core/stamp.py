@@ -66,7 +66,8 @@ def server_key(req: SipMessage, via: Via, method: str) -> tuple[str, str, str]:
 def target_for(uri: SipUri) -> Target:
     """The next hop a URI names (``maddr`` first, RFC 3261 §19.1.1); no DNS: hosts stay names."""
     host = (uri.params.get("maddr") or uri.host).lower()
-    return Target(uri.transport, host, uri.port or uri.default_port)
+    # An explicit port 0 stays 0 (the adapter fails it at once); only a missing one defaults.
+    return Target(uri.transport, host, uri.default_port if uri.port is None else uri.port)
 
 
 def next_hop(req: SipRequest) -> Target:

@@ -99,6 +99,14 @@ REDIRECT_HEADERS_IGNORED = MetricSpec(
 )
 CLEARIP_CONNECTED = MetricSpec("ClearIpConnected", Unit.NONE, "1 while the ClearIP connection is up, else 0")
 CLEARIP_RECONNECTS = MetricSpec("ClearIpReconnects", Unit.COUNT, "Reconnections to ClearIP")
+CLEARIP_BREAKER_OPEN = MetricSpec(
+    "ClearIpBreakerOpen",
+    Unit.NONE,
+    "1 while the ClearIP brownout breaker is open or half-open (calls answered 503 at once), else 0",
+)
+CLEARIP_BREAKER_REJECTED = MetricSpec(
+    "ClearIpBreakerRejected", Unit.COUNT, "Calls answered 503 at once by the open ClearIP breaker"
+)
 IN_FLIGHT = MetricSpec("InFlightTransactions", Unit.COUNT, "Server INVITE transactions in progress")
 HEARTBEAT = MetricSpec("Heartbeat", Unit.COUNT, "1 each interval while the proxy runs")
 METRICS_DROPPED_INTERVALS = MetricSpec(
@@ -121,6 +129,8 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     REDIRECT_HEADERS_IGNORED,
     CLEARIP_CONNECTED,
     CLEARIP_RECONNECTS,
+    CLEARIP_BREAKER_OPEN,
+    CLEARIP_BREAKER_REJECTED,
     IN_FLIGHT,
     HEARTBEAT,
     METRICS_DROPPED_INTERVALS,

@@ -4,7 +4,7 @@ Each transaction is a small state machine driven by three kinds of input, all ta
 messages (``receive_*``), the owner's sends (``send_response``) and timers (``on_timer``). It never
 reads a clock and never touches a socket: it calls ``transmit(data)``, bound by its owner to the
 right destination, and exposes ``deadline`` — the next time ``on_timer`` must be called, or None.
-The owner keeps one timer heap for all of them (see :mod:`proxy_runtime.core.proxy`).
+The owner keeps one timer heap for all of them (see :mod:`proxy_runtime.core.timers`).
 
 Transitions are tables (state -> input -> next state); an input missing from a state's row is
 ignored (absorbed), which is what RFC 3261 asks of retransmissions and late messages.
