@@ -30,13 +30,10 @@ from proxy_runtime.core.transactions import CANCEL_OWNER, Upstream
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    make_response,
-    parse_name_addr,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
 

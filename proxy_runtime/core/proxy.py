@@ -46,15 +46,11 @@ from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    parse_message,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,

@@ -13,15 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from proxy_runtime.metrics.names import ClearIpOutcome
-from proxy_runtime.sip.message import (
-    NameAddr,
-    ParseError,
-    SipRequest,
-    SipResponse,
-    header_key,
-    is_token,
-    parse_name_addr,
-)
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import NameAddr, header_key, is_token, parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri, parse_uri_headers
 
 REACHABLE_TRANSPORTS = frozenset({"udp", "tcp", "tls"})

@@ -16,7 +16,9 @@ from proxy_runtime.core.call import Branch, Call
 from proxy_runtime.core.routing import EmergencyMatcher
 from proxy_runtime.core.stamp import CLEARIP, Stamper, Target
 from proxy_runtime.settings import Settings, load
-from proxy_runtime.sip.message import SipRequest, SipResponse, make_response, parse_message
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from tests.unit.test_proxy_core import CARRIER_A, CARRIER_B, invite, redirect
 

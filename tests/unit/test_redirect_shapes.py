@@ -17,7 +17,8 @@ from proxy_runtime.metrics import names
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 from tests.unit.test_proxy_core import (
     IDENTITY_1,
     IDENTITY_2,
