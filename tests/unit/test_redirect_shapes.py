@@ -310,3 +310,18 @@ def test_redirect_without_a_usable_contact_is_503_with_the_cause(
     assert iv.count(names.CLEARIP_OUTCOME_METRICS[ClearIpOutcome.REDIRECT_UNUSABLE]) == 1
     assert iv.count(names.CLEARIP_OUTCOME_METRICS[ClearIpOutcome.REDIRECT_302]) == 0
     assert iv.count(names.PROXY_FAILED_CALLS) == 1
+
+
+def test_301_is_followed_only_when_configured_and_counted_as_its_own_outcome() -> None:
+    core, net, rec = make_core(redirect_codes=(301, 302))
+    req = to_clearip(core, net)
+    clearip_reply(core, redirect_with(req, [contact(CARRIER_A, 0.9, [("Identity", ID_A)])], status=301), 0.05)
+    ((_, fwd),) = invites_to(net.take())
+    assert fwd.get_all("identity") == [ID_A]
+    core.receive(response_to(fwd, 486, "Busy Here"), CARRIER_A, 0.1)
+    assert [m.status for m in finals_up(net.take())] == [486]
+    assert rec.close_interval(60.0).count(names.CLEARIP_OUTCOME_METRICS[ClearIpOutcome.REDIRECT_301]) == 1
+    core, net, _ = make_core()  # the default (300, 302) relays a 301
+    req = to_clearip(core, net)
+    clearip_reply(core, redirect_with(req, [contact(CARRIER_A, 0.9)], status=301), 0.05)
+    assert [m.status for m in finals_up(net.take())] == [301]
