@@ -183,6 +183,20 @@ def read_value(
     return values.get(key, getattr(Settings(proxy_id=""), key))
 
 
+def site_settings_toml(values: Mapping[str, Any]) -> str:
+    """A site settings file (no host fields) for ``settings write --site``, validated as the proxy
+    would load it (the CDK app renders the stack's with this at synth)."""
+    for key in values:
+        if key in HOST_FIELDS:
+            raise SettingsError(key, "belongs to one host and cannot be a site setting")
+    coerced = settings_mod._coerce(values)
+    for cidr in coerced.get("allow", ()):
+        trusted_cidr("allow", cidr)
+    check = {k: v for k, v in coerced.items() if k not in ("tls", "clearip_ca")}
+    settings_mod.validate(Settings(**check))
+    return "".join(_render(k, coerced[k]) + "\n" for k in _ordered(coerced))
+
+
 def _ordered(values: Mapping[str, Any]) -> Iterable[str]:
     """Keys in the order of the Settings fields, so the file reads the same every time."""
     return [f.name for f in fields(Settings) if f.name in values]
