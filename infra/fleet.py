@@ -201,8 +201,8 @@ class ProxyFleet(Construct):
                         "RESOURCE": stack.get_logical_id(cfn),
                         "REGION": stack.region,
                         "ELASTIC_IP": public_ip,
-                        "RELEASE_PARAMETER": release.release_parameter.parameter_name,
-                        "SETTINGS_PARAMETER": release.settings_parameter.parameter_name,
+                        "RELEASE_PARAMETER": release.release_parameter_name,
+                        "SETTINGS_PARAMETER": release.settings_parameter_name,
                         "LISTEN_WAIT": str(listen_wait_seconds),
                     }
                 ).removeprefix("#!/bin/bash\n")

@@ -85,17 +85,19 @@ class ProxyRelease(Construct):
         self.asset = s3_assets.Asset(self, "ProxyCode", path=str(source_dir), exclude=list(ASSET_EXCLUDE))
         self.site_settings = site_settings
         prefix = f"/{stack.stack_name}/clearip-proxy"
+        self.release_parameter_name = f"{prefix}/release"
+        self.settings_parameter_name = f"{prefix}/settings"
         self.release_parameter = ssm.StringParameter(
             self,
             "ReleaseParameter",
-            parameter_name=f"{prefix}/release",
+            parameter_name=self.release_parameter_name,
             description="The proxy release a new instance installs: asset URL and hash",
             string_value=f"{self.asset.s3_object_url} {self.asset.asset_hash}",
         )
         self.settings_parameter = ssm.StringParameter(
             self,
             "SettingsParameter",
-            parameter_name=f"{prefix}/settings",
+            parameter_name=self.settings_parameter_name,
             description="The proxies' site settings (settings.toml without host fields)",
             string_value=site_settings,
         )

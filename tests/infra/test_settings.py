@@ -92,9 +92,9 @@ def test_sip_cidrs_is_required() -> None:
 
 def test_ami_and_alarm_email_must_be_said() -> None:
     """The image is recorded, and dropping the e-mail subscription is a decision, never an omission."""
-    with pytest.raises(DeploymentSettingsError, match="'ami': required.*ami-amazon-linux-latest"):
+    with pytest.raises(DeploymentSettingsError, match=r"'ami': required.*ami-amazon-linux-latest"):
         DeploymentSettings.from_mapping({"sip_cidrs": "203.0.113.10/32", "alarm_email": ""})
-    with pytest.raises(DeploymentSettingsError, match="'alarm_email': required.*silently delete"):
+    with pytest.raises(DeploymentSettingsError, match=r"'alarm_email': required.*silently delete"):
         DeploymentSettings.from_mapping({"sip_cidrs": "203.0.113.10/32", "ami": "ami-0123456789abcdef0"})
     assert settings(alarm_email="").alarm_email is None
     assert settings(alarm_email="none").alarm_email is None
@@ -123,7 +123,7 @@ def test_the_settings_file_is_the_deployment(tmp_path: Path) -> None:
     assert s.sip_cidrs == ("203.0.113.10/32", "198.51.100.0/28")
     assert s.alarm_email == "noc@example.net" and s.ami == "ami-0123456789abcdef0" and s.timeout == 4.0
     assert s.eip_allocations == (("eipalloc-0a1b2c3d4e5f60718", "198.51.100.7"),)
-    assert 'ring_timeout = 120.0' in s.site_settings_toml()
+    assert "ring_timeout = 120.0" in s.site_settings_toml()
     # -c overrides one key, explicitly; the rest still comes from the file.
     context["timeout"] = "2.5"
     s2 = DeploymentSettings.from_context(context.get, base_dir=tmp_path)
@@ -133,13 +133,13 @@ def test_the_settings_file_is_the_deployment(tmp_path: Path) -> None:
 
 def test_settings_file_errors_name_the_key(tmp_path: Path) -> None:
     context: dict[str, Any] = {"settings_file": "site.toml"}
-    with pytest.raises(DeploymentSettingsError, match="no such file.*site.example.toml"):
+    with pytest.raises(DeploymentSettingsError, match=r"no such file.*site.example.toml"):
         DeploymentSettings.from_context(context.get, base_dir=tmp_path)
     (tmp_path / "site.toml").write_text("timout = 3\n" + SITE)
-    with pytest.raises(DeploymentSettingsError, match="'timout': unknown setting in site.toml"):
+    with pytest.raises(DeploymentSettingsError, match=r"'timout': unknown setting in site.toml"):
         DeploymentSettings.from_context(context.get, base_dir=tmp_path)
     (tmp_path / "site.toml").write_text(SITE.replace('alarm_email = "noc@example.net"', ""))
-    with pytest.raises(DeploymentSettingsError, match="'alarm_email': required in site.toml"):
+    with pytest.raises(DeploymentSettingsError, match=r"'alarm_email': required in site.toml"):
         DeploymentSettings.from_context(context.get, base_dir=tmp_path)
 
 
@@ -178,7 +178,12 @@ def test_app_stops_at_synth_with_the_settings_error() -> None:
         cdk_app.build_app({"sip_cidrs": "0.0.0.0/0", "ami": "ami-0123456789abcdef0", "alarm_email": ""})
     with pytest.raises(DeploymentSettingsError, match="proxy_count"):
         cdk_app.build_app(
-            {"sip_cidrs": "203.0.113.10/32", "ami": "ami-0123456789abcdef0", "alarm_email": "", "proxy_count": 1}
+            {
+                "sip_cidrs": "203.0.113.10/32",
+                "ami": "ami-0123456789abcdef0",
+                "alarm_email": "",
+                "proxy_count": 1,
+            }
         )
 
 
