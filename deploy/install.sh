@@ -513,8 +513,11 @@ MODE=$(firewall_mode)
 case "$MODE" in
   nftables)
     NFT_CHANGED=0
+    # The rules change with the allow-list; nft loads them now, the proxy needs no restart for it.
+    fw_before=$CHANGES
     if put_file "$CONF_DIR/firewall.nft" "$(nft_rules)
 " 644; then NFT_CHANGED=1; fi
+    before=$((before + CHANGES - fw_before))
     put_file "$UNIT_DIR/$UNIT.d/firewall.conf" "# Written by install.sh: load the SIP allow-list before the proxy starts.
 [Service]
 ExecStartPre=+$(command -v nft || echo /usr/sbin/nft) -f $CONF_DIR/firewall.nft
@@ -523,10 +526,13 @@ ExecStartPre=+$(command -v nft || echo /usr/sbin/nft) -f $CONF_DIR/firewall.nft
     ;;
   firewalld)
     rm -f "$R$UNIT_DIR/$UNIT.d/firewall.conf" "$R$CONF_DIR/firewall.nft"
+    fw_before=$CHANGES
     firewalld_apply
+    before=$((before + CHANGES - fw_before))
     ;;
   none) log "no firewall changes (--firewall none, or neither firewalld nor nft found)" ;;
 esac
+# A changed unit or drop-in needs daemon-reload and a restart; firewall rules alone do not.
 [ "$CHANGES" -gt "$before" ] && UNIT_CHANGED=1 && CODE_CHANGED=1
 
 if [ -z "$ROOT" ] && getent group "$SERVICE_USER" >/dev/null; then
