@@ -177,10 +177,16 @@ class ProxyFleet(Construct):
             )
             Validations.of(cfn).acknowledge(
                 Acknowledgment(
+                    id="AwsSolutions::AwsSolutions-EC29",
+                    reason="Termination protection would stop CloudFormation from deleting a replaced "
+                    "proxy (a new image) and make cdk destroy fail; the proxies hold no state, their "
+                    "Elastic IPs are retained, and a deleted proxy comes back with cdk deploy.",
+                ),
+                Acknowledgment(
                     id="CloudFormation-Validate::W9010",
                     reason="The image is pinned on purpose (the ami setting): a proxy's image changes only "
                     "when the operator records a new one, never because AWS published one.",
-                )
+                ),
             )
             cfn.cfn_options.creation_policy = CfnCreationPolicy(
                 resource_signal=CfnResourceSignal(count=1, timeout=f"PT{signal_timeout_minutes}M")
