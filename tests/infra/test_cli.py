@@ -66,7 +66,7 @@ def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
             "ami=ami-0123456789abcdef0",
             "-c",
             "alarm_email=noc@example.net",
-        ],  # fmt: skip
+        ],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
