@@ -31,7 +31,7 @@ from proxy_runtime.settings import (
     with_transport,
 )
 
-_LIST_KEYS = {"udp", "tcp", "tls", "allow", "copy_headers", "emergency_numbers"}
+_LIST_KEYS = {"udp", "tcp", "tls", "allow", "copy_headers", "emergency_numbers", "redirect_codes"}
 Apply = Literal["unchanged", "reload", "restart"]
 HEADER = (
     "# /etc/clearip-proxy/settings.toml, written by `clearip-proxy settings write` (install.sh, the\n"
@@ -44,6 +44,9 @@ def _toml_value(key: str, value: str) -> str:
     default = Settings.__dataclass_fields__[key].default
     if key in _LIST_KEYS:
         items = [v.strip() for v in value.split(",") if v.strip()]
+        if key == "redirect_codes":  # status codes as TOML numbers; anything else quoted (load() refuses it)
+            codes = (v if re.fullmatch(r"[1-9][0-9]{0,2}", v) else json.dumps(v) for v in items)
+            return "[" + ", ".join(codes) + "]"
         return "[" + ", ".join(json.dumps(v) for v in items) + "]"
     if isinstance(default, bool):
         return "true" if value.strip().lower() in ("1", "true", "yes", "on") else "false"
@@ -95,7 +98,8 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
 
 def _render(key: str, value: Any) -> str:
     if isinstance(value, tuple):
-        return f"{key} = [{', '.join(json.dumps(str(v)) for v in value)}]"
+        items = (str(v) if isinstance(v, int) else json.dumps(str(v)) for v in value)
+        return f"{key} = [{', '.join(items)}]"
     if isinstance(value, bool):
         return f"{key} = {'true' if value else 'false'}"
     if isinstance(value, int | float):
