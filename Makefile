@@ -9,7 +9,7 @@ export CDK_DISABLE_CLI_TELEMETRY := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup deploy-setup wheels lock demo test lint typecheck unit integration infra metrics bench fuzz synth clean
+.PHONY: all setup deploy-setup wheels lock destroy demo test lint typecheck unit integration infra metrics bench fuzz synth clean
 
 all: test
 
@@ -61,6 +61,10 @@ deploy-setup:
 # requirements-runtime.lock; cached). cdk.json's build step runs the same before every synth.
 wheels: $(BIN)/.installed
 	$(BIN)/python -m infra.wheels download
+
+# cdk destroy, then what it kept (the Elastic IPs) and the settings that adopt them again.
+destroy:
+	$(BIN)/python -m infra.destroy --stack $${STACK:-ClearIpProxy}
 
 # After changing requirements-runtime.txt: pin the new wheels by hash.
 lock: $(BIN)/.installed

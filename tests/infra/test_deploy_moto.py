@@ -93,7 +93,9 @@ class Site:
         )  # fmt: skip
 
     def destroy(self, stack: str) -> subprocess.CompletedProcess[str]:
-        """`cdk destroy`. Moto's CloudFormation cannot delete an AWS::EC2::RouteTable, so a VPC with
+        """`python -m infra.destroy` (`make destroy`): `cdk destroy`, then what was kept.
+
+        Moto's CloudFormation cannot delete an AWS::EC2::RouteTable, so a VPC with
         subnets stays "with dependencies" and the delete fails there; real CloudFormation deletes
         them itself. Remove the stack's subnet route tables first, as CloudFormation would.
         (Moto also never releases an Elastic IP when a stack goes, retained or not: the retention
@@ -107,7 +109,10 @@ class Site:
             for a in rt["Associations"]:
                 ec2.disassociate_route_table(AssociationId=a["RouteTableAssociationId"])
             ec2.delete_route_table(RouteTableId=rt["RouteTableId"])
-        return self.cdk("destroy", stack, "--force")
+        cmd = [str(self.root / ".venv/bin/python"), "-m", "infra.destroy", "--stack", stack, "--force"]
+        proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, f"destroy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
 
     def client(self, service: str) -> Any:
         return self.session.client(service, endpoint_url=self.endpoint)
@@ -320,16 +325,19 @@ def test_destroy_keeps_the_addresses_and_a_rebuilt_stack_adopts_them(
     site: Site, day2: dict[str, Any]
 ) -> None:
     kept = {day2["outputs"][f"Proxy{n}AllocationId"]: day2["outputs"][f"Proxy{n}PublicIp"] for n in (1, 2)}
-    site.destroy("ClearIpProxy")
+    said = site.destroy("ClearIpProxy").stdout
+    for n, (alloc, address) in enumerate(kept.items(), start=1):
+        assert f"Proxy{n}'s Elastic IP {address} ({alloc})" in said  # it says what it keeps
     stacks = site.client("cloudformation").list_stacks()["StackSummaries"]
     assert all(s["StackStatus"] == "DELETE_COMPLETE" for s in stacks if s["StackName"] == "ClearIpProxy")
     assert set(kept.items()) <= set(site.addresses().items())  # retained, still allocated
 
-    # The site rebuilt from scratch, adopting both addresses in proxy order.
-    adopt = "".join(
-        f'\n[[eip_allocations]]\nallocation_id = "{alloc}"\naddress = "{address}"\n'
-        for alloc, address in kept.items()
-    )
+    # The site rebuilt from scratch, adopting both addresses in proxy order with the settings that
+    # destroy printed, as printed.
+    adopt = "\n" + said[said.index("[[eip_allocations]]") : said.index("Release an address")]
+    assert tomllib.loads(adopt)["eip_allocations"] == [
+        {"allocation_id": alloc, "address": address} for alloc, address in kept.items()
+    ]
     (site.root / "site.toml").write_text(SITE_2.replace("ami =", 'stack_name = "Rebuilt"\nami =') + adopt)
     before = site.addresses()
     site.deploy("Rebuilt")
