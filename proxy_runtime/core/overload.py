@@ -34,14 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    Via,
-    make_response,
-    parse_via,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via, parse_via
+from proxy_runtime.sip.message import SipRequest
+from proxy_runtime.sip.parse import try_parse_for_reply
 
 
 @dataclass(frozen=True, slots=True)

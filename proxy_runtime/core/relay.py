@@ -15,7 +15,10 @@ import zlib
 
 from proxy_runtime.core.stamp import SendFn, Stamper, Target, next_hop, strip_own_via
 from proxy_runtime.core.transactions import Transactions, Upstream
-from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, Via, make_response
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError
 

@@ -21,7 +21,8 @@ from typing import Protocol, cast, runtime_checkable
 
 from proxy_runtime.core.stamp import SendFn, Target, response_target
 from proxy_runtime.core.timers import Timers
-from proxy_runtime.sip.message import SipRequest, SipResponse, Via, parse_via
+from proxy_runtime.sip.grammar import Via, parse_via
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, Event, ServerTransaction, State, TimerSettings
 
 log = logging.getLogger("clearip.proxy")

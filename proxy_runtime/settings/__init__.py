@@ -27,9 +27,35 @@ _HOSTNAME = re.compile(
 )
 DEFAULT_CLEARIP_URI = "sip:sip.clearip.com:5061;transport=tls"
 DEFAULT_COPY_HEADERS = ("Identity", "P-Asserted-Identity")
+DEFAULT_REDIRECT_CODES = (300, 302)
+FOLLOWABLE_REDIRECT_CODES = (300, 301, 302)  # 305 and 380 name no carrier to call
 DEFAULT_EMERGENCY_NUMBERS = ("911", "933")
 METRICS_SINKS = ("auto", "cloudwatch", "log", "off")
 EMERGENCY_ACTIONS = ("reject", "route")
+CLEARIP_TRANSPORTS = ("tls", "tcp")
+# ClearIP's standard ports per transport: switching transport also switches a standard port.
+TRANSPORT_PORTS = {"tls": 5061, "tcp": 5060}
+
+RESTART_ONLY_FIELDS = (
+    "udp",
+    "tcp",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "advertise",
+    "clearip",
+    "clearip_ca",
+    "clearip_server_name",
+    "max_message_size",
+    "metrics",
+    "proxy_id",
+)
+"""Settings read once when the listeners, the ClearIP link and the metrics sink are made: a change
+needs a (drained) restart. Every other field is applied by a reload (SIGHUP) without dropping calls."""
+
+HOST_FIELDS = ("advertise", "proxy_id", "tls_cert", "tls_key")
+"""Settings that belong to one host, not to the site: a site settings file never carries them, and
+``settings write --site`` keeps the host's values (the Elastic IP, the instance id, its certificate)."""
 
 
 class SettingsError(ValueError):
@@ -80,6 +106,7 @@ class Settings:
     # Routing.
     ring_timeout: float = 180.0
     copy_headers: tuple[str, ...] = DEFAULT_COPY_HEADERS
+    redirect_codes: tuple[int, ...] = DEFAULT_REDIRECT_CODES  # ClearIP answers followed to its Contacts
     emergency_numbers: tuple[str, ...] = DEFAULT_EMERGENCY_NUMBERS
     emergency_action: str = "reject"  # reject = immediate 503; route = send to emergency_route
     emergency_route: str = ""  # SIP URI used when emergency_action = route
@@ -120,7 +147,7 @@ class Settings:
         return tuple(ipaddress.ip_network(c, strict=False) for c in self.allow)
 
 
-_LIST_FIELDS = {"udp", "tcp", "tls", "copy_headers", "emergency_numbers", "allow"}
+_LIST_FIELDS = {"udp", "tcp", "tls", "copy_headers", "emergency_numbers", "allow", "redirect_codes"}
 
 
 def _parse_hostport(setting: str, value: str, default_port: int) -> HostPort:
@@ -200,6 +227,8 @@ def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key in ("udp", "tcp", "tls"):
             port = 5061 if key == "tls" else 5060
             out[key] = tuple(_parse_hostport(key, v, port) for v in _as_list(key, value))
+        elif key == "redirect_codes":
+            out[key] = tuple(_as_number(key, v, int) for v in _as_list(key, value))
         elif key in _LIST_FIELDS:
             out[key] = tuple(_as_list(key, value))
         elif isinstance(default, bool):
@@ -211,6 +240,50 @@ def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
+
+
+def with_transport(uri: str, transport: str) -> str:
+    """Set ``;transport=`` of a SIP URI; a standard port of the other transport follows (5061 <-> 5060).
+
+    The one copy of this rule: the CDK settings, ``clearip-proxy set clearip_transport`` (the Session
+    Manager document) and ``install.sh --clearip-transport`` (through ``clearip-proxy settings write``)
+    all call it."""
+    if transport not in CLEARIP_TRANSPORTS:
+        raise SettingsError("clearip_transport", f"must be tls or tcp, got {transport!r}")
+    base, sep, params = uri.partition(";")
+    kept = [p for p in params.split(";") if p and not p.lower().startswith("transport=")] if sep else []
+    other = "tcp" if transport == "tls" else "tls"
+    m = re.match(r"^(sips?:(?:[^@]*@)?(?:\[[^\]]+\]|[^:]+)):(\d+)$", base)
+    if m and int(m.group(2)) == TRANSPORT_PORTS[other]:
+        base = f"{m.group(1)}:{TRANSPORT_PORTS[transport]}"
+    return ";".join([base, *kept, f"transport={transport}"])
+
+
+def trusted_cidr(setting: str, value: str) -> str:
+    """Check one CIDR of trusted sources the way an operator means it; return it unchanged.
+
+    A prefix is required (``203.0.113.10/32``, not ``203.0.113.10``), host bits must be clear, and
+    ``0.0.0.0/0`` / ``::/0`` are refused. The one copy of this rule: the proxy's own ``allow``
+    setting written by ``settings write`` (install.sh, the Session Manager documents) and the CDK
+    settings (``sip_cidrs``, ``ssh_cidr``) call it."""
+    value = value.strip()
+    if "/" not in value:
+        raise SettingsError(
+            setting, f"{value!r} is a bare address; write it as a CIDR with a prefix, e.g. {value}/32"
+        )
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        try:
+            fixed = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise SettingsError(setting, f"{value!r} is not a CIDR ({exc})") from None
+        raise SettingsError(setting, f"{value!r} has host bits set; did you mean {fixed}?") from None
+    if net.prefixlen == 0:
+        raise SettingsError(
+            setting, f"{value} admits the whole internet; list only your trusted switches and carriers"
+        )
+    return value
 
 
 def validate(s: Settings) -> Settings:
@@ -267,6 +340,14 @@ def validate(s: Settings) -> Settings:
     for h in s.copy_headers:
         if not h or any(c in h for c in " :\t\r\n"):
             raise SettingsError("copy_headers", f"{h!r} is not a header name")
+    if not s.redirect_codes:
+        raise SettingsError("redirect_codes", "must name at least one of 300, 301, 302")
+    for code in s.redirect_codes:
+        if code not in FOLLOWABLE_REDIRECT_CODES:
+            raise SettingsError(
+                "redirect_codes",
+                f"{code} cannot be followed; choose among {', '.join(map(str, FOLLOWABLE_REDIRECT_CODES))}",
+            )
     for n in s.emergency_numbers:
         if not re.fullmatch(r"\+?[0-9]{1,15}", n):
             raise SettingsError("emergency_numbers", f"{n!r} is not a number")
@@ -274,11 +355,14 @@ def validate(s: Settings) -> Settings:
         raise SettingsError("emergency_action", f"must be one of {', '.join(EMERGENCY_ACTIONS)}")
     if s.emergency_action == "route":
         try:
-            parse_uri(s.emergency_route)
+            route = parse_uri(s.emergency_route)
         except UriError:
             raise SettingsError(
                 "emergency_route", "a SIP URI is required when emergency_action = route"
             ) from None
+        if route.headers or s.emergency_route.rstrip().endswith("?"):
+            # It becomes the Request-URI, where RFC 3261 §19.1.1 allows no headers part.
+            raise SettingsError("emergency_route", "must not carry URI headers ('?...')")
     if s.metrics not in METRICS_SINKS:
         raise SettingsError("metrics", f"must be one of {', '.join(METRICS_SINKS)}, got {s.metrics!r}")
     if s.advertise:
@@ -346,7 +430,7 @@ def to_toml(s: Settings) -> str:
     for f in fields(Settings):
         v = getattr(s, f.name)
         if isinstance(v, tuple):
-            items = ", ".join(_toml_str(str(x)) for x in v)
+            items = ", ".join(str(x) if isinstance(x, int) else _toml_str(str(x)) for x in v)
             lines.append(f"{f.name} = [{items}]")
         elif isinstance(v, bool):
             lines.append(f"{f.name} = {'true' if v else 'false'}")

@@ -5,11 +5,13 @@ rules.toml``. Each INVITE's Request-URI user part (an E.164 number, with or with
 against the rules in order (exact numbers, then prefixes, first match wins; else the default) and the
 rule says what to answer:
 
-- ``redirect``: ``302 Moved Temporarily`` with one or more ``Identity`` headers (a syntactically real
-  SHAKEN PASSporT, optionally a second ``ppt="div"`` one), optionally a ``P-Asserted-Identity`` with
-  ``verstat``, and a Contact list with descending q;
+- ``redirect``: ``302 Moved Temporarily`` (or ``300 Multiple Choices``) with one or more ``Identity``
+  headers (a syntactically real SHAKEN PASSporT, optionally a second ``ppt="div"`` one), optionally a
+  ``P-Asserted-Identity`` with ``verstat``, and a Contact list with descending q; the signed headers
+  go in the response, escaped inside each Contact URI (RFC 3261 §19.1.1), or both;
 - ``reject``: any status with its reason phrase (503, 404, 403, 480...);
-- ``block``: ``603 Network Blocked`` with the ATIS-1000099 ("603+") ``Reason`` header and a Call-Info;
+- ``block``: ``603 Network Blocked`` with the ATIS-1000099 ("603+") ``Reason`` header and a Call-Info,
+  or ``607 Unwanted`` / ``608 Rejected`` (RFC 8688, ``purpose=jwscallinfo``) with theirs;
 - ``silence``: no answer at all (not even 100 Trying, nor to a CANCEL), like a hung server;
 - ``delay``: a redirect after ``delay_ms`` (every action also takes ``delay_ms``).
 
@@ -17,452 +19,32 @@ ACKs are absorbed, CANCEL gets 200 and the INVITE 487, OPTIONS 200, stream keep-
 (CRLFCRLF) a CRLF; over UDP a retransmitted INVITE gets the same response again and final responses are
 retransmitted until ACKed (RFC 3261 Timer G). The PASSporTs are shaped like real ones but signed with
 no key: a verifier must reject them. This is a test tool, never a signing service.
+
+This module is the server and its command line; the rules are :mod:`proxy_runtime.tools.rules`
+and what each rule answers is :mod:`proxy_runtime.tools.answers`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import secrets
 import signal
 import ssl
 import sys
 import time
-import tomllib
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from proxy_runtime.sip.message import (
-    REASON_PHRASES,
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    make_response,
-    parse_name_addr,
-)
-from proxy_runtime.tools.peers import T1, T2, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
+from proxy_runtime.tools.answers import SERVER_HEADER, build_answer
+from proxy_runtime.tools.endpoint import T1, SipEndpoint, Source, cancel_tasks, uri_user, via_with_rport
+from proxy_runtime.tools.rules import DEFAULT_RULES, DEFAULT_RULES_TOML, Rule, RulesError, RuleSet, load_rules
 
 log = logging.getLogger("proxy_runtime.tools.simulator")
-
-ACTIONS = ("redirect", "reject", "block", "silence", "delay")
-DEFAULT_X5U = "https://certificates.example/cert.pem"
-DEFAULT_BLOCK_REASON = 'SIP;cause=603;text="Network Blocked";location=TN'
-DEFAULT_BLOCK_CALL_INFO = "<https://redress.example/clearip>;purpose=info"
-SERVER_HEADER = "clearip-simulator"
-
-EXTRA_REASONS: dict[int, str] = {
-    301: "Moved Permanently",
-    401: "Unauthorized",
-    410: "Gone",
-    480: "Temporarily Unavailable",
-    484: "Address Incomplete",
-    486: "Busy Here",
-    488: "Not Acceptable Here",
-    600: "Busy Everywhere",
-    604: "Does Not Exist Anywhere",
-    606: "Not Acceptable",
-    607: "Unwanted",
-    608: "Rejected",
-}
-
-
-class RulesError(ValueError):
-    """A rules file that cannot be used; the message says which rule and what is wrong."""
-
-
-def reason_phrase(status: int) -> str:
-    return REASON_PHRASES.get(status) or EXTRA_REASONS.get(status) or "Unknown"
-
-
-def normalize_number(text: str) -> str:
-    """Digits of a number: ``+1 (212) 555-1234`` -> ``12125551234``; user params dropped."""
-    text = text.split(";", 1)[0].strip()
-    return "".join(c for c in text if c not in "+-.() \t")
-
-
-# ---------------------------------------------------------------------------------------------
-# Rules
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One answer. ``numbers``/``prefixes`` are normalised (digits only, no ``+``)."""
-
-    name: str
-    action: str
-    numbers: tuple[str, ...] = ()
-    prefixes: tuple[str, ...] = ()
-    status: int = 0  # 0: the action's default (302, 603; required for reject)
-    reason: str = ""  # reason phrase; "" = the status's usual one
-    delay_ms: int = 0
-    # redirect
-    contacts: tuple[str, ...] = ()  # templates: {user} {number} {e164}
-    q: tuple[float, ...] = ()  # explicit q per contact; default 0.99, 0.98, ...
-    contact_lines: bool = False  # one Contact header per URI instead of one comma-separated list
-    identity: bool = True
-    attest: str = "A"
-    x5u: str = DEFAULT_X5U
-    quote_ppt: bool = False  # write ppt="shaken" instead of ppt=shaken
-    identity_size: int = 800  # pad each Identity header to about this many bytes (0: no padding)
-    div: bool = False  # add a second, ppt="div" Identity (RFC 8946)
-    div_from: str = ""  # the diverting number (default: the called number)
-    pai: bool = False  # add P-Asserted-Identity with verstat (inbound calls)
-    pai_name: str = ""  # display name, e.g. "[V] Alice Smith"
-    verstat: str = "TN-Validation-Passed"
-    # block
-    reason_header: str = DEFAULT_BLOCK_REASON
-    call_info: str = DEFAULT_BLOCK_CALL_INFO
-    # any action
-    headers: tuple[tuple[str, str], ...] = ()
-    trying: bool | None = None  # send 100 Trying first; default: when delay_ms > 0
-
-    def matches(self, number: str) -> bool:
-        return number in self.numbers or any(number.startswith(p) for p in self.prefixes)
-
-    @property
-    def final_status(self) -> int | None:
-        if self.action == "silence":
-            return None
-        if self.status:
-            return self.status
-        return 603 if self.action == "block" else 302
-
-
-@dataclass(frozen=True, slots=True)
-class RuleSet:
-    rules: tuple[Rule, ...]
-    default: Rule
-
-    def match(self, user: str) -> Rule:
-        number = normalize_number(user)
-        for rule in self.rules:
-            if rule.matches(number):
-                return rule
-        return self.default
-
-
-_RULE_KEYS = {
-    "name",
-    "action",
-    "numbers",
-    "prefixes",
-    "status",
-    "reason",
-    "delay_ms",
-    "contacts",
-    "q",
-    "contact_lines",
-    "identity",
-    "attest",
-    "x5u",
-    "quote_ppt",
-    "identity_size",
-    "div",
-    "div_from",
-    "pai",
-    "pai_name",
-    "verstat",
-    "reason_header",
-    "call_info",
-    "headers",
-    "trying",
-}
-
-
-def _strs(where: str, key: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise RulesError(f"{where}: {key} must be a list of strings")
-    return tuple(str(v) for v in value)
-
-
-def _bool(where: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RulesError(f"{where}: {key} must be true or false")
-    return value
-
-
-def _int(where: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RulesError(f"{where}: {key} must be an integer")
-    return value
-
-
-def parse_rule(data: Mapping[str, Any], where: str, *, default: bool = False) -> Rule:
-    unknown = set(data) - _RULE_KEYS
-    if unknown:
-        raise RulesError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    action = str(data.get("action", "redirect"))
-    if action not in ACTIONS:
-        raise RulesError(f"{where}: action must be one of {', '.join(ACTIONS)}, got {action!r}")
-    kw: dict[str, Any] = {"action": action, "name": str(data.get("name", where))}
-    numbers = tuple(normalize_number(n) for n in _strs(where, "numbers", data.get("numbers", [])))
-    prefixes = tuple(normalize_number(n) for n in _strs(where, "prefixes", data.get("prefixes", [])))
-    for n in (*numbers, *prefixes):
-        if not n.isdigit():
-            raise RulesError(f"{where}: {n!r} is not a number")
-    if not default and not numbers and not prefixes:
-        raise RulesError(f"{where}: a rule needs numbers or prefixes (use [default] for the rest)")
-    kw["numbers"], kw["prefixes"] = numbers, prefixes
-    for key in ("contact_lines", "identity", "quote_ppt", "div", "pai"):
-        if key in data:
-            kw[key] = _bool(where, key, data[key])
-    if "trying" in data:
-        kw["trying"] = _bool(where, "trying", data["trying"])
-    for key in ("status", "delay_ms", "identity_size"):
-        if key in data:
-            kw[key] = _int(where, key, data[key])
-    for key in ("reason", "attest", "x5u", "div_from", "pai_name", "verstat", "reason_header", "call_info"):
-        if key in data:
-            if not isinstance(data[key], str):
-                raise RulesError(f"{where}: {key} must be a string")
-            kw[key] = data[key]
-    if "contacts" in data:
-        kw["contacts"] = _strs(where, "contacts", data["contacts"])
-    if "q" in data:
-        q = data["q"]
-        if not isinstance(q, list) or not all(isinstance(x, int | float) and 0 <= x <= 1 for x in q):
-            raise RulesError(f"{where}: q must be a list of numbers between 0 and 1")
-        kw["q"] = tuple(float(x) for x in q)
-    if "headers" in data:
-        h = data["headers"]
-        if not isinstance(h, dict) or not all(isinstance(v, str) for v in h.values()):
-            raise RulesError(f'{where}: headers must be a table of name = "value"')
-        kw["headers"] = tuple((str(k), v) for k, v in h.items())
-    rule = Rule(**kw)
-    if rule.delay_ms < 0:
-        raise RulesError(f"{where}: delay_ms must not be negative")
-    if action == "reject" and not 300 <= rule.status <= 699:
-        raise RulesError(f"{where}: a reject rule needs status between 300 and 699")
-    if action in ("redirect", "delay"):
-        if rule.status and not 300 <= rule.status <= 399:
-            raise RulesError(f"{where}: a redirect's status must be 3xx")
-        if not rule.contacts:
-            raise RulesError(f"{where}: a redirect needs contacts")
-        if rule.q and len(rule.q) != len(rule.contacts):
-            raise RulesError(f"{where}: q needs one value per contact")
-    if action == "block" and rule.status and not 600 <= rule.status <= 699:
-        raise RulesError(f"{where}: a block's status must be 6xx")
-    if action == "delay" and rule.delay_ms <= 0:
-        raise RulesError(f"{where}: a delay rule needs delay_ms > 0")
-    if rule.attest not in ("A", "B", "C"):
-        raise RulesError(f"{where}: attest must be A, B or C")
-    return rule
-
-
-def parse_rules(data: Mapping[str, Any]) -> RuleSet:
-    """Rules from a parsed TOML document: ``[[rule]]`` tables and an optional ``[default]``."""
-    unknown = set(data) - {"rule", "default"}
-    if unknown:
-        raise RulesError(
-            f"unknown top-level key(s) {', '.join(sorted(unknown))} (expected [[rule]], [default])"
-        )
-    raw_rules = data.get("rule", [])
-    if not isinstance(raw_rules, list):
-        raise RulesError("rule must be an array of tables: [[rule]]")
-    rules = tuple(parse_rule(r, f"rule {i + 1}") for i, r in enumerate(raw_rules))
-    default_data = data.get("default")
-    if default_data is None:
-        default = DEFAULT_RULES.default
-    elif isinstance(default_data, dict):
-        default = parse_rule({"name": "default", **default_data}, "default", default=True)
-    else:
-        raise RulesError("default must be a table: [default]")
-    return RuleSet(rules, default)
-
-
-def load_rules(path: str | Path) -> RuleSet:
-    try:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise RulesError(f"no such rules file: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RulesError(f"{path} is not valid TOML: {exc}") from None
-    return parse_rules(data)
-
-
-# The built-in rules: what `simulate` answers without --rules. Documented in docs/SIMULATOR.md.
-DEFAULT_RULES_TOML = """
-[[rule]]
-name = "blocked robocaller (603+)"
-prefixes = ["1900"]
-action = "block"
-
-[[rule]]
-name = "unknown number"
-prefixes = ["1555"]
-action = "reject"
-status = 404
-
-[[rule]]
-name = "no route"
-prefixes = ["1999"]
-action = "reject"
-status = 503
-
-[default]
-name = "default redirect"
-action = "redirect"
-contacts = ["sip:{user}@192.0.2.10", "sip:{user}@198.51.100.20;transport=tcp"]
-"""
-
-DEFAULT_RULES = parse_rules(tomllib.loads(DEFAULT_RULES_TOML))
-
-
-# ---------------------------------------------------------------------------------------------
-# PASSporT (RFC 8225, 8588 SHAKEN, 8946 div) and the answers
-# ---------------------------------------------------------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _json(obj: Mapping[str, Any]) -> bytes:
-    # RFC 8225 §9: keys in lexicographic order, no whitespace.
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-
-
-def make_passport(
-    orig: str,
-    dest: str,
-    *,
-    attest: str = "A",
-    ppt: str = "shaken",
-    x5u: str = DEFAULT_X5U,
-    iat: int | None = None,
-    origid: str | None = None,
-    div: str | None = None,
-    pad_to: int = 0,
-) -> str:
-    """A compact JWS ``header.payload.signature`` shaped like a real SHAKEN (or div) PASSporT.
-
-    The signature is 64 bytes derived from the signing input (the size of an ES256 signature), not a
-    real signature. ``pad_to`` adds a ``pad`` claim so the token is about that many characters long."""
-    header = {"alg": "ES256", "ppt": ppt, "typ": "passport", "x5u": x5u}
-    payload: dict[str, Any] = {
-        "dest": {"tn": [normalize_number(dest)]},
-        "iat": int(time.time()) if iat is None else iat,
-        "orig": {"tn": normalize_number(orig)},
-    }
-    if ppt == "div":
-        payload["div"] = {"tn": normalize_number(div or dest)}
-    else:
-        payload["attest"] = attest
-        payload["origid"] = origid or str(uuid.uuid4())
-
-    def encode(p: Mapping[str, Any]) -> str:
-        signing_input = f"{b64url(_json(header))}.{b64url(_json(p))}"
-        return f"{signing_input}.{b64url(hashlib.sha512(signing_input.encode()).digest())}"
-
-    token = encode(payload)
-    if pad_to and len(token) < pad_to:
-        # Each claim character costs 4/3 characters in base64url; '"pad":"",' costs 9.
-        extra = max(0, (pad_to - len(token)) * 3 // 4 - 9)
-        payload["pad"] = secrets.token_hex(extra // 2 + 1)[:extra]
-        token = encode(payload)
-    return token
-
-
-def identity_header(
-    token: str, *, x5u: str = DEFAULT_X5U, ppt: str = "shaken", quote_ppt: bool = False
-) -> str:
-    pptv = f'"{ppt}"' if quote_ppt or ppt == "div" else ppt
-    return f"{token};info=<{x5u}>;alg=ES256;ppt={pptv}"
-
-
-def decode_passport(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """Split a compact JWS into its header and payload JSON and the signature bytes (no check)."""
-    token = token.split(";", 1)[0].strip()
-    h, p, s = token.split(".")
-
-    def d(part: str) -> bytes:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-    header: dict[str, Any] = json.loads(d(h))
-    payload: dict[str, Any] = json.loads(d(p))
-    return header, payload, d(s)
-
-
-def _fill(template: str, user: str) -> str:
-    number = normalize_number(user)
-    return template.replace("{user}", user).replace("{number}", number).replace("{e164}", "+" + number)
-
-
-def build_answer(
-    rule: Rule, request: SipRequest, to_tag: str, *, now: int | None = None
-) -> SipResponse | None:
-    """The response ``rule`` gives ``request`` (None for silence). Pure: no I/O, no clock but ``now``."""
-    status = rule.final_status
-    if status is None:
-        return None
-    user = uri_user(request.uri)
-    extra: list[tuple[str, str]] = []
-    if rule.action in ("redirect", "delay"):
-        from_value = request.get("from") or ""
-        try:
-            orig = uri_user(parse_name_addr(from_value).uri) or "0"
-        except ParseError:
-            orig = "0"
-        if rule.identity:
-            token = make_passport(
-                orig, user, attest=rule.attest, x5u=rule.x5u, iat=now, pad_to=_token_target(rule)
-            )
-            extra.append(("Identity", identity_header(token, x5u=rule.x5u, quote_ppt=rule.quote_ppt)))
-            if rule.div:
-                div_token = make_passport(
-                    orig,
-                    user,
-                    ppt="div",
-                    x5u=rule.x5u,
-                    iat=now,
-                    div=rule.div_from or user,
-                    pad_to=_token_target(rule),
-                )
-                extra.append(("Identity", identity_header(div_token, x5u=rule.x5u, ppt="div")))
-        if rule.pai:
-            num = normalize_number(orig)
-            name = f'"{rule.pai_name}" ' if rule.pai_name else ""
-            pai = f"{name}<sip:+{num}@sip.clearip.example;user=phone;verstat={rule.verstat}>"
-            extra.append(("P-Asserted-Identity", pai))
-        qs = rule.q or tuple(round(0.99 - 0.01 * i, 2) for i in range(len(rule.contacts)))
-        contacts = [f"<{_fill(c, user)}>;q={q:g}" for c, q in zip(rule.contacts, qs, strict=True)]
-        if rule.contact_lines:
-            extra.extend(("Contact", c) for c in contacts)
-        else:
-            extra.append(("Contact", ", ".join(contacts)))
-    elif rule.action == "block":
-        extra.append(("Reason", rule.reason_header))
-        if rule.call_info:
-            extra.append(("Call-Info", rule.call_info))
-    extra.append(("Server", SERVER_HEADER))
-    extra.extend(rule.headers)
-    reason = rule.reason or ("Network Blocked" if rule.action == "block" else reason_phrase(status))
-    return make_response(request, status, reason, to_tag=to_tag, extra=extra)
-
-
-def _token_target(rule: Rule) -> int:
-    if not rule.identity_size:
-        return 0
-    params = len(f";info=<{rule.x5u}>;alg=ES256;ppt=") + 8
-    return max(0, rule.identity_size - params)
-
-
-# ---------------------------------------------------------------------------------------------
-# The server
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -612,19 +194,8 @@ class ClearIpSimulator:
         inv.final = self._send(inv.source, resp)
         inv.status = resp.status
         if inv.source.transport == "udp":
-            self._spawn(asyncio.get_running_loop().create_task(self._retransmit(inv)))
-
-    async def _retransmit(self, inv: _ServerInvite) -> None:
-        """Timer G until the ACK, giving up at Timer H (64*T1)."""
-        interval = self.t1
-        deadline = time.monotonic() + 64 * self.t1
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(inv.acked.wait(), interval)
-                return
-            except TimeoutError:
-                self.endpoint.reply(inv.source, inv.final)
-                interval = min(interval * 2, T2)
+            resend = self.endpoint.resend_until_acked(inv.source, inv.final, inv.acked, self.t1)
+            self._spawn(asyncio.get_running_loop().create_task(resend))
 
     def _on_cancel(self, req: SipRequest, src: Source) -> None:
         inv = self._invites.get(self._key(req))
@@ -655,11 +226,6 @@ class ClearIpSimulator:
             what,
             f"{status} {resp.reason}" if resp is not None else "no answer",
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
 
 
 def parse_hostport(text: str, default_port: int = 5070) -> tuple[str, int]:

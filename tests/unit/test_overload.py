@@ -13,7 +13,8 @@ from proxy_runtime.core.overload import (
 )
 from proxy_runtime.core.proxy import ProxyCore, Target
 from proxy_runtime.settings import SettingsError, load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 from tests.unit.test_proxy_core import SWITCH, Net, invite, make_core
 
 TICK = 0.001

@@ -8,7 +8,8 @@ import pytest
 
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 
 SWITCH = Target("udp", "10.0.0.5", 5060)
 CARRIER_A = ("192.0.2.10", 5060)
