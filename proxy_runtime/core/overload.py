@@ -69,8 +69,9 @@ class OverloadSettings:
 
 
 class OverloadControl:
-    """Feed :meth:`observe` the queue delay of what the adapter reads (per batch is enough: the
-    first datagram of a batch waited longest); ask :meth:`admit` for each new call."""
+    """Feed :meth:`observe` the queue delay once per batch the adapter reads (the wait of the
+    batch's oldest datagram while more are waiting, 0 once the socket is empty); ask
+    :meth:`admit` for each new call."""
 
     __slots__ = (
         "_burst",

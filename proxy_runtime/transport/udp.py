@@ -101,35 +101,49 @@ class UdpSocket:
         view = self._view
         anc = self._anc
         on_datagram = self._on_datagram
+        first: list[tuple[int, int, bytes]] | None = None
+        drained = False
         try:
-            for i in range(BATCH):
+            for _ in range(BATCH):
                 try:
                     n, ancdata, _flags, addr = sock.recvmsg_into((view,), anc)
                 except (BlockingIOError, InterruptedError):
+                    drained = True
                     break
                 except OSError as exc:  # e.g. a queued ICMP error: the next read goes on
                     if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                         return
                     continue
-                if i == 0 and ancdata:
-                    self._queue_delay(ancdata)
+                if first is None:
+                    first = ancdata
                 on_datagram(bytes(view[:n]), (str(addr[0]), int(addr[1])))
                 if self.closed:
                     return
+            if self._timestamps:
+                self._queue_delay(0.0 if drained or first is None else self._age(first))
         finally:
             if self._on_batch_done is not None and not self.closed:
                 self._on_batch_done()
 
-    def _queue_delay(self, ancdata: list[tuple[int, int, bytes]]) -> None:
-        """The first datagram of a batch waited longest: report how long (wall clock, as the
-        kernel's stamp is)."""
+    def _queue_delay(self, delay: float) -> None:
+        if self._on_queue_delay is not None:
+            self._on_queue_delay(delay)
+
+    @staticmethod
+    def _age(ancdata: list[tuple[int, int, bytes]]) -> float:
+        """How long the datagram with this ancillary data waited (wall clock, as the kernel's
+        stamp is).
+
+        The queue delay reported per batch: 0 when the batch emptied the socket (whatever waited
+        was few enough to read in one go: a collection pause or a slow start-up is not a standing
+        queue); when the batch stopped at BATCH with more waiting, the wait of its first datagram,
+        the oldest: how far behind the proxy is (PIE's delay of the queue that stays)."""
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(payload)
-                delay = time.time() - (sec + nsec * 1e-9)
-                if self._on_queue_delay is not None:
-                    self._on_queue_delay(max(0.0, delay))
-                return
+                stamped = float(sec) + float(nsec) * 1e-9
+                return max(0.0, time.time() - stamped)
+        return 0.0
 
     # ---- sending -----------------------------------------------------------------------------
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
