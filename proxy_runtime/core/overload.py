@@ -43,7 +43,7 @@ from proxy_runtime.sip.parse import try_parse_for_reply
 
 @dataclass(frozen=True, slots=True)
 class OverloadSettings:
-    target_delay: float = 0.1  # seconds in the receive queue the controller aims at; 0 = off
+    target_delay: float = 0.2  # seconds in the receive queue the controller aims at; 0 = off
     retry_after: int = 5  # the Retry-After of the 503 a refused call gets (seconds)
     interval: float = 0.02  # control period (RFC 8033's T_UPDATE)
     alpha: float = 1.0  # integral gain, per interval, for a delay error in seconds

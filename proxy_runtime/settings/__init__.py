@@ -116,7 +116,7 @@ class Settings:
     # Overload control (core/overload.py): past this many seconds of queue delay (how long UDP
     # datagrams wait in the kernel before the proxy reads them) a share of new INVITEs get 503 with
     # Retry-After `overload_retry_after` s, so admitted calls keep the CPU. 0 = off.
-    overload_queue_delay: float = 0.1
+    overload_queue_delay: float = 0.2
     overload_retry_after: int = 5
     drain_timeout: float = 30.0
     # Security.
