@@ -224,6 +224,7 @@ class Call:
         "clearip_outcome",
         "clearip_request",
         "clearip_sent",
+        "clearip_watch",
         "deadline",
         "emergency",
         "host",
@@ -256,6 +257,9 @@ class Call:
         self.clearip_ct: ClientTransaction | None = None
         self.clearip_request: SipRequest | None = None
         self.clearip_sent = 0.0
+        # The caller cancelled while ClearIP had not answered: the call is over, but whether ClearIP
+        # answers (the INVITE or the CANCEL) by the INVITE's `timeout` still feeds the breaker.
+        self.clearip_watch = False
         self.clearip_outcome: ClearIpOutcome | None = None
         self.clearip_latency_ms: float | None = None
         self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
@@ -334,6 +338,13 @@ class Call:
 
     def on_clearip_response(self, resp: SipResponse, now: float) -> None:
         status = resp.status
+        if status >= 200 and self.clearip_watch:
+            # A call the caller cancelled: ClearIP answered after all (its 487 to our CANCEL, or
+            # what it had already sent). Nothing goes to the caller, but ClearIP is alive.
+            self.clearip_watch = False
+            self.host.arm(self, None, now)
+            self.host.clearip_answered(now)
+            return
         if status < 200 or self.phase != "clearip":
             return
         host = self.host
@@ -431,7 +442,14 @@ class Call:
 
     def on_timer(self, now: float) -> None:
         self.deadline = None
-        if self.phase == "link":
+        if self.clearip_watch:
+            # Cancelled by the caller, and ClearIP answered neither the INVITE nor the CANCEL
+            # within `timeout`: a ClearIP timeout like any other for the breaker (a switch whose
+            # own post-dial timer is shorter than `timeout` must not hide a silent ClearIP).
+            self.clearip_watch = False
+            if self.host.clearip_up:
+                self.host.clearip_timed_out(now, probe=self.probe)
+        elif self.phase == "link":
             # The link did not come up within the bounded wait (a connect that hangs).
             self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
             wait = self.host.settings.link_wait
@@ -465,6 +483,7 @@ class Call:
         self.cancelled = True
         if self.phase == "clearip" and self.clearip_request is not None:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+            self.clearip_watch = True  # the INVITE's `timeout` stays armed (see _finish)
         br = self.branch
         if br is not None and not br.abandoned:
             br.cancel(now)
@@ -535,7 +554,8 @@ class Call:
             return
         self.phase = "done"
         host = self.host
-        host.arm(self, None, now)
+        if not self.clearip_watch:
+            host.arm(self, None, now)
         host.respond(self.st, resp, now)
         if self.pdd_ms is None:
             self.pdd_ms = (now - self.received) * 1000.0
