@@ -123,6 +123,8 @@ class Call:
     emergency: bool = False
     proxy_failed: bool = False
     reason: str = ""
+    identity: tuple[str, ...] = ()  # ClearIP's 302 Identity / P-Asserted-Identity, for the record
+    pai: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -992,7 +994,7 @@ class ProxyCore:
         if call.pdd_ms is None:
             call.pdd_ms = (now - call.received) * 1000.0
         call.reason = reason
-        self._record(call, resp.status)
+        self._record(call, resp.status, resp.reason)
         self._release(call)
 
     def _release(self, call: Call) -> None:
@@ -1027,6 +1029,8 @@ class ProxyCore:
             call.phase = "fork"
             base = call.request.copy()
             routing.copy_headers(resp, base, self.settings.copy_headers)
+            call.identity = tuple(resp.get_all("identity"))
+            call.pai = tuple(resp.get_all("p-asserted-identity"))
             call.base = base
             call.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
             call.targets = [str(u) for u in targets]
@@ -1219,16 +1223,15 @@ class ProxyCore:
         if self.recorder is not None:
             self.recorder.set_gauge(spec, value)
 
-    def _record(self, call: Call, status: int) -> None:
+    def _record(self, call: Call, status: int, status_text: str = "") -> None:
         if self.recorder is None:
             return
-        number = caller = ""
-        if self.recorder.log_numbers:  # numbers are parsed only when they may be logged
-            number = routing.dialled_number(call.request) or ""
-            try:
-                caller = parse_uri(parse_name_addr(call.request.get("from") or "").uri).user or ""
-            except (ParseError, UriError):
-                caller = ""
+        number = routing.dialled_number(call.request) or ""  # masked in the log unless log_numbers
+        try:
+            caller = parse_uri(parse_name_addr(call.request.get("from") or "").uri).user or ""
+        except (ParseError, UriError):
+            caller = ""
+        br = call.branch
         self.recorder.record_call(
             CallRecord(
                 call_id=call.request.call_id,
@@ -1244,6 +1247,10 @@ class ProxyCore:
                 caller=caller,
                 callee=number,
                 reason=call.reason,
+                identity=call.identity,
+                pai=call.pai,
+                final_reason=status_text,
+                carrier=f"{br.target.host}:{br.target.port}" if br is not None else "",
             )
         )
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))

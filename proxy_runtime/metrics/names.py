@@ -80,11 +80,48 @@ MALFORMED_MESSAGES = MetricSpec("MalformedMessages", Unit.COUNT, "SIP messages t
 UNTRUSTED_DROPPED = MetricSpec("UntrustedDropped", Unit.COUNT, "Messages dropped: source not allow-listed")
 CLEARIP_CONNECTED = MetricSpec("ClearIpConnected", Unit.NONE, "1 while the ClearIP connection is up, else 0")
 CLEARIP_RECONNECTS = MetricSpec("ClearIpReconnects", Unit.COUNT, "Reconnections to ClearIP")
+CLEARIP_BREAKER_OPEN = MetricSpec(
+    "ClearIpBreakerOpen", Unit.NONE, "1 while the ClearIP brownout breaker is open or half-open, else 0"
+)
 IN_FLIGHT = MetricSpec("InFlightTransactions", Unit.COUNT, "Server INVITE transactions in progress")
 HEARTBEAT = MetricSpec("Heartbeat", Unit.COUNT, "1 each interval while the proxy runs")
 METRICS_DROPPED_INTERVALS = MetricSpec(
     "MetricsDroppedIntervals", Unit.COUNT, "Metric intervals dropped (CloudWatch down or throttling)"
 )
+
+# STIR/SHAKEN outcomes read from ClearIP's answer (metrics/stir.py). A fixed set: no per-number,
+# per-carrier or per-certificate dimension, so the cost stays 13 metrics a proxy whatever the traffic.
+STIR_ATTESTATION_METRICS: dict[str, MetricSpec] = {
+    "A": MetricSpec("StirAttestationA", Unit.COUNT, "Calls signed with SHAKEN attestation A (full)"),
+    "B": MetricSpec("StirAttestationB", Unit.COUNT, "Calls signed with SHAKEN attestation B (partial)"),
+    "C": MetricSpec("StirAttestationC", Unit.COUNT, "Calls signed with SHAKEN attestation C (gateway)"),
+}
+STIR_DIV_CALLS = MetricSpec(
+    "StirDivCalls", Unit.COUNT, "Calls whose answer carried diversion PASSporTs (ppt=div) besides SHAKEN"
+)
+STIR_UNDECODABLE = MetricSpec(
+    "StirIdentityUndecodable", Unit.COUNT, "Identity values that could not be read (bad JWS, no attest)"
+)
+STIR_VERSTAT_METRICS: dict[str, MetricSpec] = {
+    "TN-Validation-Passed": MetricSpec(
+        "StirVerstatPassed", Unit.COUNT, "Calls verified: verstat=TN-Validation-Passed"
+    ),
+    "TN-Validation-Failed": MetricSpec(
+        "StirVerstatFailed", Unit.COUNT, "Calls that failed verification: verstat=TN-Validation-Failed"
+    ),
+    "No-TN-Validation": MetricSpec(
+        "StirVerstatNoValidation", Unit.COUNT, "Calls not verified: verstat=No-TN-Validation"
+    ),
+    "other": MetricSpec("StirVerstatOther", Unit.COUNT, "Calls with another verstat value"),
+}
+BLOCKED_METRICS: dict[str, MetricSpec] = {
+    "603": MetricSpec("CallsBlocked603", Unit.COUNT, "Calls ended 603 Decline (blocked)"),
+    "603+": MetricSpec(
+        "CallsBlocked603Plus", Unit.COUNT, "Calls ended 603 Network Blocked (603+, robocall/fraud block)"
+    ),
+    "607": MetricSpec("CallsBlocked607", Unit.COUNT, "Calls ended 607 Unwanted (RFC 8688)"),
+    "608": MetricSpec("CallsBlocked608", Unit.COUNT, "Calls ended 608 Rejected (RFC 8688)"),
+}
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     CALLS,
@@ -101,7 +138,13 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     UNTRUSTED_DROPPED,
     CLEARIP_CONNECTED,
     CLEARIP_RECONNECTS,
+    CLEARIP_BREAKER_OPEN,
     IN_FLIGHT,
     HEARTBEAT,
     METRICS_DROPPED_INTERVALS,
+    *STIR_ATTESTATION_METRICS.values(),
+    STIR_DIV_CALLS,
+    STIR_UNDECODABLE,
+    *STIR_VERSTAT_METRICS.values(),
+    *BLOCKED_METRICS.values(),
 )

@@ -56,7 +56,7 @@ def test_every_counter_published_with_zeros_and_interval_resets() -> None:
     assert iv.count(names.CALLS) == 0
     assert iv.count(names.HEARTBEAT) == 1
     assert iv.distributions == {}
-    assert set(iv.gauges) == {names.CLEARIP_CONNECTED, names.IN_FLIGHT}
+    assert set(iv.gauges) == {names.CLEARIP_CONNECTED, names.CLEARIP_BREAKER_OPEN, names.IN_FLIGHT}
     assert iv.gauges[names.CLEARIP_CONNECTED].maximum == 0
 
 
@@ -158,14 +158,23 @@ def test_call_log_line_masks_numbers(caplog: pytest.LogCaptureFixture) -> None:
         "clearip_ms": 12.3,
         "attempts": 2,
         "advances": 1,
+        "carrier": None,
         "status": 200,
         "pdd_ms": 250.0,
+        "attest": None,
+        "div": 0,
+        "identity_bad": 0,
+        "verstat": None,
+        "blocked": None,
         "emergency": False,
         "proxy_failed": False,
         "overload": False,
         "reason": "302 -> carrier 200",
+        # Masked as SIP traces mask them: all digits but the last four.
+        "caller": "+xxxxxxx1234",
+        "callee": "+xxxxxxx9876",
     }
-    for digits in ("5551234", "1234", "5559876", "9876"):
+    for digits in ("5551234", "2125551", "5559876", "3105559"):
         assert digits not in text
 
 
