@@ -9,6 +9,7 @@ from aws_cdk import CfnOutput, Stack
 from constructs import Construct
 
 from infra.fleet import REPO_ROOT, ProxyFleet
+from infra.logs import ProxyLogs
 from infra.monitoring import MonitoredProxy, ProxyMonitoring
 from infra.network import ProxyNetwork
 from infra.operations import ProxyOperations
@@ -48,6 +49,8 @@ class ClearIpProxyStack(Stack):
             timeout=settings.timeout,
             source_dir=source_dir,
         )
+        self.logs = ProxyLogs(self, "Logs", instance_ids=[p.instance_id for p in self.fleet.proxies])
+        self.logs.grant_to(self.fleet.role)
         self.monitoring = ProxyMonitoring(
             self,
             "Monitoring",
@@ -69,6 +72,18 @@ class ClearIpProxyStack(Stack):
         CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn, description="SNS alarm topic")
         CfnOutput(
             self, "TraceBucketName", value=self.operations.trace_bucket.bucket_name, description="SIP traces"
+        )
+        CfnOutput(
+            self,
+            "CallsLogGroupName",
+            value=self.logs.log_groups["calls"].log_group_name,
+            description="Per-call JSON lines (Logs Insights: saved queries under ClearIP/<stack>/)",
+        )
+        CfnOutput(
+            self,
+            "SessionDocumentName",
+            value=self.logs.session_document_name,
+            description="Logged shell: aws ssm start-session --target <instance> --document-name <this>",
         )
         for key, name in self.operations.document_names.items():
             CfnOutput(self, f"{key}DocumentName", value=name, description=f"SSM document: {key}")
