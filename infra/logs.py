@@ -72,7 +72,7 @@ def agent_config(groups: Mapping[str, str]) -> dict[str, Any]:
       system type and device.
     """
     return {
-        "agent": {"metrics_collection_interval": 60, "run_as_user": "root", "logfile": ""},
+        "agent": {"metrics_collection_interval": 60, "run_as_user": "root"},
         "logs": {
             "logs_collected": {
                 "files": {
@@ -353,7 +353,13 @@ class ProxyLogs(Construct):
                 conditions={"StringEquals": {"cloudwatch:namespace": HOST_NAMESPACE}},
             )
         )
-        self.agent_parameter.grant_read(role)
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadAgentConfig",
+                actions=["ssm:GetParameter"],
+                resources=[self.agent_parameter.parameter_arn],
+            )
+        )
         Validations.of(role).acknowledge(
             Acknowledgment(
                 id="AwsSolutions::AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:"

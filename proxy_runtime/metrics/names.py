@@ -42,6 +42,11 @@ CALLS_ANSWERED = MetricSpec("CallsAnswered", Unit.COUNT, "Calls that got a 2xx")
 PROXY_FAILED_CALLS = MetricSpec(
     "ProxyFailedCalls", Unit.COUNT, "Calls the proxy itself failed (timeout, unavailable, overload, error)"
 )
+CARRIERS_FAILED_CALLS = MetricSpec(
+    "CarriersFailedCalls",
+    Unit.COUNT,
+    "Routed calls that ended 408 or 5xx: every carrier tried failed (busy, not found, blocks excluded)",
+)
 OVERLOAD_REJECTED = MetricSpec(
     "OverloadRejected", Unit.COUNT, "INVITEs answered 503 past the in-flight limit"
 )
@@ -132,6 +137,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     EMERGENCY_BYPASS,
     CALLS_ANSWERED,
     PROXY_FAILED_CALLS,
+    CARRIERS_FAILED_CALLS,
     OVERLOAD_REJECTED,
     *CLEARIP_OUTCOME_METRICS.values(),
     MALFORMED_MESSAGES,

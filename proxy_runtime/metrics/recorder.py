@@ -49,6 +49,7 @@ _CALLS = names.CALLS.name
 _ANSWERED = names.CALLS_ANSWERED.name
 _EMERGENCY = names.EMERGENCY_BYPASS.name
 _PROXY_FAILED = names.PROXY_FAILED_CALLS.name
+_CARRIERS_FAILED = names.CARRIERS_FAILED_CALLS.name
 _OVERLOAD = names.OVERLOAD_REJECTED.name
 _LATENCY = names.CLEARIP_LATENCY.name
 _PDD = names.POST_DIAL_DELAY.name
@@ -134,6 +135,9 @@ class MetricsRecorder:
             v = quantize_ms(rec.post_dial_delay_ms)
             h[v] = h.get(v, 0) + 1
         if rec.carrier_attempts > 0 or rec.route_advances > 0:
+            status = rec.final_status
+            if status == 408 or 500 <= status < 600:  # the fork ran out: no carrier could take it
+                counts[_CARRIERS_FAILED] += 1
             # Over routed calls only: Average reads "attempts per routed call".
             h = hist[_ATTEMPTS]
             a = float(max(0, rec.carrier_attempts))

@@ -255,7 +255,16 @@ def test_instance_role(template: Template) -> None:
     resource = json.dumps(asset["Resource"])
     assert "cdk-hnb659fds-assets" in resource and resource.count(".zip") == 1  # one object, not the bucket
     assert by_sid["PutTraces"]["Action"] == "s3:PutObject"
-    assert set(by_sid) == {"PublishProxyMetrics", "ReadOwnCodeAsset", "PutTraces"}
+    assert set(by_sid) == {
+        "PublishProxyMetrics",
+        "ReadOwnCodeAsset",
+        "PutTraces",
+        # infra/logs.py (tests/infra/test_observability.py)
+        "ShipProxyLogs",
+        "FindSessionLogGroup",
+        "PublishHostMetrics",
+        "ReadAgentConfig",
+    }
 
 
 # ---- 6. alerting -----------------------------------------------------------------------------
@@ -292,7 +301,7 @@ def _alarms(tpl: Template) -> dict[str, dict[str, Any]]:
 
 def test_every_alarm_is_explicit_and_notifies(template: Template) -> None:
     alarms = _alarms(template)
-    assert len(alarms) == 2 * 7
+    assert len(alarms) == 2 * 12
     for alarm in alarms.values():
         props = alarm["Properties"]
         assert props["TreatMissingData"] in ("breaching", "notBreaching", "missing")
@@ -491,10 +500,13 @@ def _script(props: dict[str, Any]) -> str:
 
 def test_ssm_documents(template: Template) -> None:
     docs = _documents(template)
-    assert set(docs) == {
+    ours = {
         f"ClearIpProxy-{k}"
         for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
     }
+    # infra/logs.py adds the agent's and the logged session's documents (tests/infra/test_observability.py).
+    assert set(docs) == ours | {"ClearIpProxy-CloudWatchAgent", "ClearIpProxy-ProxySession"}
+    docs = {k: v for k, v in docs.items() if k in ours}
     for props in docs.values():
         assert props["DocumentType"] == "Command"
         assert props["Content"]["schemaVersion"] == "2.2"
@@ -560,7 +572,7 @@ def test_monitoring_construct_alone() -> None:
         alarm_email="ops@example.org",
         dashboard_name="Lab",
     )
-    assert len(mon.alarms) == 7 and mon.dashboard_name == "Lab"
+    assert len(mon.alarms) == 12 and mon.dashboard_name == "Lab"
     t = Template.from_stack(stack)
     t.has_resource_properties(
         "AWS::CloudWatch::Alarm",
