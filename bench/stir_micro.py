@@ -1,6 +1,7 @@
 """Cost of reading the STIR/SHAKEN outcome of one call (metrics/stir.py), in microseconds.
 
-``python -m bench.stir_micro [--calls 50000]`` times, on this machine's CPU alone:
+``python -m bench.stir_micro [--calls 50000]`` times (CPU time of this process, so other load on the
+machine counts less):
   * ``read_stir`` on a real-shaped outbound answer (one ~900-byte SHAKEN Identity, one ``ppt=div``),
   * ``read_stir`` on an inbound answer (a P-Asserted-Identity with ``verstat``),
   * ``MetricsRecorder.record_call`` with and without those headers (the whole per-call cost of
@@ -69,10 +70,10 @@ def _record(**kw: object) -> CallRecord:
 def _time(fn: Callable[[], object], n: int) -> float:
     runs = []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(n):
             fn()
-        runs.append((time.perf_counter() - t0) / n * 1e6)
+        runs.append((time.process_time() - t0) / n * 1e6)
     return statistics.median(runs)
 
 
