@@ -5,43 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any
 
 import pytest
 
 from proxy_runtime.metrics import names, stir
 from proxy_runtime.metrics.recorder import CALL_LOGGER, MetricsRecorder
 from proxy_runtime.metrics.stir import Attestation, Block, Verstat
+from tests.metrics import helpers
 from tests.metrics.helpers import call
 
-# An ES256 signature is 64 bytes: 86 base64url characters. Its value does not matter (never verified).
-SIGNATURE = base64.urlsafe_b64encode(bytes(range(64))).rstrip(b"=").decode()
-CERT = "https://cert.clearip.example/shaken/2f7a.pem"
+SIGNATURE, CERT = helpers.SIGNATURE, helpers.CERT
 HDR = base64.urlsafe_b64encode(b'{"alg":"ES256","ppt":"shaken","typ":"passport"}').rstrip(b"=").decode()
-
-
-def b64(obj: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj, separators=(",", ":")).encode()).rstrip(b"=").decode()
-
-
-def passport(
-    attest: str | None = "A", *, ppt: str = "shaken", param: str | None = None, **claims: Any
-) -> str:
-    """An RFC 8224 Identity value as ClearIP sends it: compact JWS;info=<...>;alg=ES256;ppt=..."""
-    header = {"alg": "ES256", "ppt": ppt, "typ": "passport", "x5u": CERT}
-    payload: dict[str, Any] = {
-        "dest": {"tn": ["13105559876"]},
-        "iat": 1_764_700_000,
-        "orig": {"tn": "12125551234"},
-        "origid": "0b2c1c3e-5b43-4c1a-9d3a-1f2a2b3c4d5e",
-    }
-    if attest is not None:
-        payload["attest"] = attest
-    if ppt == "div":
-        payload.pop("origid")
-        payload["div"] = {"tn": "13105550000"}
-    payload.update(claims)
-    return f"{b64(header)}.{b64(payload)}.{SIGNATURE};info=<{CERT}>;alg=ES256;ppt={param or ppt}"
+b64, passport = helpers.b64, helpers.passport
 
 
 @pytest.mark.parametrize("level", ["A", "B", "C"])
