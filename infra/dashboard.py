@@ -146,6 +146,7 @@ def add_story_widgets(
                 total(names.CARRIERS_FAILED_CALLS, "Every carrier failed"),
                 total(names.EMERGENCY_BYPASS, "Emergency (no ClearIP)"),
                 total(names.OVERLOAD_REJECTED, "Refused: overload"),
+                total(names.CLEARIP_BREAKER_REJECTED, "Refused: ClearIP breaker open"),
             ],
         ),
         graph(

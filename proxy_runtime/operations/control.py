@@ -189,6 +189,8 @@ class ControlServer:
                 "tls_version": link.tls_version if link is not None else None,
                 "reconnects": link.reconnects if link is not None else 0,
                 "last_error": link.last_error if link is not None else "",
+                # closed | open | half-open, as of the last ClearIP outcome (docs/FAULTS.md)
+                "breaker": core.breaker.state.value if core is not None else "closed",
             },
             "calls_in_flight": core.in_flight if core is not None else 0,
             "draining": bool(core is not None and core.draining),
