@@ -118,6 +118,7 @@ def test_agent_installed_from_the_package_repository_and_configured_by_state_man
             },
             "ScheduleExpression": "rate(1 day)",
             "MaxConcurrency": "1",
+            "MaxErrors": "100%",
         },
     )
 
