@@ -155,7 +155,7 @@ SAVED_QUERIES: tuple[SavedQuery, ...] = (
         "Slowest post-dial delays",
         "calls",
         "fields @timestamp, proxy, call_id, pdd_ms, clearip_ms, attempts, advances, carrier, status, reason\n"
-        "| filter ispresent(pdd_ms)\n"
+        "| filter pdd_ms > 0\n"
         "| sort pdd_ms desc\n"
         "| limit 50",
     ),
@@ -168,7 +168,7 @@ SAVED_QUERIES: tuple[SavedQuery, ...] = (
         "Blocked calls",
         "calls",
         "fields @timestamp, proxy, call_id, status, blocked, outcome, reason\n"
-        "| filter ispresent(blocked)\n"
+        "| filter status in [603, 607, 608]\n"
         "| sort @timestamp desc\n"
         "| limit 200",
     ),
@@ -322,7 +322,9 @@ class ProxyLogs(Construct):
                     "maxSessionDuration": "120",
                     "runAsEnabled": False,
                     "shellProfile": {
-                        "linux": "cd /var/log/clearip-proxy 2>/dev/null || cd /; exec bash -l",
+                        "linux": "echo 'This session is recorded in CloudWatch Logs. Start with: "
+                        "sudo /opt/clearip-proxy/venv/bin/clearip-proxy doctor --config "
+                        "/etc/clearip-proxy/settings.toml'",
                     },
                 },
             },
