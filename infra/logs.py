@@ -8,9 +8,9 @@ What runs where:
 * The CloudWatch agent, the Amazon Linux 2023 package ``amazon-cloudwatch-agent`` from the
   instance's own repository, ships those three files to the log groups below and reports memory
   and disk use. A State Manager association installs the package and loads the agent's
-  configuration from an SSM parameter; the association re-runs when the configuration changes and
-  once a day, and reaches a replaced instance by itself, so no user data is involved (user data
-  runs only at first boot).
+  configuration, which its document carries; the association re-runs when the configuration
+  changes and once a day, and reaches a replaced instance by itself, so no user data is involved
+  (user data runs only at first boot).
 * Session Manager sessions started with this stack's session document are streamed to their own
   log group, so a troubleshooting session leaves a record.
 
@@ -43,6 +43,9 @@ MEM_USED_PERCENT = "mem_used_percent"
 DISK_USED_PERCENT = "disk_used_percent"
 HOST_DIMENSION = "InstanceId"
 AGENT_CTL = "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl"
+AGENT_CONFIG_DIR = "/opt/aws/amazon-cloudwatch-agent/etc"
+AGENT_CONFIG_FILE = f"{AGENT_CONFIG_DIR}/clearip-proxy.json"
+AGENT_CONFIG_EOF = "CLEARIP_AGENT_CONFIG"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,7 @@ SAVED_QUERIES: tuple[SavedQuery, ...] = (
 class ProxyLogs(Construct):
     """Log groups, the agent's configuration and its association, saved queries, session logging.
 
-    Exposes ``log_groups`` (by role), ``agent_config`` (the dict), ``agent_parameter``,
+    Exposes ``log_groups`` (by role), ``agent_config`` (the dict), ``agent_document``,
     ``agent_association``, ``queries`` and ``session_document_name``; :meth:`grant_to` gives an
     instance role what the agent and Session Manager need to write.
     """
@@ -223,27 +226,24 @@ class ProxyLogs(Construct):
         }
 
         self.agent_config = agent_config(names)
-        rendered = json.dumps(self.agent_config, indent=1, sort_keys=True)
-        self.agent_parameter = ssm.StringParameter(
-            self,
-            "AgentConfig",
-            parameter_name=f"AmazonCloudWatch-{stack.stack_name}-proxy",
-            string_value=rendered,
-            description="CloudWatch agent configuration of the ClearIP proxies (infra/logs.py)",
-            tier=ssm.ParameterTier.STANDARD,
-        )
+        # The configuration travels in the document (one line of JSON in a quoted here-document):
+        # a change makes a new document version, which the association runs at once.
+        rendered = json.dumps(self.agent_config, sort_keys=True, separators=(",", ":"))
+        if "{{" in rendered or AGENT_CONFIG_EOF in rendered:
+            raise ValueError("the agent configuration cannot be embedded in an SSM document")
         self.agent_document = ssm.CfnDocument(
             self,
             "AgentDocument",
             name=f"{stack.stack_name}-CloudWatchAgent",
             document_type="Command",
+            document_format="JSON",
+            target_type="/AWS::EC2::Instance",
             update_method="NewVersion",
             content={
                 "schemaVersion": "2.2",
                 "description": "Install the CloudWatch agent from the instance's package repository "
-                "and load its configuration from SSM Parameter Store.",
+                "and load the ClearIP proxy's configuration into it (infra/logs.py).",
                 "parameters": {
-                    "ConfigParameter": {"type": "String", "description": "SSM parameter name"},
                     "ConfigHash": {
                         "type": "String",
                         "default": "",
@@ -260,7 +260,11 @@ class ProxyLogs(Construct):
                                 "set -eu",
                                 "rpm -q amazon-cloudwatch-agent >/dev/null 2>&1"
                                 " || dnf install -y -q amazon-cloudwatch-agent",
-                                f"{AGENT_CTL} -a fetch-config -m ec2 -s -c ssm:{{{{ ConfigParameter }}}}",
+                                f"install -d -m 0755 {AGENT_CONFIG_DIR}",
+                                f"cat >{AGENT_CONFIG_FILE} <<'{AGENT_CONFIG_EOF}'",
+                                rendered,
+                                AGENT_CONFIG_EOF,
+                                f"{AGENT_CTL} -a fetch-config -m ec2 -s -c file:{AGENT_CONFIG_FILE}",
                                 f"{AGENT_CTL} -a status",
                             ],
                         },
@@ -274,10 +278,8 @@ class ProxyLogs(Construct):
             name=self.agent_document.ref,
             association_name=f"{stack.stack_name}-CloudWatchAgent",
             targets=[ssm.CfnAssociation.TargetProperty(key="InstanceIds", values=list(instance_ids))],
-            parameters={
-                "ConfigParameter": [self.agent_parameter.parameter_name],
-                "ConfigHash": [hashlib.sha256(rendered.encode()).hexdigest()],
-            },
+            document_version="$LATEST",
+            parameters={"ConfigHash": [hashlib.sha256(rendered.encode()).hexdigest()]},
             # Daily, so an agent removed or reconfigured by hand comes back; at once on any change.
             schedule_expression="rate(1 day)",
             apply_only_at_cron_interval=False,
@@ -307,6 +309,7 @@ class ProxyLogs(Construct):
             "SessionDocument",
             name=self.session_document_name,
             document_type="Session",
+            document_format="JSON",
             update_method="NewVersion",
             content={
                 "schemaVersion": "1.0",
@@ -331,8 +334,8 @@ class ProxyLogs(Construct):
         )
 
     def grant_to(self, role: iam.Role) -> None:
-        """What the agent and Session Manager on the proxies need: write their log groups, publish
-        host metrics in their own namespace, read the agent's configuration."""
+        """What the agent and Session Manager on the proxies need: write their log groups and
+        publish host metrics in their own namespace."""
         groups = list(self.log_groups.values())
         role.add_to_policy(
             iam.PolicyStatement(
@@ -355,13 +358,6 @@ class ProxyLogs(Construct):
                 actions=["cloudwatch:PutMetricData"],
                 resources=["*"],
                 conditions={"StringEquals": {"cloudwatch:namespace": HOST_NAMESPACE}},
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="ReadAgentConfig",
-                actions=["ssm:GetParameter"],
-                resources=[self.agent_parameter.parameter_arn],
             )
         )
         Validations.of(role).acknowledge(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, Stack
+from aws_cdk import ArnFormat, Aws, Stack
 from aws_cdk import aws_cloudwatch as cw
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_sns as sns
@@ -66,12 +66,13 @@ class ProxyMonitoring(Construct):
             self.topic.add_subscription(subs.EmailSubscription(alarm_email))
         self._notify = cw_actions.SnsAction(self.topic)
         self.alarms: list[cw.Alarm] = []
+        self.alarm_refs: list[cw.IAlarm] = []
         for p in proxies:
             self._add_proxy_alarms(p, thresholds)
             self._add_health_alarms(p, health or HealthThresholds())
         self.dashboard_name = dashboard_name or stack.stack_name
         self.dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=self.dashboard_name)
-        add_story_widgets(self.dashboard, proxies, self.alarms)
+        add_story_widgets(self.dashboard, proxies, self.alarm_refs)
         self.dashboard_url = (
             f"https://{Aws.REGION}.console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
             f"#dashboards:name={self.dashboard_name}"
@@ -92,9 +93,14 @@ class ProxyMonitoring(Construct):
         extra_actions: Sequence[cw.IAlarmAction] = (),
     ) -> cw.Alarm:
         """The one alarm builder: every alarm notifies the topic on ALARM and on OK."""
+        stack = Stack.of(self)
+        # The name is the sentence, prefixed with the stack: it is what the e-mail subject and the
+        # console show ("ClearIpProxy Proxy1 drops SIP from sources it does not trust").
+        name = f"{stack.stack_name} {construct_id}"
         alarm = cw.Alarm(
             self,
             construct_id,
+            alarm_name=name,
             metric=metric,
             threshold=threshold,
             comparison_operator=comparison,
@@ -105,6 +111,15 @@ class ProxyMonitoring(Construct):
         )
         alarm.add_alarm_action(self._notify, *extra_actions)
         alarm.add_ok_action(self._notify)
+        # The dashboard names alarms by ARN built from the name (no Fn::GetAtt on the alarm: the
+        # dashboard does not wait for, or break without, the alarms).
+        arn = stack.format_arn(
+            service="cloudwatch",
+            resource="alarm",
+            resource_name=name,
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        self.alarm_refs.append(cw.Alarm.from_alarm_arn(self, f"{construct_id} (by ARN)", arn))
         self.alarms.append(alarm)
         return alarm
 

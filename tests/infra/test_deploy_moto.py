@@ -7,6 +7,7 @@ warning, and it does not wait for cfn-signal. The test asserts what moto does cr
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -164,8 +165,17 @@ def test_ssm_documents(deployed: dict[str, Any]) -> None:
     ours = {d["Name"]: d for d in docs if d["Name"].startswith("ClearIpProxy-")}
     assert set(ours) == {
         f"ClearIpProxy-{k}"
-        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
+        for k in (
+            "Doctor",
+            "CaptureTrace",
+            "Restart",
+            "SetClearIpTransport",
+            "SetTimeout",
+            "CloudWatchAgent",  # infra/logs.py: installs and configures the agent
+            "ProxySession",  # infra/logs.py: the logged shell session
+        )
     }
+    assert ours.pop("ClearIpProxy-ProxySession")["DocumentType"] == "Session"
     assert all(d["DocumentType"] == "Command" for d in ours.values())
 
 
@@ -176,3 +186,29 @@ def test_trace_bucket_and_code_asset(deployed: dict[str, Any]) -> None:
     staging = f"cdk-hnb659fds-assets-{ACCOUNT}-{REGION}"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=staging).get("Contents", [])]
     assert any(k.endswith(".zip") for k in keys), keys  # the proxy's code asset was published
+
+
+def test_log_groups_and_alarm_status(deployed: dict[str, Any]) -> None:
+    """infra/logs.py and the dashboard as deployed: log groups with retention, the alarm status."""
+    logs = client(deployed, "logs")
+    groups = {
+        g["logGroupName"]: g.get("retentionInDays")
+        for g in logs.describe_log_groups(logGroupNamePrefix="/clearip-proxy/ClearIpProxy/")["logGroups"]
+    }
+    assert groups == {
+        "/clearip-proxy/ClearIpProxy/calls": 90,
+        "/clearip-proxy/ClearIpProxy/proxy": 30,
+        "/clearip-proxy/ClearIpProxy/bootstrap": 30,
+        "/clearip-proxy/ClearIpProxy/sessions": 365,
+    }
+    # moto does not list associations; the dashboard it stores shows the alarm status widget on top,
+    # naming every alarm by an ARN built from its sentence.
+    body = json.loads(
+        client(deployed, "cloudwatch").get_dashboard(DashboardName="ClearIpProxy")["DashboardBody"]
+    )
+    top = body["widgets"][0]
+    assert top["type"] == "alarm"
+    arns = top["properties"]["alarms"]
+    assert len(arns) == 2 * 12
+    prefix = f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:"
+    assert prefix + "ClearIpProxy Proxy1 drops SIP from sources it does not trust" in arns

@@ -65,15 +65,28 @@ def test_agent_config_is_valid_against_the_agents_own_schema() -> None:
     _validate(logs.agent_config(logs.log_group_names(STACK)), Path(os.environ["CLOUDWATCH_AGENT_SCHEMA"]))
 
 
+def _agent_script(template: Template) -> list[str]:
+    docs = {
+        d["Properties"]["Name"]: d["Properties"]
+        for d in resources(template.to_json(), "AWS::SSM::Document").values()
+    }
+    return list(docs[f"{STACK}-CloudWatchAgent"]["Content"]["mainSteps"][0]["inputs"]["runCommand"])
+
+
+def _shipped_config(template: Template) -> dict[str, Any]:
+    """The configuration the agent's document writes, run through bash as the instance would."""
+    script = "\n".join(_agent_script(template))
+    start = script.index(f"<<'{logs.AGENT_CONFIG_EOF}'")
+    body = script[script.index("\n", start) + 1 : script.index(f"\n{logs.AGENT_CONFIG_EOF}\n")]
+    heredoc = f"cat <<'{logs.AGENT_CONFIG_EOF}'\n{body}\n{logs.AGENT_CONFIG_EOF}\n"
+    out = subprocess.run(["bash", "-c", heredoc], capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out))
+
+
 def test_agent_config_in_the_stack_ships_the_three_files_to_the_stacks_log_groups(
     template: Template, default_stack: ClearIpProxyStack
 ) -> None:
-    value = Capture()
-    template.has_resource_properties(
-        "AWS::SSM::Parameter",
-        {"Name": f"AmazonCloudWatch-{STACK}-proxy", "Type": "String", "Value": value},
-    )
-    config = json.loads(value.as_string())
+    config = _shipped_config(template)
     _validate(config)
     assert config == default_stack.logs.agent_config
     files = {
@@ -101,21 +114,19 @@ def test_agent_installed_from_the_package_repository_and_configured_by_state_man
     template: Template,
 ) -> None:
     tpl = template.to_json()
-    docs = {d["Properties"]["Name"]: d["Properties"] for d in resources(tpl, "AWS::SSM::Document").values()}
-    agent = docs[f"{STACK}-CloudWatchAgent"]
-    script = "\n".join(agent["Content"]["mainSteps"][0]["inputs"]["runCommand"])
+    script = "\n".join(_agent_script(template))
     assert "dnf install -y -q amazon-cloudwatch-agent" in script
-    assert f"{logs.AGENT_CTL} -a fetch-config -m ec2 -s -c ssm:{{{{ ConfigParameter }}}}" in script
+    assert f"{logs.AGENT_CTL} -a fetch-config -m ec2 -s -c file:{logs.AGENT_CONFIG_FILE}" in script
+    assert "{{" not in script  # nothing in the configuration reads as an SSM parameter
+    subprocess.run(["bash", "-n", "-c", script], check=True)
     instances = sorted(resources(tpl, "AWS::EC2::Instance"))
     template.has_resource_properties(
         "AWS::SSM::Association",
         {
             "Name": {"Ref": Match.string_like_regexp("LogsAgentDocument")},
             "Targets": [{"Key": "InstanceIds", "Values": [{"Ref": i} for i in instances]}],
-            "Parameters": {
-                "ConfigParameter": [{"Ref": Match.string_like_regexp("LogsAgentConfig")}],
-                "ConfigHash": [Match.string_like_regexp("^[0-9a-f]{64}$")],
-            },
+            "DocumentVersion": "$LATEST",
+            "Parameters": {"ConfigHash": [Match.string_like_regexp("^[0-9a-f]{64}$")]},
             "ScheduleExpression": "rate(1 day)",
             "MaxConcurrency": "1",
             "MaxErrors": "100%",
@@ -141,7 +152,6 @@ def test_instance_role_may_ship_logs_and_host_metrics(template: Template) -> Non
     }
     host = by_sid["PublishHostMetrics"]
     assert host["Condition"] == {"StringEquals": {"cloudwatch:namespace": logs.HOST_NAMESPACE}}
-    assert by_sid["ReadAgentConfig"]["Action"] == "ssm:GetParameter"
 
 
 # ---- log groups, queries, sessions -------------------------------------------------------------
@@ -295,7 +305,7 @@ def test_carriers_failing_alarm_is_a_ratio(template: Template) -> None:
             "Threshold": 20,
             "EvaluationPeriods": 2,
             "TreatMissingData": "notBreaching",
-            "AlarmName": Match.absent(),
+            "AlarmName": Match.string_like_regexp("^ClearIpProxy Proxy. sees every carrier fail"),
         },
     )
     found = {m["Id"]: m for m in metrics.as_array()}

@@ -263,7 +263,6 @@ def test_instance_role(template: Template) -> None:
         "ShipProxyLogs",
         "FindSessionLogGroup",
         "PublishHostMetrics",
-        "ReadAgentConfig",
     }
 
 
