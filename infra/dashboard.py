@@ -134,7 +134,6 @@ def add_story_widgets(
         )
 
     outcome = names.CLEARIP_OUTCOME_METRICS
-    o = names.ClearIpOutcome
     # 1. Calls and how they ended; post-dial delay.
     dashboard.add_widgets(
         graph(
@@ -196,19 +195,7 @@ def add_story_widgets(
     dashboard.add_widgets(
         graph(
             "ClearIP outcomes per minute (all proxies)",
-            [
-                total(outcome[x])
-                for x in (
-                    o.REDIRECT_302,
-                    o.UNAVAILABLE_503,
-                    o.NOT_FOUND_404,
-                    o.BLOCKED_603,
-                    o.FORBIDDEN_403,
-                    o.OTHER,
-                    o.TIMEOUT,
-                    o.UNAVAILABLE,
-                )
-            ],
+            [total(m) for m in outcome.values()],  # every ClearIP answer the proxy tells apart
         ),
         graph(
             "Is SIP being dropped? Untrusted sources and malformed messages",

@@ -19,6 +19,7 @@ clock (``now`` is an argument). Policy that needs no state lives in :mod:`routin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -29,7 +30,10 @@ from proxy_runtime.core.transactions import CANCEL_OWNER, Upstream
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, make_response, parse_name_addr
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import header_key, parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
 
@@ -84,27 +88,125 @@ class CallHost(Protocol):
 
     def clearip_forbidden(self, now: float) -> None: ...
 
+    def redirect_headers_ignored(self, names: Sequence[str], now: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class CarrierTarget:
-    """Where one carrier attempt goes, as ClearIP's redirect named it. Held as text while the
-    call waits (a parsed URI costs several times the memory)."""
+    """Where one carrier attempt goes, as ClearIP's redirect named it (a Contact, or the
+    configured emergency route): the Request-URI, held as text while the call waits (a parsed URI
+    costs several times the memory), and the header fields that Contact's URI carried for this
+    branch alone (RFC 3261 §19.1.1; unescaped, in order). :meth:`Branch.build` turns it into that
+    branch's INVITE."""
 
     uri: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(slots=True, eq=False)
 class Branch:
-    """One carrier attempt of a serial fork."""
+    """One carrier attempt of a serial fork: its INVITE (ClearIP's headers in, our Via and
+    Record-Route on top), where it went, its client transaction and how far it got."""
 
-    call: Call
-    request: SipRequest
-    target: Target
-    started: float
-    ct: ClientTransaction | None = None
-    provisional: bool = False
-    cancel_sent: bool = False
-    abandoned: bool = False  # no provisional in time, or the call moved on: absorb what comes
+    __slots__ = (
+        "abandoned",
+        "call",
+        "cancel_sent",
+        "ct",
+        "key",
+        "provisional",
+        "request",
+        "started",
+        "target",
+    )
+
+    def __init__(
+        self, call: Call, request: SipRequest, target: Target, key: tuple[str, str], started: float
+    ) -> None:
+        self.call = call
+        self.request = request
+        self.target = target
+        self.key = key  # its client transaction's: (our branch, "INVITE")
+        self.started = started
+        self.ct: ClientTransaction | None = None
+        self.provisional = False
+        self.cancel_sent = False
+        self.abandoned = False  # no provisional in time, or the call moved on: absorb what comes
+
+    @classmethod
+    def build(cls, call: Call, dest: CarrierTarget, now: float) -> Branch:
+        """The INVITE for ``dest``: the call's (ClearIP's headers copied in), then the headers of
+        this Contact's URI (replacing those of the same name), the Contact without its headers part
+        as the Request-URI, no Route, our Record-Route and Via on top."""
+        stamper = call.host.stamper
+        uri = parse_uri(dest.uri)
+        out = (call.base or call.request).copy()
+        out.uri = str(uri)
+        routing.apply_uri_headers(out, dest.headers)  # this Contact's own, over the 302's
+        out.remove("route")
+        target = target_for(uri)
+        if (
+            call.host.settings.large_over_tcp
+            and target.transport == "udp"
+            and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
+        ):
+            target = Target("tcp", target.host, target.port)
+        inbound = call.source.transport
+        stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
+        branch = stamper.new_branch(out)
+        stamp_forward(out, stamper.via_for(target.transport, branch))
+        return cls(call, out, target, (branch, "INVITE"), now)
+
+    def send(self, now: float) -> bool:
+        """Start its client transaction; False when it could not even start."""
+        out = self.request
+        self.ct = ct = self.call.host.start_client(out, self.target, self.key, self, now)
+        if ct.terminated:
+            return False
+        out.forget_parsed()  # held while the call rings (maybe minutes): keep the text only
+        return True
+
+    def cancel(self, now: float) -> None:
+        """CANCEL it now if it rang, else as soon as it does (RFC 3261 §9.1)."""
+        if self.cancel_sent:
+            return
+        if self.provisional:
+            self.cancel_sent = True
+            self.call.host.send_cancel(self.request, self.target, now)
+        else:
+            self.abandoned = True  # CANCEL once a provisional arrives
+
+    def hang_up(self, resp: SipResponse, now: float) -> None:
+        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
+        contact = resp.first_value("contact")
+        if not contact:
+            return
+        try:
+            remote = parse_uri(parse_name_addr(contact).uri)
+        except (ParseError, UriError):
+            return
+        host = self.call.host
+        stamper = host.stamper
+        route_set = list(reversed(resp.values("record-route")))
+        # Our own Record-Route entries are at the end of the callee's view; drop them.
+        route_set = [r for r in route_set if not stamper.route_is_me(r)]
+        target = stamper.next_hop_from(route_set, remote)
+        cseq = self.request.cseq[0]
+        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
+            req = SipRequest(method, str(remote))
+            branch = stamper.new_branch(self.request) + method[0].lower()
+            req.headers.append(["via", "Via", stamper.via_for(target.transport, branch)])
+            for r in route_set:
+                req.headers.append(["route", "Route", r])
+            for h in self.request.headers:
+                if h[0] in ("from", "call-id"):
+                    req.headers.append(list(h))
+            req.headers.append(["to", "To", resp.get("to") or ""])
+            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
+            req.headers.append(["max-forwards", "Max-Forwards", "70"])
+            if method == "ACK":
+                host.send(target, req.serialize())
+            else:
+                host.start_client(req, target, (branch, "BYE"), CANCEL_OWNER, now)
 
 
 class Call:
@@ -250,20 +352,31 @@ class Call:
         host.clearip_answered(now)  # any final: ClearIP is answering (the breaker closes)
         if status == 403:
             host.clearip_forbidden(now)
-        targets = routing.carrier_targets(resp) if status == 302 else []
-        if targets:  # DESIGN §2: a 302 with usable Contacts forks; any other final is relayed
-            self.phase = "fork"
-            base = self.request.copy()
-            routing.copy_headers(resp, base, host.settings.copy_headers)
-            self.identity = tuple(resp.get_all("identity"))
-            self.pai = tuple(resp.get_all("p-asserted-identity"))
-            self.base = base
-            self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
-            self.targets = [CarrierTarget(str(u)) for u in targets]
-            host.arm(self, None, now)
-            self._advance(now)
+        if status not in host.settings.redirect_codes:
+            # DESIGN §2: any final but a followed redirect is relayed, 6xx (603, 607, 608) with
+            # their Reason and Call-Info untouched.
+            self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
             return
-        self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
+        redirect = routing.redirect_targets(resp)
+        ignored = [name for t in redirect.targets for name in t.ignored]
+        if ignored:
+            host.redirect_headers_ignored(ignored, now)
+        if not redirect.targets:
+            # Never relay it: the switch would chase the redirect (or fail the call) itself. A 503
+            # with the cause, as for the other ClearIP faults, makes it route-advance.
+            self.clearip_outcome = ClearIpOutcome.REDIRECT_UNUSABLE
+            self.fail(503, f"ClearIP {status} without a usable Contact ({redirect.why_unusable})", now)
+            return
+        self.phase = "fork"
+        base = self.request.copy()
+        routing.copy_headers(resp, base, host.settings.copy_headers)
+        self.identity = tuple(resp.get_all("identity"))
+        self.pai = tuple(resp.get_all("p-asserted-identity"))
+        self.base = base
+        self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
+        self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
+        host.arm(self, None, now)
+        self._advance(now)
 
     def on_clearip_failed(self, ct: ClientTransaction, text: str, now: float) -> None:
         """The ClearIP leg timed out or could not be sent."""
@@ -282,13 +395,13 @@ class Call:
                     br.cancel_sent = True
                     host.send_cancel(br.request, br.target, now)
             elif status < 300 and not (self.answered and self.branch is br):
-                self._hang_up(br, resp, now)
+                br.hang_up(resp, now)
             return
         if status < 200:
             if not br.provisional:
                 br.provisional = True
                 if self.cancelled:
-                    self._cancel_branch(br, now)
+                    br.cancel(now)
                     return
                 host.arm(self, host.settings.ring_timeout, now)
             if status > 100:
@@ -299,7 +412,7 @@ class Call:
         if status < 300:
             if self.cancelled or self.phase == "done":
                 if not self.answered:
-                    self._hang_up(br, resp, now)  # answered after the caller cancelled
+                    br.hang_up(resp, now)  # answered after the caller cancelled
                 else:
                     host.pass_upstream(self.st, resp, now)  # 2xx retransmission
                 return
@@ -350,7 +463,7 @@ class Call:
             else:
                 # Rang past the ring limit: cancel and give up (ringing again elsewhere would
                 # ring the same callee twice).
-                self._cancel_branch(br, now)
+                br.cancel(now)
                 br.abandoned = True
                 self.responses.append(self._synth(408, "Ring timeout"))
                 self._finish_best(now)
@@ -364,7 +477,7 @@ class Call:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
         br = self.branch
         if br is not None and not br.abandoned:
-            self._cancel_branch(br, now)
+            br.cancel(now)
         resp = make_response(self.request, 487, to_tag=self.host.stamper.instance)
         self._finish(resp, now, reason="cancelled by caller")
 
@@ -380,7 +493,7 @@ class Call:
         if self.phase == "clearip" and self.clearip_request is not None:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
         if self.branch is not None and not self.branch.abandoned:
-            self._cancel_branch(self.branch, now)
+            self.branch.cancel(now)
         self.fail(503, "proxy restarting", now, retry_after=True)
 
     def server_ended(self) -> None:
@@ -393,81 +506,17 @@ class Call:
     # =========================================================================================
     def _advance(self, now: float) -> None:
         """Start the next carrier attempt, or finish with the best response."""
-        host = self.host
-        s = host.settings
-        stamper = host.stamper
         while self.next_target < len(self.targets) and not self.cancelled:
-            uri = parse_uri(self.targets[self.next_target].uri)
+            dest = self.targets[self.next_target]
             self.next_target += 1
-            base = self.base or self.request
-            out = base.copy()
-            out.uri = str(uri)
-            out.remove("route")
-            target = target_for(uri)
-            if (
-                s.large_over_tcp
-                and target.transport == "udp"
-                and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
-            ):
-                target = Target("tcp", target.host, target.port)
-            inbound = self.source.transport
-            stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
-            branch = stamper.new_branch(out)
-            stamp_forward(out, stamper.via_for(target.transport, branch))
             self.attempts += 1
-            br = Branch(self, out, target, now)
-            self.branch = br
-            br.ct = host.start_client(out, target, (branch, "INVITE"), br, now)
-            if br.ct.terminated:
+            self.branch = br = Branch.build(self, dest, now)
+            if not br.send(now):
                 continue
-            # Held while the call rings (maybe minutes): keep the text, not the parsed values.
-            out.forget_parsed()
-            base.forget_parsed()
-            host.arm(self, s.timeout, now)
+            (self.base or self.request).forget_parsed()
+            self.host.arm(self, self.host.settings.timeout, now)
             return
         self._finish_best(now)
-
-    def _cancel_branch(self, br: Branch, now: float) -> None:
-        if br.cancel_sent:
-            return
-        if br.provisional:
-            br.cancel_sent = True
-            self.host.send_cancel(br.request, br.target, now)
-        else:
-            br.abandoned = True  # CANCEL once a provisional arrives (RFC 3261 §9.1)
-
-    def _hang_up(self, br: Branch, resp: SipResponse, now: float) -> None:
-        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
-        contact = resp.first_value("contact")
-        if not contact:
-            return
-        try:
-            remote = parse_uri(parse_name_addr(contact).uri)
-        except (ParseError, UriError):
-            return
-        host = self.host
-        stamper = host.stamper
-        route_set = list(reversed(resp.values("record-route")))
-        # Our own Record-Route entries are at the end of the callee's view; drop them.
-        route_set = [r for r in route_set if not stamper.route_is_me(r)]
-        target = stamper.next_hop_from(route_set, remote)
-        cseq = br.request.cseq[0]
-        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
-            req = SipRequest(method, str(remote))
-            branch = stamper.new_branch(br.request) + method[0].lower()
-            req.headers.append(["via", "Via", stamper.via_for(target.transport, branch)])
-            for r in route_set:
-                req.headers.append(["route", "Route", r])
-            for h in br.request.headers:
-                if h[0] in ("from", "call-id"):
-                    req.headers.append(list(h))
-            req.headers.append(["to", "To", resp.get("to") or ""])
-            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
-            req.headers.append(["max-forwards", "Max-Forwards", "70"])
-            if method == "ACK":
-                host.send(target, req.serialize())
-            else:
-                host.start_client(req, target, (branch, "BYE"), CANCEL_OWNER, now)
 
     # =========================================================================================
     # The end
@@ -529,33 +578,46 @@ class Call:
             extra=[("Reason", f'SIP;cause={status};text="{text}"')],
         )
 
-    # =========================================================================================
-    # The record
-    # =========================================================================================
-    def record(self, status: int) -> CallRecord:
-        """The call's metrics record (the log masks the numbers unless ``log_numbers``)."""
-        number = routing.dialled_number(self.request) or ""
-        try:
-            caller = parse_uri(parse_name_addr(self.request.get("from") or "").uri).user or ""
-        except (ParseError, UriError):
-            caller = ""
-        br = self.branch
-        return CallRecord(
-            call_id=self.request.call_id,
-            clearip_outcome=self.clearip_outcome,
-            clearip_latency_ms=self.clearip_latency_ms,
-            carrier_attempts=self.attempts,
-            route_advances=max(0, self.attempts - 1),
-            final_status=status,
-            post_dial_delay_ms=self.pdd_ms,
-            emergency=self.emergency,
-            proxy_failed=self.proxy_failed,
-            overload_rejected="overloaded" in self.reason,
-            caller=caller,
-            callee=number,
-            reason=self.reason,
-            identity=self.identity,
-            pai=self.pai,
-            final_reason=self.final_reason,
-            carrier=f"{br.target.host}:{br.target.port}" if br is not None else "",
-        )
+
+def _stir_headers(call: Call) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ClearIP's Identity and P-Asserted-Identity for the call as it went out: the 302's, or those
+    the last Contact tried carried in its URI (RFC 3261 §19.1.1), which replaced them on its branch."""
+    identity, pai = call.identity, call.pai
+    if 0 < call.next_target <= len(call.targets):
+        own = call.targets[call.next_target - 1].headers
+        if own:
+            keys = [(header_key(n), v) for n, v in own]
+            identity = tuple(v for k, v in keys if k == "identity") or identity
+            pai = tuple(v for k, v in keys if k == "p-asserted-identity") or pai
+    return identity, pai
+
+
+def call_record(call: Call, status: int) -> CallRecord:
+    """The call's metrics record (the per-call line masks the numbers unless ``log_numbers``)."""
+    request = call.request
+    number = routing.dialled_number(request) or ""
+    try:
+        caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
+    except (ParseError, UriError):
+        caller = ""
+    identity, pai = _stir_headers(call)
+    br = call.branch
+    return CallRecord(
+        call_id=request.call_id,
+        clearip_outcome=call.clearip_outcome,
+        clearip_latency_ms=call.clearip_latency_ms,
+        carrier_attempts=call.attempts,
+        route_advances=max(0, call.attempts - 1),
+        final_status=status,
+        post_dial_delay_ms=call.pdd_ms,
+        emergency=call.emergency,
+        proxy_failed=call.proxy_failed,
+        overload_rejected="overloaded" in call.reason,
+        caller=caller,
+        callee=number,
+        reason=call.reason,
+        identity=identity,
+        pai=pai,
+        final_reason=call.final_reason,
+        carrier=f"{br.target.host}:{br.target.port}" if br is not None else "",
+    )

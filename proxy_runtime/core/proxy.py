@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from proxy_runtime.core import routing
 from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
-from proxy_runtime.core.call import Branch, Call, CarrierTarget
+from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
     CLEARIP,
@@ -42,23 +42,18 @@ from proxy_runtime.core.stamp import (
     stamp_via,
 )
 from proxy_runtime.core.timers import Timers
-from proxy_runtime.core.transactions import InviteGuard, Transactions, Upstream
+from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    parse_message,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,
-    Event,
     ServerTransaction,
     State,
     TimerSettings,
@@ -66,7 +61,8 @@ from proxy_runtime.sip.transaction import (
 )
 from proxy_runtime.sip.uri import UriError
 
-__all__ = ["ALLOW", "CLEARIP", "Branch", "Call", "CarrierTarget", "ProxyCore", "Relay", "SendFn", "Target"]
+# CLEARIP, SendFn and Target live in stamp.py; the adapter imports them from here with ProxyCore.
+__all__ = ["ALLOW", "CLEARIP", "ProxyCore", "SendFn", "Target"]
 
 log = logging.getLogger("clearip.proxy")
 
@@ -75,6 +71,8 @@ IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"}
 
 
 class ProxyCore:
+    """The dispatcher: one per proxy process, fed by the adapter (see the module's docstring)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -108,8 +106,8 @@ class ProxyCore:
             clearip_transport=settings.clearip_uri.transport,
         )
         self.ports = self.stamper.ports
-        self._timers = Timers()
-        self._txns = Transactions(send, self._timers, timers)
+        self._wakeups = Timers()
+        self._txns = Transactions(send, self._wakeups, timers, failed=self._client_failed)
         self._calls: dict[object, Call] = {}  # by server transaction key
         self.clearip_up = False
         self.draining = False
@@ -118,6 +116,7 @@ class ProxyCore:
         uri = settings.clearip_uri
         self.clearip_target = Target(CLEARIP, uri.host, uri.port or 5061)
         self._last_403_log = -1e9
+        self._last_ignored_log = -1e9
 
     # =========================================================================================
     # Adapter-facing API
@@ -162,18 +161,9 @@ class ProxyCore:
     def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
         """Count it; answer a request with ``exc.status_hint`` when it has a usable Via."""
         self._incr(names.MALFORMED_MESSAGES)
-        req = try_parse_for_reply(data)
-        if req is None:
-            log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
-            return
-        resp = make_response(
-            req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')]
-        )
-        try:
-            target = response_target(req.top_via, source)
-        except ParseError:  # e.g. a bad rport: the source address is where the client is
-            target = source
-        self._send(target, resp.serialize(), None)
+        reply = _malformed_reply(data, source, exc)
+        if reply is not None:
+            self._send(reply[0], reply[1], None)
 
     def set_clearip_up(self, up: bool, now: float) -> None:
         """The ClearIP connection went up or down. Down: every call waiting on ClearIP gets 503 now."""
@@ -202,12 +192,7 @@ class ProxyCore:
 
     def transport_error(self, key: object, now: float) -> None:
         """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
-        ct = self._txns.client.get(key)
-        if ct is None:
-            return
-        if ct.transport_error() is Event.TRANSPORT_ERROR:
-            self._client_failed(ct, 503, "transport error", now)
-            self._txns.drop_client(ct)
+        self._txns.transport_error(key, now)
 
     def start_drain(self) -> None:
         self.draining = True
@@ -226,59 +211,26 @@ class ProxyCore:
             "calls": len(self._calls),
             "server_transactions": len(self._txns.server),
             "client_transactions": len(self._txns.client),
-            "timers": len(self._timers),
+            "timers": len(self._wakeups),
         }
 
     def next_deadline(self) -> float | None:
-        return self._timers.next_deadline()
+        return self._wakeups.next_deadline()
 
     def handle_timer(self, now: float) -> None:
-        for obj in self._timers.due(now):
-            if isinstance(obj, ClientTransaction):
-                self._client_timer(obj, now)
-            elif isinstance(obj, ServerTransaction):
-                self._server_timer(obj, now)
-            elif isinstance(obj, Call):
+        txns = self._txns
+        for obj in self._wakeups.due(now):
+            if isinstance(obj, Call):
                 obj.on_timer(now)
-            elif isinstance(obj, InviteGuard):
-                self._guard_timer(obj, now)
+            else:
+                txns.on_timer(obj, now)  # a transaction or a Timer C guard
 
     # =========================================================================================
-    # Timers: what a due transaction or guard does
+    # Owners
     # =========================================================================================
-    def _client_timer(self, ct: ClientTransaction, now: float) -> None:
-        ev = ct.on_timer(now)
-        if ev is Event.TIMEOUT:
-            self._client_failed(ct, 408, "request timeout", now)
-        if ct.terminated:
-            self._txns.drop_client(ct)
-        else:
-            self._timers.schedule(ct)
-
-    def _server_timer(self, st: ServerTransaction, now: float) -> None:
-        ev = st.on_timer(now)
-        if ev is Event.TIMEOUT:
-            log.debug("no ACK for final response on %s", st.key)
-        if st.terminated:
-            self._txns.drop_server(st)
-        else:
-            self._timers.schedule(st)
-
-    def _guard_timer(self, guard: InviteGuard, now: float) -> None:
-        guard.deadline = None
-        ct = self._txns.client.get(guard.key)
-        if ct is None or ct.state not in (State.CALLING, State.PROCEEDING):
-            return  # it got its final response (or ended) meanwhile
-        owner = ct.owner
-        if not guard.cancelled and isinstance(owner, Relay):
-            owner.ring_limit(now)  # CANCEL (which guards it for 64*T1) and 408
-            return
-        ct.terminate()
-        self._client_failed(ct, 408, "no final response after CANCEL", now)
-        self._txns.drop_client(ct)
-
     def _client_failed(self, ct: ClientTransaction, status: int, text: str, now: float) -> None:
-        """A client transaction timed out or could not be sent: tell its owner."""
+        """A client transaction timed out, could not be sent, or got no final after a CANCEL:
+        tell its owner (called by :class:`~.transactions.Transactions`)."""
         owner = ct.owner
         if isinstance(owner, Branch):
             owner.call.on_branch_failed(owner, status, text, now)
@@ -344,7 +296,7 @@ class ProxyCore:
         via = req.top_via
         st = self._txns.server.get(server_key(req, via, "INVITE"))
         if st is not None and st.receive_ack(now):
-            self._timers.schedule(st)
+            self._wakeups.schedule(st)
             return  # ACK for our non-2xx final (hop-by-hop)
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end
 
@@ -426,14 +378,19 @@ class ProxyCore:
         txns = self._txns
         ct = txns.client.get(key)
         if ct is None:
-            self._stray_response(resp, via, source)
+            # No matching client transaction: drop it. RFC 6026 §8.3 removes RFC 3261 §16.7's
+            # stateless forwarding of stray 2xx (the Accepted state already passes 2xx
+            # retransmissions for 64*T1). Forwarding one would give a caller a second final after
+            # the 503 it got when the branch failed, and would let any allow-listed host make the
+            # proxy send a forged response (top Via with our branch prefix) to its second Via.
+            log.debug("dropped stray %d response (branch %s) from %s", resp.status, via.branch, source.host)
             return
         verdict = ct.receive_response(resp, resp.status, now)
         owner = ct.owner
         if ct.terminated:
             txns.drop_client(ct)
         else:
-            self._timers.schedule(ct)
+            self._wakeups.schedule(ct)
         if verdict is Verdict.ABSORB:
             return
         if isinstance(owner, Branch):
@@ -446,15 +403,6 @@ class ProxyCore:
             owner.on_response(ct, resp, method, now)
         if ct.state is State.COMPLETED:
             ct.owner = None  # from now on it only absorbs (and ACKs) retransmissions of its final
-
-    def _stray_response(self, resp: SipResponse, via: Via, source: Target) -> None:
-        """No matching client transaction: drop it (RFC 6026 §8.3 removes RFC 3261 §16.7's stateless
-        forwarding of stray 2xx: the Accepted state already passes 2xx retransmissions for 64*T1).
-
-        Forwarding a stray 2xx would give a caller a second final after the 503 it got when the
-        branch failed (transport error, timeout), and would let any allow-listed host make the proxy
-        send a forged response (top Via with our branch prefix) to the address in its second Via."""
-        log.debug("dropped stray %d response (branch %s) from %s", resp.status, via.branch, source.host)
 
     # =========================================================================================
     # CallHost: what the calls may ask of the dispatcher
@@ -509,7 +457,7 @@ class ProxyCore:
         self._send(target, data, None)
 
     def arm(self, call: Call, duration: float | None, now: float) -> None:
-        self._timers.arm(call, duration, now)
+        self._wakeups.arm(call, duration, now)
 
     def call_finished(self, call: Call, status: int) -> None:
         """A call sent its final response: out of the table, into the metrics."""
@@ -518,7 +466,7 @@ class ProxyCore:
         recorder = self.recorder
         if recorder is None:
             return
-        recorder.record_call(call.record(status))
+        recorder.record_call(call_record(call, status))
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))
 
     def clearip_forbidden(self, now: float) -> None:
@@ -530,6 +478,16 @@ class ProxyCore:
                 "in the ClearIP account; calls are being refused",
                 self.advertise,
             )
+
+    def redirect_headers_ignored(self, names_: Sequence[str], now: float) -> None:
+        """A redirect's Contact URIs carried headers the proxy never applies: counted each, and
+        logged (names only) at most once a minute."""
+        if self.recorder is not None:
+            self.recorder.incr(names.REDIRECT_HEADERS_IGNORED, len(names_))
+        if now - self._last_ignored_log >= 60:
+            self._last_ignored_log = now
+            shown = ", ".join(sorted({n[:40] for n in names_}))
+            log.warning("ignored headers in ClearIP's redirect Contacts (never taken from a URI): %s", shown)
 
     # =========================================================================================
     # Metrics
@@ -563,3 +521,18 @@ class ProxyCore:
     def _gauge(self, spec: names.MetricSpec, value: float) -> None:
         if self.recorder is not None:
             self.recorder.set_gauge(spec, value)
+
+
+def _malformed_reply(data: bytes, source: Target, exc: ParseError) -> tuple[Target, bytes] | None:
+    """The ``exc.status_hint`` answer to a malformed request, and where it goes, when enough of it
+    parses to reply (a Via, Call-ID, CSeq); None for a response or an unanswerable request."""
+    req = try_parse_for_reply(data)
+    if req is None:
+        log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
+        return None
+    resp = make_response(req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')])
+    try:
+        target = response_target(req.top_via, source)
+    except ParseError:  # e.g. a bad rport: the source address is where the client is
+        target = source
+    return target, resp.serialize()

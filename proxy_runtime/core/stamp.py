@@ -17,16 +17,9 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    Via,
-    parse_name_addr,
-    parse_via,
-    split_list,
-)
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via, parse_name_addr, parse_via, split_list
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 CLEARIP = "clearip"  # the transport name of the persistent ClearIP connection

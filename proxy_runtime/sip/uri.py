@@ -120,6 +120,17 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
     return host.lower(), port
 
 
+def plain_params(text: str | None) -> dict[str, str | None]:
+    """``;a=b;c`` as a fast-path regex matched it (no quotes, no LWS, no empty name) -> ``{'a': 'b',
+    'c': None}``: names lower-cased, values as written. The fast paths of URIs and of Via share it."""
+    params: dict[str, str | None] = {}
+    if text:
+        for part in text[1:].split(";"):
+            k, sep, v = part.partition("=")
+            params[k.lower()] = v if sep else None
+    return params
+
+
 def parse_uri(text: str) -> SipUri:
     """Parse a sip: or sips: URI. Other schemes raise UriError with status hint 416.
 
@@ -132,14 +143,11 @@ def parse_uri(text: str) -> SipUri:
         f_portn = int(f_port) if f_port else None
         if f_portn is not None and f_portn > 65535:
             raise UriError(f"port {f_portn} out of range")
-        f_pdict: dict[str, str | None] = {}
-        if f_params:
-            for p in f_params[1:].split(";"):
-                k, sep, v = p.partition("=")
-                f_pdict[k.lower()] = v if sep else None
         if f_host[0] == "[":
             f_host = f_host[1:-1]
-        return SipUri(f_scheme.lower(), f_user, f_pw, f_host.lower(), f_portn, f_pdict, f_headers or "")
+        return SipUri(
+            f_scheme.lower(), f_user, f_pw, f_host.lower(), f_portn, plain_params(f_params), f_headers or ""
+        )
     colon = text.find(":")
     if colon <= 0:
         raise UriError("no scheme")
@@ -177,3 +185,30 @@ def parse_uri(text: str) -> SipUri:
         params = {}
     host, port = _split_hostport(hp)
     return SipUri(scheme, user, password, host, port, params, headers)
+
+
+def parse_uri_headers(headers: str) -> list[tuple[str, str]]:
+    """The ``?...`` part of a SIP URI (RFC 3261 §19.1.1: ``hname=hvalue`` joined by ``&``), as
+    ``(name, value)`` pairs in order, both unescaped.
+
+    Unescaped with :func:`urllib.parse.unquote`, not ``unquote_plus``: ``+`` is a literal character
+    in a SIP URI (``+15551234567``), never a space. Escapes must decode as UTF-8 (header values are
+    UTF-8 text); a name that is empty after unescaping, a header without ``=`` or an escape that does
+    not decode raise :class:`UriError`. An empty value is kept (``?Subject=``). What a caller may do
+    with the pairs (which names to honour, values with CR/LF) is its own policy."""
+    out: list[tuple[str, str]] = []
+    if not headers:
+        return out
+    for part in headers.split("&"):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise UriError(f"URI header without '=': {part[:40]!r}")
+        try:
+            hname = unquote(name, errors="strict").strip()
+            hvalue = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise UriError(f"URI header {name[:40]!r}: escapes are not UTF-8") from None
+        if not hname:
+            raise UriError("URI header without a name")
+        out.append((hname, hvalue))
+    return out

@@ -22,8 +22,8 @@ from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import HostPort, Settings
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError
-from proxy_runtime.sip.message import ParseError
 from proxy_runtime.transport import tls
 from proxy_runtime.transport.clearip import ClearIpLink
 from proxy_runtime.transport.stream import StreamConnection, contained

@@ -405,3 +405,12 @@ def test_metrics_doc_shows_the_dashboard(template: Template) -> None:
     (dash,) = template.find_resources("AWS::CloudWatch::Dashboard").values()
     rendered = dashboard.render_markdown(dash["Properties"]["DashboardBody"])
     assert rendered in (REPO / "docs" / "METRICS.md").read_text(), "regenerate: python -m infra.dashboard"
+
+
+def test_cost_counts_every_published_metric() -> None:
+    """docs/METRICS.md prices the metrics the proxy publishes: its count must follow names.py."""
+    doc = (REPO / "docs" / "METRICS.md").read_text()
+    n = len(names.ALL_METRICS)
+    times = "\u00d7"  # the multiplication sign, as the document writes it
+    row = f"| Proxy metrics | {n} names {times} 2 proxies (one dimension each) | ${n * 2 * 0.30:.2f} |"
+    assert row in doc

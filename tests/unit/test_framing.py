@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
-from proxy_runtime.sip.message import parse_message
+from proxy_runtime.sip.parse import parse_message
 
 
 def msg(n: int, body: bytes = b"", cl_name: str = "Content-Length") -> bytes:

@@ -9,7 +9,8 @@ from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 
 SWITCH = Target("udp", "10.0.0.5", 5060)
 CIP = Target(CLEARIP, "127.0.0.1", 5061, 1)

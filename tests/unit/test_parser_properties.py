@@ -10,16 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError, StreamFramer
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    parse_message,
-    parse_name_addr,
-    parse_via,
-    split_list,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.grammar import parse_name_addr, parse_via, split_list
+from proxy_runtime.sip.message import SipMessage
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import UriError, parse_uri
 
 TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
