@@ -208,6 +208,14 @@ def _of_type(template: dict[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in template["Resources"].items() if v["Type"] == rtype}
 
 
+def _release_associations(template: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        a
+        for a in _of_type(template, "AWS::SSM::Association").values()
+        if "ReleaseId" in a["Properties"].get("Parameters", {})
+    ]
+
+
 # ---- day 1 -----------------------------------------------------------------------------------
 def test_day1_stack_and_outputs(site: Site, day1: dict[str, Any]) -> None:
     outputs = day1["outputs"]
@@ -315,8 +323,9 @@ def test_day2_each_proxy_gets_the_new_settings_and_code_one_at_a_time(
 ) -> None:
     """The association the second deploy wrote: both proxies targeted, MaxConcurrency 1, MaxErrors 0,
     carrying the new asset (which holds the changed file) and the new settings."""
-    (assoc,) = _of_type(day2["template"], "AWS::SSM::Association").values()
-    (old,) = _of_type(day1["template"], "AWS::SSM::Association").values()
+    # The release's association (infra/logs.py adds the CloudWatch agent's beside it).
+    (assoc,) = _release_associations(day2["template"])
+    (old,) = _release_associations(day1["template"])
     props = assoc["Properties"]
     assert props["MaxConcurrency"] == "1" and props["MaxErrors"] == "0"
     assert props["WaitForSuccessTimeoutSeconds"] > 0
