@@ -204,7 +204,7 @@ def test_breaker_a_silent_clearip_costs_the_timeout_until_the_breaker_opens_then
     deadline = time.monotonic() + 3
     seen: list[float] = []
     while time.monotonic() < deadline:
-        seen = _metric_maxima(proxy.output(), "ClearIpBreakerOpen")
+        seen = _metric_maxima(proxy.log_text(), "ClearIpBreakerOpen")
         if 1.0 in seen and seen[-1] == 0.0 and seen.index(1.0) < len(seen) - 1:
             break
         time.sleep(0.3)
