@@ -340,6 +340,7 @@ firewalld_apply() {
 if [ "$UNINSTALL" = 1 ]; then
   if [ "$LIVE" = 1 ]; then
     systemctl disable --now "$UNIT" 2>/dev/null || true
+    systemctl disable --now clearip-proxy-logs.service 2>/dev/null || true
   fi
   if [ -z "$ROOT" ]; then
     if command -v firewall-cmd >/dev/null && firewall-cmd --state >/dev/null 2>&1 \
@@ -349,6 +350,7 @@ if [ "$UNINSTALL" = 1 ]; then
     if command -v nft >/dev/null; then nft delete table inet clearip_proxy 2>/dev/null || true; fi
   fi
   remove=("$R$UNIT_DIR/$UNIT" "$R$UNIT_DIR/$UNIT.d" "$R$PREFIX" "$R/usr/local/bin/clearip-proxy"
+    "$R$UNIT_DIR/clearip-proxy-logs.service" "$R/etc/logrotate.d/clearip-proxy"
     "$R/var/lib/clearip-proxy" "$R/etc/sysctl.d/90-clearip-proxy.conf")
   if [ "$KEEP_CONFIG" = 0 ]; then remove+=("$R$CONF_DIR"); fi
   rm -rf -- "${remove[@]}"
@@ -581,6 +583,26 @@ if [ "$SERVICE" = systemctl ]; then
 elif [ -z "$ROOT" ]; then
   log "no systemd running: start it with $PREFIX/venv/bin/clearip-proxy run --config $CONF_DIR/settings.toml"
 fi
+
+# ---- BEGIN operator-view: per-call log export (docs/METRICS.md "Per-call lines in CloudWatch") ----
+# The proxy's journal is split into /var/log/clearip-proxy/{calls,proxy}.log for the CloudWatch
+# agent (the stack installs and configures the agent itself, through SSM). After the proxy's own
+# start above, so a change here never restarts the proxy.
+LOGS_UNIT=clearip-proxy-logs.service
+before=$CHANGES
+sync_file "$SOURCE/deploy/$LOGS_UNIT" "$UNIT_DIR/$LOGS_UNIT" 644
+sync_file "$SOURCE/deploy/clearip-proxy.logrotate" /etc/logrotate.d/clearip-proxy 644
+if [ "$PACKAGES" = 1 ] && command -v dnf >/dev/null && ! command -v logrotate >/dev/null; then
+  dnf install -y -q logrotate || log "could not install logrotate: rotate /var/log/clearip-proxy yourself"
+fi
+if [ "$LIVE" = 1 ]; then
+  [ "$CHANGES" -gt "$before" ] && systemctl daemon-reload
+  if [ "$CHANGES" -gt "$before" ] || ! systemctl is-active --quiet "$LOGS_UNIT"; then
+    systemctl enable --quiet "$LOGS_UNIT"
+    systemctl restart "$LOGS_UNIT"
+  fi
+fi
+# ---- END operator-view -------------------------------------------------------------------------
 
 if [ "$CHANGES" -eq 0 ]; then
   log "unchanged"

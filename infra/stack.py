@@ -9,6 +9,7 @@ from aws_cdk import CfnOutput, Stack
 from constructs import Construct
 
 from infra.fleet import ProxyFleet
+from infra.logs import ProxyLogs
 from infra.monitoring import MonitoredProxy, ProxyMonitoring
 from infra.network import ProxyNetwork
 from infra.operations import ProxyOperations
@@ -52,6 +53,8 @@ class ClearIpProxyStack(Stack):
             eip_allocations=settings.eip_allocations,
         )
         self.release.roll_out(self.fleet.instances)
+        self.logs = ProxyLogs(self, "Logs", instance_ids=[p.instance_id for p in self.fleet.proxies])
+        self.logs.grant_to(self.fleet.role)
         self.monitoring = ProxyMonitoring(
             self,
             "Monitoring",
@@ -83,6 +86,18 @@ class ClearIpProxyStack(Stack):
         )
         CfnOutput(
             self, "ApplyReleaseDocumentName", value=self.release.document_name, description="SSM document"
+        )
+        CfnOutput(
+            self,
+            "CallsLogGroupName",
+            value=self.logs.log_groups["calls"].log_group_name,
+            description="Per-call JSON lines (Logs Insights: saved queries under ClearIP/<stack>/)",
+        )
+        CfnOutput(
+            self,
+            "SessionDocumentName",
+            value=self.logs.session_document_name,
+            description="Logged shell: aws ssm start-session --target <instance> --document-name <this>",
         )
         for key, name in self.operations.document_names.items():
             CfnOutput(self, f"{key}DocumentName", value=name, description=f"SSM document: {key}")

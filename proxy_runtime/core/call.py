@@ -32,7 +32,7 @@ from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
-from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.grammar import header_key, parse_name_addr
 from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
@@ -224,10 +224,14 @@ class Call:
         "clearip_outcome",
         "clearip_request",
         "clearip_sent",
+        "clearip_watch",
         "deadline",
         "emergency",
+        "final_reason",
         "host",
+        "identity",
         "next_target",
+        "pai",
         "pdd_ms",
         "phase",
         "probe",
@@ -256,6 +260,9 @@ class Call:
         self.clearip_ct: ClientTransaction | None = None
         self.clearip_request: SipRequest | None = None
         self.clearip_sent = 0.0
+        # The caller cancelled while ClearIP had not answered: the call is over, but whether ClearIP
+        # answers (the INVITE or the CANCEL) by the INVITE's `timeout` still feeds the breaker.
+        self.clearip_watch = False
         self.clearip_outcome: ClearIpOutcome | None = None
         self.clearip_latency_ms: float | None = None
         self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
@@ -271,6 +278,11 @@ class Call:
         self.probe = False  # sent to ClearIP as the half-open breaker's probe
         self.proxy_failed = False
         self.reason = ""
+        # For the record: ClearIP's Identity / P-Asserted-Identity values (read by metrics/stir.py)
+        # and the reason phrase of the final sent to the caller ("Network Blocked": a 603+).
+        self.identity: tuple[str, ...] = ()
+        self.pai: tuple[str, ...] = ()
+        self.final_reason = ""
 
     # =========================================================================================
     # Events
@@ -334,6 +346,13 @@ class Call:
 
     def on_clearip_response(self, resp: SipResponse, now: float) -> None:
         status = resp.status
+        if status >= 200 and self.clearip_watch:
+            # A call the caller cancelled: ClearIP answered after all (its 487 to our CANCEL, or
+            # what it had already sent). Nothing goes to the caller, but ClearIP is alive.
+            self.clearip_watch = False
+            self.host.arm(self, None, now)
+            self.host.clearip_answered(now)
+            return
         if status < 200 or self.phase != "clearip":
             return
         host = self.host
@@ -362,6 +381,8 @@ class Call:
         self.phase = "fork"
         base = self.request.copy()
         routing.copy_headers(resp, base, host.settings.copy_headers)
+        self.identity = tuple(resp.get_all("identity"))
+        self.pai = tuple(resp.get_all("p-asserted-identity"))
         self.base = base
         self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
         self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
@@ -431,7 +452,14 @@ class Call:
 
     def on_timer(self, now: float) -> None:
         self.deadline = None
-        if self.phase == "link":
+        if self.clearip_watch:
+            # Cancelled by the caller, and ClearIP answered neither the INVITE nor the CANCEL
+            # within `timeout`: a ClearIP timeout like any other for the breaker (a switch whose
+            # own post-dial timer is shorter than `timeout` must not hide a silent ClearIP).
+            self.clearip_watch = False
+            if self.host.clearip_up:
+                self.host.clearip_timed_out(now, probe=self.probe)
+        elif self.phase == "link":
             # The link did not come up within the bounded wait (a connect that hangs).
             self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
             wait = self.host.settings.link_wait
@@ -465,6 +493,7 @@ class Call:
         self.cancelled = True
         if self.phase == "clearip" and self.clearip_request is not None:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+            self.clearip_watch = True  # the INVITE's `timeout` stays armed (see _finish)
         br = self.branch
         if br is not None and not br.abandoned:
             br.cancel(now)
@@ -535,11 +564,13 @@ class Call:
             return
         self.phase = "done"
         host = self.host
-        host.arm(self, None, now)
+        if not self.clearip_watch:
+            host.arm(self, None, now)
         host.respond(self.st, resp, now)
         if self.pdd_ms is None:
             self.pdd_ms = (now - self.received) * 1000.0
         self.reason = reason
+        self.final_reason = resp.reason
         host.call_finished(self, resp.status)
         self._release()
 
@@ -568,16 +599,29 @@ class Call:
         )
 
 
-def call_record(call: Call, status: int, *, with_numbers: bool) -> CallRecord:
-    """The call's metrics record; the numbers are parsed only when they may be logged."""
-    number = caller = ""
+def _stir_headers(call: Call) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ClearIP's Identity and P-Asserted-Identity for the call as it went out: the 302's, or those
+    the last Contact tried carried in its URI (RFC 3261 §19.1.1), which replaced them on its branch."""
+    identity, pai = call.identity, call.pai
+    if 0 < call.next_target <= len(call.targets):
+        own = call.targets[call.next_target - 1].headers
+        if own:
+            keys = [(header_key(n), v) for n, v in own]
+            identity = tuple(v for k, v in keys if k == "identity") or identity
+            pai = tuple(v for k, v in keys if k == "p-asserted-identity") or pai
+    return identity, pai
+
+
+def call_record(call: Call, status: int) -> CallRecord:
+    """The call's metrics record (the per-call line masks the numbers unless ``log_numbers``)."""
     request = call.request
-    if with_numbers:
-        number = routing.dialled_number(request) or ""
-        try:
-            caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
-        except (ParseError, UriError):
-            caller = ""
+    number = routing.dialled_number(request) or ""
+    try:
+        caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
+    except (ParseError, UriError):
+        caller = ""
+    identity, pai = _stir_headers(call)
+    br = call.branch
     return CallRecord(
         call_id=request.call_id,
         clearip_outcome=call.clearip_outcome,
@@ -592,4 +636,8 @@ def call_record(call: Call, status: int, *, with_numbers: bool) -> CallRecord:
         caller=caller,
         callee=number,
         reason=call.reason,
+        identity=identity,
+        pai=pai,
+        final_reason=call.final_reason,
+        carrier=f"{br.target.host}:{br.target.port}" if br is not None else "",
     )

@@ -542,7 +542,7 @@ class ProxyCore:
         recorder = self.recorder
         if recorder is None:
             return
-        recorder.record_call(call_record(call, status, with_numbers=recorder.log_numbers))
+        recorder.record_call(call_record(call, status))
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))
 
     def clearip_forbidden(self, now: float) -> None:

@@ -83,7 +83,8 @@ _OUTCOMES = {
 class RedirectTarget:
     """One usable Contact of a redirect: the URI to send to (no ``?headers``, no ``method``), the
     headers its URI carried for that branch's INVITE (unescaped, in order), and the names of those
-    it carried that the proxy refused (:data:`NEVER_FROM_URI`, or a value with CR/LF/NUL)."""
+    it carried that the proxy refused (:data:`NEVER_FROM_URI`, a value with CR/LF/NUL, or an empty
+    value)."""
 
     uri: SipUri
     headers: tuple[tuple[str, str], ...] = ()
@@ -148,10 +149,19 @@ def redirect_targets(response: SipResponse) -> Redirect:
         headers: list[tuple[str, str]] = []
         ignored: list[str] = []
         for name, hvalue in pairs:
-            if header_key(name) in NEVER_FROM_URI or not is_token(name) or _UNSAFE_VALUE.search(hvalue):
+            value = hvalue.strip()
+            if (
+                header_key(name) in NEVER_FROM_URI
+                or not is_token(name)
+                or _UNSAFE_VALUE.search(hvalue)
+                # An empty value (``?Identity=``) would replace the 302's or the caller's header
+                # of that name with an empty one (invalid for Identity, RFC 8224 §4): the call
+                # would leave unsigned. Ignored and counted, like a refused name.
+                or not value
+            ):
                 ignored.append(name)
             else:
-                headers.append((name, hvalue.strip()))
+                headers.append((name, value))
         params = {k: v for k, v in uri.params.items() if k != "method"}
         target = SipUri(uri.scheme, uri.user, uri.password, uri.host, uri.port, params, "")
         parsed.append((-na.q, i, RedirectTarget(target, tuple(headers), tuple(ignored))))

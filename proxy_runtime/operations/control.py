@@ -190,8 +190,13 @@ class ControlServer:
                 "tls_version": link.tls_version if link is not None else None,
                 "reconnects": link.reconnects if link is not None else 0,
                 "last_error": link.last_error if link is not None else "",
-                # closed | open | half-open, as of the last ClearIP outcome (docs/FAULTS.md)
-                "breaker": core.breaker.state.value if core is not None else "closed",
+                # closed | open | half-open now (an open breaker past its cool-off reads
+                # half-open, as the next call would find it; docs/FAULTS.md)
+                "breaker": (
+                    core.breaker.state_at(asyncio.get_running_loop().time()).value
+                    if core is not None
+                    else "closed"
+                ),
             },
             "calls_in_flight": core.in_flight if core is not None else 0,
             # Overload control (docs/FAULTS.md): the queue delay it acted on last, the share of
@@ -212,6 +217,11 @@ class ControlServer:
                 "emergency_numbers": list(s.emergency_numbers),
                 "emergency_action": s.emergency_action,
                 "max_in_flight": s.max_in_flight,
+                "clearip_connect_wait": s.clearip_connect_wait,
+                "breaker_threshold": s.breaker_threshold,
+                "breaker_window": s.breaker_window,
+                "breaker_cool_off": s.breaker_cool_off,
+                "breaker_probe_every": s.breaker_probe_every,
                 "overload_queue_delay": s.overload_queue_delay,
                 "overload_retry_after": s.overload_retry_after,
                 "metrics": s.metrics,

@@ -131,6 +131,7 @@ def test_every_acknowledgment_has_a_reason() -> None:
         "AwsSolutions::AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
         "AwsSolutions::AwsSolutions-IAM5[Resource::*]",
         "AwsSolutions::AwsSolutions-IAM5[Resource::<OperationsTraceBucketAE416723.Arn>/traces/*]",
+        "AwsSolutions::AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:*]",
         "AwsSolutions::AwsSolutions-S1",
         "AwsSolutions::AwsSolutions-EC29",
     }

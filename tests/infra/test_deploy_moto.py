@@ -208,6 +208,14 @@ def _of_type(template: dict[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in template["Resources"].items() if v["Type"] == rtype}
 
 
+def _release_associations(template: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        a
+        for a in _of_type(template, "AWS::SSM::Association").values()
+        if "ReleaseId" in a["Properties"].get("Parameters", {})
+    ]
+
+
 # ---- day 1 -----------------------------------------------------------------------------------
 def test_day1_stack_and_outputs(site: Site, day1: dict[str, Any]) -> None:
     outputs = day1["outputs"]
@@ -248,8 +256,44 @@ def test_day1_documents(site: Site, day1: dict[str, Any]) -> None:
     ours = {d["Name"] for d in docs if d["Name"].startswith("ClearIpProxy-")}
     assert ours == {
         f"ClearIpProxy-{k}"
-        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout", "ApplyRelease")
+        for k in (
+            "Doctor",
+            "CaptureTrace",
+            "Restart",
+            "SetClearIpTransport",
+            "SetTimeout",
+            "ApplyRelease",
+            "CloudWatchAgent",  # infra/logs.py: installs and configures the agent
+            "ProxySession",  # infra/logs.py: the logged shell session
+        )
     }
+    types = {d["Name"]: d["DocumentType"] for d in docs}
+    assert types["ClearIpProxy-ProxySession"] == "Session"
+
+
+def test_day1_log_groups_and_alarm_status(site: Site, day1: dict[str, Any]) -> None:
+    """infra/logs.py and the dashboard as deployed: log groups with retention, the alarm status."""
+    groups = {
+        g["logGroupName"]: g.get("retentionInDays")
+        for g in site.client("logs").describe_log_groups(logGroupNamePrefix="/clearip-proxy/ClearIpProxy/")[
+            "logGroups"
+        ]
+    }
+    assert groups == {
+        "/clearip-proxy/ClearIpProxy/calls": 90,
+        "/clearip-proxy/ClearIpProxy/proxy": 30,
+        "/clearip-proxy/ClearIpProxy/bootstrap": 30,
+        "/clearip-proxy/ClearIpProxy/sessions": 365,
+    }
+    # The dashboard as stored: the alarm status widget on top, naming every alarm by an ARN built
+    # from its sentence (moto does not create the alarms themselves, nor list associations).
+    body = json.loads(site.client("cloudwatch").get_dashboard(DashboardName="ClearIpProxy")["DashboardBody"])
+    top = body["widgets"][0]
+    assert top["type"] == "alarm"
+    arns = top["properties"]["alarms"]
+    assert len(arns) == 2 * 12
+    prefix = f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:"
+    assert prefix + "ClearIpProxy Proxy1 drops SIP from sources it does not trust" in arns
 
 
 # ---- day 2 -----------------------------------------------------------------------------------
@@ -279,8 +323,9 @@ def test_day2_each_proxy_gets_the_new_settings_and_code_one_at_a_time(
 ) -> None:
     """The association the second deploy wrote: both proxies targeted, MaxConcurrency 1, MaxErrors 0,
     carrying the new asset (which holds the changed file) and the new settings."""
-    (assoc,) = _of_type(day2["template"], "AWS::SSM::Association").values()
-    (old,) = _of_type(day1["template"], "AWS::SSM::Association").values()
+    # The release's association (infra/logs.py adds the CloudWatch agent's beside it).
+    (assoc,) = _release_associations(day2["template"])
+    (old,) = _release_associations(day1["template"])
     props = assoc["Properties"]
     assert props["MaxConcurrency"] == "1" and props["MaxErrors"] == "0"
     assert props["WaitForSuccessTimeoutSeconds"] > 0

@@ -372,7 +372,15 @@ def test_instance_role(template: Template) -> None:
     assert by_sid["PutTraces"]["Action"] == "s3:PutObject"
     reads = [s for s in statements.as_array() if "Sid" not in s]
     assert reads and all("ssm:GetParameter" in s["Action"] for s in reads)  # release and settings
-    assert set(by_sid) == {"PublishProxyMetrics", "ReadOwnCodeAsset", "PutTraces"}
+    assert set(by_sid) == {
+        "PublishProxyMetrics",
+        "ReadOwnCodeAsset",
+        "PutTraces",
+        # infra/logs.py (tests/infra/test_observability.py)
+        "ShipProxyLogs",
+        "FindSessionLogGroup",
+        "PublishHostMetrics",
+    }
 
 
 # ---- 6. alerting -----------------------------------------------------------------------------
@@ -409,7 +417,7 @@ def _alarms(tpl: Template) -> dict[str, dict[str, Any]]:
 
 def test_every_alarm_is_explicit_and_notifies(template: Template) -> None:
     alarms = _alarms(template)
-    assert len(alarms) == 2 * 7
+    assert len(alarms) == 2 * 12
     for alarm in alarms.values():
         props = alarm["Properties"]
         assert props["TreatMissingData"] in ("breaching", "notBreaching", "missing")
@@ -611,10 +619,13 @@ def _script(props: dict[str, Any]) -> str:
 
 def test_ssm_documents(template: Template) -> None:
     docs = _documents(template)
-    assert set(docs) == {
+    ours = {
         f"ClearIpProxy-{k}"
         for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout", "ApplyRelease")
     }
+    # infra/logs.py adds the agent's and the logged session's documents (tests/infra/test_observability.py).
+    assert set(docs) == ours | {"ClearIpProxy-CloudWatchAgent", "ClearIpProxy-ProxySession"}
+    docs = {k: v for k, v in docs.items() if k in ours}
     for props in docs.values():
         assert props["DocumentType"] == "Command"
         assert props["Content"]["schemaVersion"] == "2.2"
@@ -686,7 +697,7 @@ def test_monitoring_construct_alone() -> None:
         alarm_email="ops@example.org",
         dashboard_name="Lab",
     )
-    assert len(mon.alarms) == 7 and mon.dashboard_name == "Lab"
+    assert len(mon.alarms) == 12 and mon.dashboard_name == "Lab"
     t = Template.from_stack(stack)
     t.has_resource_properties(
         "AWS::CloudWatch::Alarm",

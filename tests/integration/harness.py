@@ -400,7 +400,15 @@ class ProxyProcess:
         return self.exit_code
 
     def output(self) -> str:
+        """The log's last few KB, for failure messages."""
         return _tail(self.log_path)
+
+    def log_text(self) -> str:
+        """The whole log, for assertions on what the proxy logged (``output`` is only a tail)."""
+        try:
+            return self.log_path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     @property
     def sip_uri(self) -> str:

@@ -112,7 +112,7 @@ def test_contact_uri_headers_become_that_branchs_headers_and_the_next_contact_br
         assert CALLER_IDENTITY not in raw and IDENTITY_1 not in raw and IDENTITY_2 not in raw, d()
     assert second.received("BYE"), d()
     # Ignored, and said so in the log (once a minute) besides the RedirectHeadersIgnored count.
-    assert "ignored headers in ClearIP's redirect Contacts" in call.proxy.output(), d()
+    assert "ignored headers in ClearIP's redirect Contacts" in call.proxy.log_text(), d()
 
 
 # --- 2. 300 Multiple Choices ---------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_clearip_607_608_relayed_unchanged_and_never_routed(
     assert got.all("Call-Info") == sent.all("Call-Info") and len(got.all("Call-Info")) == 1, d()
     assert acked(call.clearip, sent), d()
     assert call.carrier.received() == [], d()
-    assert f'"outcome":"{code}"' in call.proxy.output(), d()
+    assert f'"outcome":"{code}"' in call.proxy.log_text(), d()
 
 
 @pytest.mark.parametrize("code", [607, 608])

@@ -204,11 +204,62 @@ def test_breaker_a_silent_clearip_costs_the_timeout_until_the_breaker_opens_then
     deadline = time.monotonic() + 3
     seen: list[float] = []
     while time.monotonic() < deadline:
-        seen = _metric_maxima(proxy.output(), "ClearIpBreakerOpen")
+        seen = _metric_maxima(proxy.log_text(), "ClearIpBreakerOpen")
         if 1.0 in seen and seen[-1] == 0.0 and seen.index(1.0) < len(seen) - 1:
             break
         time.sleep(0.3)
     assert 1.0 in seen and seen[-1] == 0.0, seen
+
+
+def cancel_of(invite: bytes) -> bytes:
+    """The CANCEL for a UAC's INVITE (RFC 3261 §9.1: same Request-URI, top Via, From, To, Call-ID)."""
+    inv = SipMessage(invite)
+    head = [
+        f"CANCEL {inv.request_uri} SIP/2.0",
+        f"Via: {inv.get('via')}",
+        "Max-Forwards: 70",
+        f"From: {inv.get('from')}",
+        f"To: {inv.get('to')}",
+        f"Call-ID: {inv.call_id}",
+        "CSeq: 1 CANCEL",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+def test_breaker_opens_when_the_switch_cancels_before_timeout(lab: Lab) -> None:
+    """A switch whose post-dial timer (0.4 s) is shorter than ``timeout`` (1 s) CANCELs every call
+    while ClearIP is silent (the stub even answers the CANCELs 200, never the INVITEs): each caller
+    has its 487 at once, and each call still counts as a ClearIP timeout, so the breaker opens and
+    the next call gets its 503 at once instead of another full wait."""
+    carrier = peer(lab, "carrier", "answer")
+    clearip = stub(lab, mode="silent", contacts=contact(carrier.port, 0.9))
+    timeout = 1.0
+    proxy = start_proxy(
+        lab,
+        clearip_uri(clearip),
+        timeout=timeout,
+        wait_port=clearip.port,
+        env={
+            "CLEARIP_PROXY_BREAKER_THRESHOLD": "3",
+            "CLEARIP_PROXY_BREAKER_WINDOW": "10",
+            "CLEARIP_PROXY_BREAKER_COOL_OFF": "5",
+        },
+    )
+    switch = peer(lab, "switch")
+    cancelled = [switch.call(proxy.port, complete_dialog=False) for _ in range(3)]
+    time.sleep(0.4)
+    for c in cancelled:
+        switch.send(cancel_of(c.invite), proxy.port)
+    assert switch.wait_final(cancelled, 1.0)
+    assert [c.final.status for c in cancelled if c.final] == [487] * 3
+    time.sleep(max(0.0, max(c.sent_at for c in cancelled) + timeout + 0.3 - time.monotonic()))
+    after = switch.call(proxy.port, complete_dialog=False)
+    assert switch.wait_final([after], 1.0)
+    assert after.final is not None and after.final.status == 503
+    assert after.final_after < 0.3, after.final_after
+    assert "breaker" in reason_of(after.final), reason_of(after.final)
+    assert clearip.total_invites() == 3
 
 
 def test_breaker_leaves_emergency_calls_alone(lab: Lab) -> None:

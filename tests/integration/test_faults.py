@@ -329,7 +329,7 @@ def test_contacts_the_proxy_cannot_send_to_fail_at_once_and_keep_the_clearip_lin
     assert [c.final.status for c in calls if c.final] == [200, 200, 200]
     assert max(c.final_after for c in calls) < 1.0  # no Contact waited out the 3 s timeout
     assert clearip.accepted == 1  # the ClearIP connection was never dropped
-    assert "Traceback" not in proxy.output()
+    assert "Traceback" not in proxy.log_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -597,6 +597,8 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
                 allow=["127.0.0.1/32"],
                 copy_headers=["Identity"],
                 emergency_numbers=["911", "933", "999"],
+                breaker_threshold=7,
+                breaker_cool_off=20.0,
                 udp=[f"{HOST}:{free_port()}"],  # needs a restart: logged, not applied
             ),
         )
@@ -617,9 +619,12 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     assert invites[-1].all("Identity") == [IDENTITY_1, IDENTITY_2]
     st = status_of(sock)
     assert st["settings"]["allow"] == ["127.0.0.1/32"] and st["settings"]["copy_headers"] == ["Identity"]
+    # The breaker's settings reload too, and the status shows what is in force.
+    assert (st["settings"]["breaker_threshold"], st["settings"]["breaker_cool_off"]) == (7, 20.0)
+    assert st["clearip"]["breaker"] == "closed"
     assert st["listeners"][0]["address"] == f"{HOST}:{port}"  # the listener stayed
-    out = proxy.output()
-    assert "settings reloaded; needs a restart to apply: udp" in out, out
+    out = proxy.log_text()
+    assert "settings reloaded; needs a restart to apply: udp" in out, proxy.output()
     # New emergency number: 503 at once, ClearIP not asked.
     emergency = lab.switch("uac_expect_final.xml", proxy, "udp", number="999", name="emergency")
     assert emergency.exit_code == 0 and emergency.final_responses()[0].status == 503, lab.describe()

@@ -267,3 +267,46 @@ def test_breaker_reload_turning_it_off_closes_it() -> None:
     assert [r.call_id for r in to_clearip(net)] == ["outage-50"]
     iv = rec.close_interval(now + 1)
     assert iv.gauges[names.CLEARIP_BREAKER_OPEN].last == 0.0
+
+
+def test_breaker_counts_a_silent_clearip_behind_calls_the_switch_cancels_first() -> None:
+    """A switch whose own post-dial timer (4 s) is shorter than ``timeout`` (5 s) CANCELs every call
+    while ClearIP is silent: each caller has its 487, but ClearIP answered neither the INVITE nor
+    the CANCEL, so each still counts as a ClearIP timeout (at the INVITE's ``timeout``) and the
+    breaker opens; ClearIP's 487 to a CANCEL, when it does answer, counts as an answer."""
+    core, net = _breaker_core()
+    for i in range(3):
+        core.receive(invite(i), SWITCH, float(i) * 0.1)
+    assert len(to_clearip(net)) == 3
+    for i in range(3):
+        core.receive(cancel(i), SWITCH, 4.0 + i * 0.1)
+    out = net.take()
+    statuses = sorted(m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse))
+    assert statuses == [200, 200, 200, 487, 487, 487]
+    assert len([m for t, m in out if t.transport == CLEARIP and isinstance(m, SipRequest)]) == 3  # CANCELs
+    core.handle_timer(5.3)  # the INVITEs' `timeout` has passed without a word from ClearIP
+    net.take()
+    core.receive(invite(10), SWITCH, 5.4)
+    out = net.take()
+    assert not [m for t, m in out if t.transport == CLEARIP], "breaker should be open"
+    finals = [m for _, m in out if isinstance(m, SipResponse) and m.status >= 200]
+    assert [f.status for f in finals] == [503] and "breaker open" in reason(finals[0])
+
+
+def test_clearip_answering_a_cancelled_call_is_an_answer_for_the_breaker() -> None:
+    """Two timeouts, then ClearIP answers (487) a call the caller cancelled: the count starts again,
+    so one more timeout does not open the breaker, and the answered call is not counted later."""
+    core, net = _breaker_core()
+    core.receive(invite(0), SWITCH, 0.0)
+    core.receive(invite(1), SWITCH, 0.1)
+    core.handle_timer(5.2)  # two timeouts
+    core.receive(invite(2), SWITCH, 5.3)
+    core.receive(invite(3), SWITCH, 5.4)
+    sent = {r.call_id: r for r in to_clearip(net) if r.method == "INVITE"}
+    core.receive(cancel(2), SWITCH, 6.0)
+    core.receive(answer(sent["outage-2"], 487), CIP, 6.1)  # ClearIP is alive: it ended the call
+    net.take()
+    core.handle_timer(10.5)  # call 3 times out: one timeout since the answer
+    net.take()
+    core.receive(invite(4), SWITCH, 10.6)
+    assert [r.call_id for r in to_clearip(net)] == ["outage-4"]

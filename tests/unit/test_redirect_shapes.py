@@ -213,6 +213,29 @@ def test_ignored_uri_headers_are_counted_and_change_nothing() -> None:
     assert rec.close_interval(60.0).count(names.REDIRECT_HEADERS_IGNORED) == 2
 
 
+def test_an_empty_uri_header_value_is_ignored_and_never_wipes_the_302s_identity() -> None:
+    """``?Identity=`` (an empty value, RFC 3261 §19.1.1 allows it in the URI) would replace the
+    302's PASSporTs with an empty ``Identity:`` header, invalid under RFC 8224, and the call would
+    leave unsigned. An empty (or blank) value is ignored and counted; the others still apply."""
+    r = parse_redirect(
+        contact(CARRIER_A, 0.9, [("Identity", ""), ("P-Asserted-Identity", PAI_B), ("Subject", " ")])
+    )
+    (t,) = r.targets
+    assert t.headers == (("P-Asserted-Identity", PAI_B),)
+    assert t.ignored == ("Identity", "Subject")
+    core, net, rec = make_core()
+    req = to_clearip(core, net)
+    clearip_reply(
+        core,
+        redirect_with(req, [contact(CARRIER_A, 0.9, [("Identity", ""), ("P-Asserted-Identity", PAI_B)])]),
+        0.05,
+    )
+    ((_, fwd),) = invites_to(net.take())
+    assert fwd.get_all("identity") == [IDENTITY_1, IDENTITY_2]
+    assert fwd.get_all("p-asserted-identity") == [PAI_B]
+    assert rec.close_interval(60.0).count(names.REDIRECT_HEADERS_IGNORED) == 1
+
+
 # --- the core: which redirects are followed ----------------------------------------------------
 
 
