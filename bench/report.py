@@ -142,18 +142,18 @@ class StepResult:
     sipp_cpu_util: float = 0.0  # load generator CPU seconds / wall seconds (1.0 = one core busy)
     other_load: float = 0.0  # cores busy with anything else on the machine during the step
     exit_code: int | None = None
-    carried: int | None = None  # calls the carriers completed (None: not counted, older runs)
+    carried: int | None = None  # calls passed on to ClearIP, i.e. not refused (None: older runs)
     notes: list[str] = field(default_factory=list)
 
     @property
     def refused(self) -> int:
-        """Calls the switch saw end with 503/500 without reaching a carrier: overload refusals
-        (and, in the mix run, ClearIP's 503s). SIPp's scenario counts them as successful calls."""
+        """Calls the switch saw end (503) without reaching ClearIP: the proxy's own refusals.
+        SIPp's switch scenario counts them as successful calls."""
         return 0 if self.carried is None else max(0, self.ok - self.carried)
 
     @property
     def completed_cps(self) -> float:
-        """Calls carried to the carrier and completed, per offered second."""
+        """Calls carried (not refused) per offered second."""
         return (self.ok if self.carried is None else self.carried) / max(self.seconds, 0.001)
 
     @property

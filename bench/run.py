@@ -134,8 +134,12 @@ class Session:
             p.stop()
 
     def carried(self) -> int:
-        """Calls the carriers completed so far (cumulative over the session)."""
-        return sum(report.stat_int(c.last_stats(), "SuccessfulCall(C)") for c in self.carriers)
+        """Calls the proxy passed on to ClearIP so far (ClearIP's successful INVITE-302-ACK
+        exchanges, cumulative over the session): the calls it did not refuse. Not the carriers'
+        count: with Kamailio's several workers an ACK or BYE sometimes overtakes its INVITE and
+        the carrier SIPp aborts a call the switch saw completed (2-10 in 4,000 calls measured)."""
+        assert self.clearip is not None
+        return report.stat_int(self.clearip.last_stats(), "SuccessfulCall(C)")
 
     def peers_retrans(self) -> int:
         return sum(report.stat_int(p.last_stats(), "Retransmissions(C)") for p in self.peers())
