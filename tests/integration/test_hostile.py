@@ -29,7 +29,8 @@ from tests.integration.faultlib import (
     wait_closed,
 )
 from tests.integration.harness import HOST, Lab, Pki, SipMessage, split_stream
-from tests.unit.test_torture import EXPECTED, TORTURE, UNANSWERABLE
+from tests.data import rfc4475_message
+from tests.unit.test_torture import ALL, EXPECTED, UNANSWERABLE
 
 NUMBER = "+15555550100"
 IDLE = 2.0  # CLEARIP_PROXY_IDLE_TIMEOUT for these tests (also bounds the partial-message timeout)
@@ -120,7 +121,9 @@ def with_rport(data: bytes) -> bytes:
     )
 
 
-INVALID = sorted(n for n, (_, exp) in EXPECTED.items() if exp != "ok" and (TORTURE / f"{n}.dat").exists())
+# ALL is every file of tests/data/rfc4475 (its loader raises when one is missing), so this list is
+# never silently short.
+INVALID = sorted(n for n in ALL if EXPECTED[n][1] != "ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def test_rfc4475_invalid_messages_get_400_over_udp_and_tcp_and_the_proxy_keeps_s
     udp = Udp()
     try:
         for name in INVALID:
-            data = (TORTURE / f"{name}.dat").read_bytes()
+            data = rfc4475_message(name)
             expected = EXPECTED[name][1]
             got_udp = udp.exchange(with_rport(data), proxy.port)
             got_tcp, _ = tcp_exchange(proxy.port, data)

@@ -21,9 +21,10 @@ from proxy_runtime.sip.message import (
     try_parse_for_reply,
 )
 from proxy_runtime.sip.uri import UriError, parse_uri
+from tests.data import rfc4475_files
 
-TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
-SEEDS = [p.read_bytes() for p in sorted(TORTURE.glob("*.dat"))]
+# The RFC 4475 messages (tests/data/rfc4475/); raises at collection when any is missing.
+SEEDS = [p.read_bytes() for p in rfc4475_files()]
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TOKENS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b'"', b"\\", b"<", b">", b",", b";", b":", b"@", b"=", b"%"]

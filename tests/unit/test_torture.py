@@ -1,12 +1,10 @@
 """RFC 4475 torture messages: every one parsed as the RFC says, or rejected with the right status.
 
-Each .dat file is the RFC's own message, byte for byte. The expectations table below is the
+Each .dat file in tests/data/rfc4475/ is the RFC's own message, byte for byte. The expectations table below is the
 conformance statement (also in docs/PARSER.md); a test fails if a file is added without an entry.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +22,8 @@ from proxy_runtime.sip.message import (
     try_parse_for_reply,
 )
 from proxy_runtime.sip.uri import parse_uri
-
-TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
+from tests.data import RFC4475 as TORTURE
+from tests.data import rfc4475_files, rfc4475_message
 
 # name -> (RFC section, expected outcome): "ok" parses; an int is the ParseError status_hint;
 # "drop" is an invalid response (never answered).
@@ -110,13 +108,14 @@ CANONICAL = {
 # Invalid requests that cannot be answered: no Via at all.
 UNANSWERABLE = {"test"}
 
-ALL = sorted(p.stem for p in TORTURE.glob("*.dat"))
+# Raises (the module fails at collection) when any file is missing: never an empty, passing list.
+ALL = [p.stem for p in rfc4475_files()]
 VALID = [n for n in ALL if EXPECTED[n][1] == "ok"]
 INVALID = [n for n in ALL if EXPECTED[n][1] != "ok"]
 
 
 def load(name: str) -> bytes:
-    return (TORTURE / f"{name}.dat").read_bytes()
+    return rfc4475_message(name)
 
 
 def parse_ok(name: str) -> SipMessage:
