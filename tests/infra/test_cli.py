@@ -12,7 +12,7 @@ import pytest
 
 import app as cdk_app
 
-from .conftest import CDK, REPO, cli_env
+from .conftest import REPO, cdk_cli, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def cli_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cdk-out")
     proc = subprocess.run(
         [
-            str(CDK),
+            cdk_cli(),
             "synth",
             "--quiet",
             "--output",
@@ -52,7 +52,7 @@ def test_cdk_synth_offline(cli_synth: Path) -> None:
 
 def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(CDK), "synth", "--quiet", "--output", str(tmp_path), "-c", "sip_cidrs=0.0.0.0/0"],
+        [cdk_cli(), "synth", "--quiet", "--output", str(tmp_path), "-c", "sip_cidrs=0.0.0.0/0"],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

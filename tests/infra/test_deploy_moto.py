@@ -17,7 +17,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from .conftest import CDK, REPO, cli_env
+from .conftest import REPO, cdk_cli, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,11 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     ctx = [arg for k, v in CONTEXT.items() for arg in ("-c", f"{k}={v}")]
     try:
         for cmd in (
-            [str(CDK), "bootstrap", f"aws://{ACCOUNT}/{REGION}", *ctx, "--output", str(out)],
+            [cdk_cli(), "bootstrap", f"aws://{ACCOUNT}/{REGION}", *ctx, "--output", str(out)],
             # --method=direct: CreateStack instead of a change set; moto's change-set execution
             # does not record the stack's outputs, which this test reads.
             [
-                str(CDK),
+                cdk_cli(),
                 "deploy",
                 "--require-approval",
                 "never",

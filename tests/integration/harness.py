@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import free_port as free_port  # one implementation for the tests and the benchmark
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -440,7 +441,8 @@ class Sipp:
         self.trace_path = workdir / f"{name}.msg"
         self.err_path = workdir / f"{name}.err"
         self.out_path = workdir / f"{name}.out"
-        args = [SIPP]
+        # Skips naming the package to install, or fails under CI=true, when SIPp is missing.
+        args = [require_tool("sipp", "Debian package sip-tester", path=Path(SIPP))]
         if remote:
             args.append(remote)
         args += ["-sf", str(self.scenario), "-i", HOST, "-p", str(self.port)]

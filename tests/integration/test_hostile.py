@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.data import rfc4475_message
 from tests.integration.faultlib import (
     ClearIpStub,
     EnvProxy,
@@ -29,7 +30,6 @@ from tests.integration.faultlib import (
     wait_closed,
 )
 from tests.integration.harness import HOST, Lab, Pki, SipMessage, split_stream
-from tests.data import rfc4475_message
 from tests.unit.test_torture import ALL, EXPECTED, UNANSWERABLE
 
 NUMBER = "+15555550100"

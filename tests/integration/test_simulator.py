@@ -17,6 +17,7 @@ import pytest
 from proxy_runtime.sip.message import SipResponse, parse_message, parse_name_addr
 from proxy_runtime.tools.peers import SimulatedCarrier, SimulatedSwitch, Transport
 from proxy_runtime.tools.simulator import ClearIpSimulator, decode_passport, parse_rules
+from tests.conftest import require_tool
 
 RULES = parse_rules(
     tomllib.loads(
@@ -316,15 +317,12 @@ def test_demo_passes(mode: Any) -> None:
 
 
 def test_redirect_over_tls(tmp_path: Any) -> None:
-    import shutil
     import ssl
     import subprocess
 
     from proxy_runtime.tools.simulator import server_ssl_context
 
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed to make the test certificate")
+    openssl = require_tool("openssl", "Debian package openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     args += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"]

@@ -4,7 +4,6 @@ time per input stays bounded (nothing quadratic)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

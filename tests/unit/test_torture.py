@@ -1,7 +1,8 @@
 """RFC 4475 torture messages: every one parsed as the RFC says, or rejected with the right status.
 
-Each .dat file in tests/data/rfc4475/ is the RFC's own message, byte for byte. The expectations table below is the
-conformance statement (also in docs/PARSER.md); a test fails if a file is added without an entry.
+Each .dat file in tests/data/rfc4475/ is the RFC's own message, byte for byte. The expectations table
+below is the conformance statement (also in docs/PARSER.md); a test fails if a file is added
+without an entry, and the whole module fails (never skips) when a file is missing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from proxy_runtime.sip.message import (
     try_parse_for_reply,
 )
 from proxy_runtime.sip.uri import parse_uri
-from tests.data import RFC4475 as TORTURE
 from tests.data import rfc4475_files, rfc4475_message
 
 # name -> (RFC section, expected outcome): "ok" parses; an int is the ParseError status_hint;
