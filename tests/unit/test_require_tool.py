@@ -28,7 +28,7 @@ def test_missing_tool_skips_naming_the_package_outside_ci(monkeypatch: pytest.Mo
 def test_missing_tool_fails_under_ci(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("PATH", "")
     monkeypatch.setenv("CI", value)
-    with pytest.raises(pytest.fail.Exception, match="CI=true .*install Debian package nftables"):
+    with pytest.raises(pytest.fail.Exception, match=r"CI=true .*install Debian package nftables"):
         require_tool("nft", "Debian package nftables")
 
 
