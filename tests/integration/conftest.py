@@ -9,7 +9,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
+from tests.integration.faultlib import PeerErrors
 from tests.integration.harness import SIPP, Lab, Pki, make_test_pki
+
+
+@pytest.fixture(autouse=True)
+def _peer_errors_fail_the_test() -> Iterator[None]:
+    """Fails the test when a Python peer it created (faultlib's UA, ClearIP stub, relay) recorded
+    an error in its own thread. Autouse, so set up first and torn down last: after the ``lab``
+    fixture has closed (and joined) every peer."""
+    PeerErrors.take_created()  # peers a previous test leaked are not this test's
+    yield
+    errors = [e for peer in PeerErrors.take_created() for e in peer.errors]
+    if errors:
+        pytest.fail(f"{len(errors)} error(s) in the test's own peers:\n" + "\n".join(errors), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
