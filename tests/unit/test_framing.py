@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from proxy_runtime.sip import framing
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
-from proxy_runtime.sip.message import parse_message
+from proxy_runtime.sip.message import find_head_end, parse_message
 from tests import growth
 
 
@@ -145,7 +145,7 @@ class QuadraticFramer:
         self.buf += data
 
     def next_frame(self) -> bytes | None:
-        if framing.find_head_end(self.buf, 0) is None:
+        if find_head_end(self.buf, 0) is None:
             return None
         raise AssertionError("the trickled head never ends")
 
@@ -167,7 +167,7 @@ Framer = type[StreamFramer] | type[QuadraticFramer]
 def scanned(monkeypatch: pytest.MonkeyPatch, make: Framer, lines: int) -> int:
     """Octets the framer asked ``find_head_end`` to search while a head trickled in."""
     total = 0
-    real = framing.find_head_end
+    real = find_head_end
 
     def counting(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
         nonlocal total
