@@ -174,11 +174,10 @@ def scanned(monkeypatch: pytest.MonkeyPatch, make: Framer, lines: int) -> int:
         total += len(data) - start
         return real(data, start)
 
-    monkeypatch.setattr(framing, "find_head_end", counting)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(framing, "find_head_end", counting)  # what StreamFramer calls
+        patch.setattr(f"{__name__}.find_head_end", counting)  # what QuadraticFramer calls
         trickle(make(max_size=1 << 20), lines)
-    finally:
-        monkeypatch.setattr(framing, "find_head_end", real)
     return total
 
 
