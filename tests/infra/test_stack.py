@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from infra.settings import AlarmThresholds
 from infra.stack import ClearIpProxyStack
 from proxy_runtime.metrics import names
 
-from .conftest import flatten, resources
+from .conftest import REPO, flatten, resources
 
 
 # ---- 1. network ------------------------------------------------------------------------------
@@ -528,18 +531,44 @@ def test_set_timeout_pattern(template: Template) -> None:
         assert not re.match(pattern, bad), bad
 
 
-def test_transport_rewrite_in_the_document(template: Template, tmp_path: Any) -> None:
-    """Run the document's URI rewrite against a settings file (the same rule as the stack's)."""
-    import subprocess
-    import sys
-
-    from infra import operations
-
+@pytest.mark.parametrize(
+    ("before", "transport", "after"),
+    [
+        ("sip:acme.sip.clearip.com:5061;transport=tls", "tcp", "sip:acme.sip.clearip.com:5060;transport=tcp"),
+        ("sip:acme.sip.clearip.com:5060;transport=tcp", "tls", "sip:acme.sip.clearip.com:5061;transport=tls"),
+        ("sip:10.1.2.3:7000;transport=tls;lr", "tcp", "sip:10.1.2.3:7000;lr;transport=tcp"),
+    ],
+)
+def test_transport_document_as_synthesized_rewrites_the_settings(
+    template: Template, tmp_path: Path, before: str, transport: str, after: str
+) -> None:
+    """Run the SetClearIpTransport document's commands as they stand in the synthesized template
+    (bash, with its parameter filled in) against a scratch settings file: the installed paths point
+    at this checkout's venv, systemctl and sleep are stubs that log. Whatever the document does to
+    rewrite the URI, the settings file must end up with the other transport and port, and the
+    proxy must be restarted and checked."""
+    script = _script(_documents(template)["ClearIpProxy-SetClearIpTransport"])
     cfg = tmp_path / "settings.toml"
-    cfg.write_text('clearip = "sip:acme.sip.clearip.com:5061;transport=tls"\n')
-    code = operations._REWRITE_TRANSPORT.replace(operations.CONFIG, str(cfg))
-    out = subprocess.run([sys.executable, "-c", code, "tcp"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "sip:acme.sip.clearip.com:5060;transport=tcp"
+    cfg.write_text(f'clearip = "{before}"\n')
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "calls.log"
+    for name, body in (("systemctl", 'echo "systemctl $*" >> "$LOG"; [ "$1" != is-active ] || echo active'),
+                       ("sleep", 'echo "sleep $*" >> "$LOG"')):  # fmt: skip
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    assert "{{ Transport }}" in script and "/etc/clearip-proxy/settings.toml" in script
+    script = (
+        script.replace("{{ Transport }}", transport)
+        .replace("/etc/clearip-proxy/settings.toml", str(cfg))
+        .replace("/opt/clearip-proxy/venv/bin/", f"{REPO / '.venv' / 'bin'}/")
+    )
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", LOG=str(log))
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert tomllib.loads(cfg.read_text())["clearip"] == after
+    calls = [c for c in log.read_text().splitlines() if c.startswith("systemctl")]
+    assert calls == ["systemctl restart clearip-proxy", "systemctl is-active clearip-proxy"], calls
 
 
 # ---- constructs in isolation ---------------------------------------------------------------
