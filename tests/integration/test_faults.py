@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
 from tests.integration.faultlib import (
     ClearIpStub,
     LossyUdpRelay,
@@ -464,17 +466,36 @@ def test_sigterm_drain_is_bounded_by_drain_timeout_and_answers_leftovers(lab: La
     assert c.final is not None and c.final.status >= 400
 
 
-def test_systemd_unit_restarts_the_proxy() -> None:
+def test_systemd_unit_passes_systemd_analyze_and_asks_for_restart_and_sigterm(tmp_path: Path) -> None:
+    """What this checks is the unit file, not a restart: that systemd parses every line of
+    deploy/clearip-proxy.service without a complaint (``systemd-analyze verify`` warns and carries
+    on at a misspelled value, so any output fails), that it restarts the proxy whenever it exits
+    (Restart=always), and that it stops it with SIGTERM, which drains calls. Watching systemd
+    restart a killed proxy needs a booted systemd, which a test container does not have; the
+    install on a real host is covered by deploy/install.sh's checks in tests/infra."""
     unit = REPO / "deploy" / "clearip-proxy.service"
-    if not unit.exists():
-        pytest.skip("no systemd unit in deploy/")
     text = unit.read_text()
-    lines = [ln.strip() for ln in text.splitlines()]
-    restart = [ln.split("=", 1)[1] for ln in lines if ln.startswith("Restart=")]
-    assert restart and restart[0] in ("always", "on-failure", "on-abnormal"), restart
-    assert any(ln.startswith("KillSignal=SIGTERM") for ln in lines) or not any(
-        ln.startswith("KillSignal=") for ln in lines
-    ), "systemd must stop the proxy with SIGTERM so it drains"
+    # The installed binary does not exist here: point ExecStart at a stub, leave every other line.
+    installed = "/opt/clearip-proxy/venv/bin/clearip-proxy"
+    assert installed in text
+    stub = tmp_path / "clearip-proxy"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    copy = tmp_path / "clearip-proxy.service"
+    copy.write_text(text.replace(installed, str(stub)))
+    analyze = require_tool("systemd-analyze", "Debian package systemd")
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr + proc.stdout
+    settings = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key.strip()] = value.strip()
+    assert settings["Restart"] == "always"
+    assert settings.get("KillSignal", "SIGTERM") == "SIGTERM", "systemd must stop the proxy with SIGTERM"
+    assert settings["StartLimitIntervalSec"] == "0"  # never give up restarting
 
 
 # ---------------------------------------------------------------------------------------------
