@@ -36,6 +36,10 @@ from tests.unit.test_torture import ALL, EXPECTED, UNANSWERABLE
 NUMBER = "+15555550100"
 IDLE = 2.0  # CLEARIP_PROXY_IDLE_TIMEOUT for these tests (also bounds the partial-message timeout)
 ENV = {"CLEARIP_PROXY_IDLE_TIMEOUT": str(IDLE), "CLEARIP_PROXY_MAX_MESSAGE_SIZE": "8000"}
+# What a loaded 2-core machine may add to any wall-clock interval here. The close-by-timeout tests
+# bound the close at IDLE + LOAD_SLACK: a proxy that never closed would keep the connection for the
+# whole 18 s the test trickles (or waits) for.
+LOAD_SLACK = 3.0
 
 
 def setup(
@@ -295,7 +299,7 @@ def test_slow_loris_tcp_partial_message_is_closed_after_the_partial_timeout(lab:
                 closed_after = time.monotonic() - t0
                 break
         assert closed_after is not None, "slow-loris connection never closed"
-        assert closed_after <= IDLE + 1.5, closed_after
+        assert closed_after <= IDLE + LOAD_SLACK, closed_after
     finally:
         s.close()
     still_serving(lab, proxy)
@@ -305,8 +309,9 @@ def test_idle_tcp_connection_is_closed_after_idle_timeout(lab: Lab) -> None:
     proxy, _, _ = setup(lab)
     s = socket.create_connection((HOST, proxy.port), timeout=2)
     try:
-        took = wait_closed(s, IDLE + 3)
-        assert took is not None and IDLE - 0.2 <= took <= IDLE + 1.5, took
+        took = wait_closed(s, IDLE + 2 * LOAD_SLACK)
+        # Not before the idle timeout (load cannot make it early), and soon after it.
+        assert took is not None and IDLE - 0.2 <= took <= IDLE + LOAD_SLACK, took
     finally:
         s.close()
 
@@ -336,8 +341,8 @@ def test_slow_loris_tls_no_handshake_and_partial_message_are_closed(lab: Lab, pk
     # TCP connect to the TLS port and never start the handshake.
     raw = socket.create_connection((HOST, proxy.tls_port), timeout=2)
     try:
-        took = wait_closed(raw, IDLE + 3)
-        assert took is not None and took <= IDLE + 1.5, took
+        took = wait_closed(raw, IDLE + 2 * LOAD_SLACK)
+        assert took is not None and took <= IDLE + LOAD_SLACK, took
     finally:
         raw.close()
     # Handshake done, then a message trickled in.
@@ -358,7 +363,7 @@ def test_slow_loris_tls_no_handshake_and_partial_message_are_closed(lab: Lab, pk
             if wait_closed(tls, 0.3) is not None:
                 closed = time.monotonic() - t0
                 break
-        assert closed is not None and closed <= IDLE + 1.5, closed
+        assert closed is not None and closed <= IDLE + LOAD_SLACK, closed
     finally:
         tls.close()
 
@@ -476,7 +481,7 @@ def test_clearip_certificate_is_verified_bad_certificate_means_503(
     proxy = start_proxy(
         lab,
         f"sip:127.0.0.1:{clearip.port};transport=tls",
-        timeout=1.0,
+        timeout=5.0,
         clearip_ca=ca,
         extra=["--clearip-server-name", "localhost"],
     )
@@ -484,9 +489,10 @@ def test_clearip_certificate_is_verified_bad_certificate_means_503(
     lab.add_closer(switch)
     time.sleep(0.5)
     c = switch.call(proxy.port)
-    assert switch.wait_final([c], 2)
+    assert switch.wait_final([c], 5.0 + LOAD_SLACK)
     assert c.final is not None and c.final.status == 503
-    assert c.final_after < 0.5  # known down: at once
+    # Known down: at once. A proxy that waited for its 5 s timeout would take >= 5 s.
+    assert c.final_after < 5.0 / 2, c.final_after
     assert clearip.total_invites() == 0
     assert clearip.accepted == 0, "the proxy completed a TLS handshake with a certificate it must refuse"
     assert clearip.handshake_errors, "the proxy never tried"

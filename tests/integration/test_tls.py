@@ -141,13 +141,14 @@ def test_clearip_over_tls_with_untrusted_certificate_gives_503(lab: Lab, pki: Pk
         wait_clearip=False,
         clearip=f"sip:localhost:{relay.port};transport=tls",
         clearip_ca=other.ca_cert,
-        timeout=3.0,
+        timeout=6.0,
     )
     switch = lab.switch("uac_expect_final.xml", proxy, "udp")
     d = lab.describe
     assert [m.status for m in switch.final_responses()] == [503], d()
     finals = switch.final_responses()
-    assert finals[0].time - switch.sent("INVITE")[0].time <= 1.0, d()
+    # At once, not after the 6 s timeout: half of it is the slack a loaded machine gets.
+    assert finals[0].time - switch.sent("INVITE")[0].time <= 6.0 / 2, d()
     assert clearip.received() == [], "nothing may reach ClearIP over an unverified connection\n" + d()
     assert carrier.received() == [], d()
 
