@@ -1,10 +1,13 @@
-"""The routing policy, as pure functions: DESIGN §2's table, serial-fork rules and best response.
+"""The routing policy: DESIGN §2's table, serial-fork rules, best response, who may send to us.
 
-Nothing here keeps state or touches the network; :mod:`proxy_runtime.core.proxy` calls these.
+Owns: pure decisions about one message or one set of responses, and two small matchers built from
+settings (emergency numbers, the source allow-list). Must not touch: calls, transactions, timers or
+the network; :mod:`~proxy_runtime.core.call` and :mod:`~proxy_runtime.core.proxy` call these.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 
 from proxy_runtime.metrics.names import ClearIpOutcome
@@ -128,3 +131,31 @@ def dialled_number(request: SipRequest) -> str | None:
 
 def parse_contact(value: str) -> NameAddr:
     return parse_name_addr(value)
+
+
+class AllowList:
+    """Trusted sources (DESIGN §3): an address inside one of the allowed networks. IPv4-mapped IPv6
+    addresses count as their IPv4 address. Verdicts are cached per host (bounded: cleared past
+    10,000 hosts), as every message in asks."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def allows(self, host: str) -> bool:
+        ok = self._cache.get(host)
+        if ok is None:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                ok = False
+            else:
+                if ip.version == 6 and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                ok = any(ip in net for net in self._networks)
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[host] = ok
+        return ok

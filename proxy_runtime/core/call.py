@@ -1,0 +1,496 @@
+"""One initial INVITE's life: the ClearIP question, the redirect targets, the serial fork, the answer.
+
+Owns: :class:`Call` — a state machine per initial INVITE (phases ``clearip`` -> ``fork`` -> ``done``)
+with its ClearIP leg, the carrier targets ClearIP returned (:class:`CarrierTarget`), one
+:class:`Branch` per carrier attempt, the advance rules (DESIGN §2), the best response (RFC 3261
+§16.7), its one timer (ClearIP / carrier ``timeout``, ring limit), late answers after the call
+moved on (hung up: ACK + BYE), and the facts its :class:`CallRecord` reports.
+
+Events come in as method calls (``start``, ``on_clearip_response``, ``on_branch_response``,
+``on_clearip_failed``, ``on_branch_failed``, ``on_timer``, ``cancel``, ``clearip_lost``, ``abort``)
+and act only through the narrow :class:`CallHost` the dispatcher gives it: start, abandon or
+CANCEL a client transaction, respond, send statelessly, arm the call's timer, report the end.
+
+Must not touch: the transaction tables, the timer structures, other calls, the network or the
+clock (``now`` is an argument). Policy that needs no state lives in :mod:`routing`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from proxy_runtime.core import routing
+from proxy_runtime.core.stamp import CLEARIP, Stamper, Target, stamp_forward, strip_own_via, target_for
+from proxy_runtime.core.transactions import CANCEL_OWNER, Upstream
+from proxy_runtime.metrics.names import ClearIpOutcome
+from proxy_runtime.metrics.records import CallRecord
+from proxy_runtime.settings import Settings
+from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, make_response, parse_name_addr
+from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
+from proxy_runtime.sip.uri import UriError, parse_uri
+
+Phase = Literal["clearip", "fork", "done"]
+
+
+class CallHost(Protocol):
+    """What a call may ask of the dispatcher (implemented by :class:`~.proxy.ProxyCore`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def stamper(self) -> Stamper: ...
+
+    @property
+    def clearip_up(self) -> bool: ...
+
+    @property
+    def clearip_target(self) -> Target: ...
+
+    def is_emergency(self, request: SipRequest) -> bool: ...
+
+    def start_client(
+        self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
+    ) -> ClientTransaction: ...
+
+    def abandon_client(self, ct: ClientTransaction) -> None: ...
+
+    def send_cancel(self, invite: SipRequest, target: Target, now: float) -> None: ...
+
+    def respond(self, st: ServerTransaction, resp: SipResponse, now: float) -> None: ...
+
+    def pass_upstream(self, st: ServerTransaction, resp: SipResponse, now: float) -> None: ...
+
+    def send(self, target: Target, data: bytes) -> None: ...
+
+    def arm(self, call: Call, duration: float | None, now: float) -> None: ...
+
+    def call_finished(self, call: Call, status: int) -> None: ...
+
+    def clearip_forbidden(self, now: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CarrierTarget:
+    """Where one carrier attempt goes, as ClearIP's redirect named it. Held as text while the
+    call waits (a parsed URI costs several times the memory)."""
+
+    uri: str
+
+
+@dataclass(slots=True, eq=False)
+class Branch:
+    """One carrier attempt of a serial fork."""
+
+    call: Call
+    request: SipRequest
+    target: Target
+    started: float
+    ct: ClientTransaction | None = None
+    provisional: bool = False
+    cancel_sent: bool = False
+    abandoned: bool = False  # no provisional in time, or the call moved on: absorb what comes
+
+
+class Call:
+    """An initial INVITE: its server transaction, the ClearIP leg and the carrier branches."""
+
+    __slots__ = (
+        "__weakref__",
+        "answered",
+        "attempts",
+        "base",
+        "branch",
+        "cancelled",
+        "clearip_ct",
+        "clearip_latency_ms",
+        "clearip_outcome",
+        "clearip_request",
+        "clearip_sent",
+        "deadline",
+        "emergency",
+        "host",
+        "next_target",
+        "pdd_ms",
+        "phase",
+        "proxy_failed",
+        "queue",
+        "reason",
+        "received",
+        "request",
+        "responses",
+        "source",
+        "st",
+        "targets",
+    )
+
+    def __init__(
+        self, host: CallHost, st: ServerTransaction, request: SipRequest, source: Target, received: float
+    ) -> None:
+        self.host = host
+        self.st = st
+        self.request = request
+        self.source = source
+        self.received = received
+        self.phase: Phase = "clearip"
+        self.deadline: float | None = None
+        self.queue: float | None = None  # the duration queue holding it (see Timers.arm)
+        self.clearip_ct: ClientTransaction | None = None
+        self.clearip_request: SipRequest | None = None
+        self.clearip_sent = 0.0
+        self.clearip_outcome: ClearIpOutcome | None = None
+        self.clearip_latency_ms: float | None = None
+        self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
+        self.targets: list[CarrierTarget] = []
+        self.next_target = 0
+        self.branch: Branch | None = None
+        self.responses: list[SipResponse] = []
+        self.attempts = 0
+        self.cancelled = False
+        self.answered = False
+        self.pdd_ms: float | None = None
+        self.emergency = False
+        self.proxy_failed = False
+        self.reason = ""
+
+    # =========================================================================================
+    # Events
+    # =========================================================================================
+    def start(self, now: float) -> None:
+        """The INVITE was accepted (100 Trying sent): route an emergency call, or ask ClearIP."""
+        host = self.host
+        s = host.settings
+        req = self.request
+        if host.is_emergency(req):
+            self.emergency = True
+            if s.emergency_action == "route" and s.emergency_route:
+                self.phase = "fork"
+                self.base = req
+                self.targets = [CarrierTarget(str(parse_uri(s.emergency_route)))]
+                self._advance(now)
+            else:
+                # Never wait on ClearIP for an emergency call: the switch takes its direct route.
+                self.fail(503, "emergency call: use the direct emergency route", now, failed=False)
+            return
+        if not host.clearip_up:
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self.fail(503, "ClearIP unreachable", now)
+            return
+        stamper = host.stamper
+        target = host.clearip_target
+        branch = stamper.new_branch(req)
+        out = stamper.prepare_forward(req, target, branch)
+        self.clearip_request = out
+        self.clearip_sent = now
+        self.clearip_ct = host.start_client(out, target, (branch, "INVITE"), self, now)
+        host.arm(self, s.timeout, now)
+
+    def on_clearip_response(self, resp: SipResponse, now: float) -> None:
+        status = resp.status
+        if status < 200 or self.phase != "clearip":
+            return
+        host = self.host
+        self.clearip_latency_ms = (now - self.clearip_sent) * 1000.0
+        self.clearip_outcome = routing.clearip_outcome(status)
+        self.clearip_request = None  # answered: nothing left to CANCEL there; free it
+        self.clearip_ct = None
+        if status == 403:
+            host.clearip_forbidden(now)
+        targets = routing.carrier_targets(resp) if status == 302 else []
+        if targets:  # DESIGN §2: a 302 with usable Contacts forks; any other final is relayed
+            self.phase = "fork"
+            base = self.request.copy()
+            routing.copy_headers(resp, base, host.settings.copy_headers)
+            self.base = base
+            self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
+            self.targets = [CarrierTarget(str(u)) for u in targets]
+            host.arm(self, None, now)
+            self._advance(now)
+            return
+        self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
+
+    def on_clearip_failed(self, ct: ClientTransaction, text: str, now: float) -> None:
+        """The ClearIP leg timed out or could not be sent."""
+        if self.phase == "clearip" and ct is self.clearip_ct:
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self.fail(503, f"ClearIP {text}", now)
+
+    def on_branch_response(self, br: Branch, resp: SipResponse, now: float) -> None:
+        host = self.host
+        status = resp.status
+        if br.abandoned or self.branch is not br:
+            # A branch we gave up on: cancel it if it rings; hang up if it answers, so the call
+            # is never connected twice.
+            if status < 200:
+                if not br.cancel_sent:
+                    br.cancel_sent = True
+                    host.send_cancel(br.request, br.target, now)
+            elif status < 300 and not (self.answered and self.branch is br):
+                self._hang_up(br, resp, now)
+            return
+        if status < 200:
+            if not br.provisional:
+                br.provisional = True
+                if self.cancelled:
+                    self._cancel_branch(br, now)
+                    return
+                host.arm(self, host.settings.ring_timeout, now)
+            if status > 100:
+                if self.pdd_ms is None:
+                    self.pdd_ms = (now - self.received) * 1000.0
+                host.pass_upstream(self.st, resp, now)
+            return
+        if status < 300:
+            if self.cancelled or self.phase == "done":
+                if not self.answered:
+                    self._hang_up(br, resp, now)  # answered after the caller cancelled
+                else:
+                    host.pass_upstream(self.st, resp, now)  # 2xx retransmission
+                return
+            self.answered = True
+            self._finish(strip_own_via(resp), now, reason=f"answered by carrier {self.attempts}")
+            return
+        # A failure from this Contact.
+        if self.phase == "done":
+            return
+        self.responses.append(strip_own_via(resp))
+        if not self.cancelled and routing.should_advance(status, advance_on_4xx=host.settings.advance_on_4xx):
+            self._advance(now)
+        else:
+            self._finish_best(now)
+
+    def on_branch_failed(self, br: Branch, status: int, text: str, now: float) -> None:
+        """A carrier attempt timed out or could not be sent: try the next one."""
+        if self.branch is not br or br.abandoned or self.phase != "fork":
+            return
+        br.abandoned = True
+        self.responses.append(self._synth(503 if status != 408 else 408, f"carrier {text}"))
+        if self.cancelled:
+            self._finish_best(now)
+        else:
+            self._advance(now)
+
+    def on_timer(self, now: float) -> None:
+        self.deadline = None
+        if self.phase == "clearip":
+            # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
+            self.clearip_outcome = ClearIpOutcome.TIMEOUT
+            if self.clearip_ct is not None and self.clearip_request is not None:
+                self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+            self.fail(503, f"ClearIP did not answer within {self.host.settings.timeout:g} s", now)
+        elif self.phase == "fork" and self.branch is not None:
+            br = self.branch
+            if not br.provisional:
+                # No provisional response from this Contact within `timeout`: advance.
+                br.abandoned = True
+                self.responses.append(self._synth(408, "No response from carrier"))
+                self._advance(now)
+            else:
+                # Rang past the ring limit: cancel and give up (ringing again elsewhere would
+                # ring the same callee twice).
+                self._cancel_branch(br, now)
+                br.abandoned = True
+                self.responses.append(self._synth(408, "Ring timeout"))
+                self._finish_best(now)
+
+    def cancel(self, now: float) -> None:
+        """The caller CANCELled: CANCEL ClearIP or the live branch, 487 to the caller."""
+        if self.st.has_final or self.phase == "done":
+            return
+        self.cancelled = True
+        if self.phase == "clearip" and self.clearip_request is not None:
+            self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+        br = self.branch
+        if br is not None and not br.abandoned:
+            self._cancel_branch(br, now)
+        resp = make_response(self.request, 487, to_tag=self.host.stamper.instance)
+        self._finish(resp, now, reason="cancelled by caller")
+
+    def clearip_lost(self, now: float) -> None:
+        """The ClearIP connection went down: a call still waiting on it gets 503 at once."""
+        if self.phase == "clearip" and self.clearip_ct is not None:
+            self.host.abandon_client(self.clearip_ct)
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self.fail(503, "ClearIP connection lost", now)
+
+    def abort(self, now: float) -> None:
+        """The end of a drain: CANCEL what is live and answer 503 with Retry-After."""
+        if self.phase == "clearip" and self.clearip_request is not None:
+            self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+        if self.branch is not None and not self.branch.abandoned:
+            self._cancel_branch(self.branch, now)
+        self.fail(503, "proxy restarting", now, retry_after=True)
+
+    def server_ended(self) -> None:
+        """Its server transaction ended: let go of the client transactions (reference cycles)."""
+        self.branch = None
+        self.clearip_ct = None
+
+    # =========================================================================================
+    # The fork
+    # =========================================================================================
+    def _advance(self, now: float) -> None:
+        """Start the next carrier attempt, or finish with the best response."""
+        host = self.host
+        s = host.settings
+        stamper = host.stamper
+        while self.next_target < len(self.targets) and not self.cancelled:
+            uri = parse_uri(self.targets[self.next_target].uri)
+            self.next_target += 1
+            base = self.base or self.request
+            out = base.copy()
+            out.uri = str(uri)
+            out.remove("route")
+            target = target_for(uri)
+            if (
+                s.large_over_tcp
+                and target.transport == "udp"
+                and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
+            ):
+                target = Target("tcp", target.host, target.port)
+            inbound = self.source.transport
+            stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
+            branch = stamper.new_branch(out)
+            stamp_forward(out, stamper.via_for(target.transport, branch))
+            self.attempts += 1
+            br = Branch(self, out, target, now)
+            self.branch = br
+            br.ct = host.start_client(out, target, (branch, "INVITE"), br, now)
+            if br.ct.terminated:
+                continue
+            # Held while the call rings (maybe minutes): keep the text, not the parsed values.
+            out.forget_parsed()
+            base.forget_parsed()
+            host.arm(self, s.timeout, now)
+            return
+        self._finish_best(now)
+
+    def _cancel_branch(self, br: Branch, now: float) -> None:
+        if br.cancel_sent:
+            return
+        if br.provisional:
+            br.cancel_sent = True
+            self.host.send_cancel(br.request, br.target, now)
+        else:
+            br.abandoned = True  # CANCEL once a provisional arrives (RFC 3261 §9.1)
+
+    def _hang_up(self, br: Branch, resp: SipResponse, now: float) -> None:
+        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
+        contact = resp.first_value("contact")
+        if not contact:
+            return
+        try:
+            remote = parse_uri(parse_name_addr(contact).uri)
+        except (ParseError, UriError):
+            return
+        host = self.host
+        stamper = host.stamper
+        route_set = list(reversed(resp.values("record-route")))
+        # Our own Record-Route entries are at the end of the callee's view; drop them.
+        route_set = [r for r in route_set if not stamper.route_is_me(r)]
+        target = stamper.next_hop_from(route_set, remote)
+        cseq = br.request.cseq[0]
+        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
+            req = SipRequest(method, str(remote))
+            branch = stamper.new_branch(br.request) + method[0].lower()
+            req.headers.append(["via", "Via", stamper.via_for(target.transport, branch)])
+            for r in route_set:
+                req.headers.append(["route", "Route", r])
+            for h in br.request.headers:
+                if h[0] in ("from", "call-id"):
+                    req.headers.append(list(h))
+            req.headers.append(["to", "To", resp.get("to") or ""])
+            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
+            req.headers.append(["max-forwards", "Max-Forwards", "70"])
+            if method == "ACK":
+                host.send(target, req.serialize())
+            else:
+                host.start_client(req, target, (branch, "BYE"), CANCEL_OWNER, now)
+
+    # =========================================================================================
+    # The end
+    # =========================================================================================
+    def fail(
+        self, status: int, text: str, now: float, *, retry_after: bool = False, failed: bool = True
+    ) -> None:
+        """The proxy itself ends the call: ``status`` with a Reason header naming the cause."""
+        extra = [("Reason", f'SIP;cause={status};text="{text}"')]
+        if retry_after:
+            extra.append(("Retry-After", "5"))
+        self.proxy_failed = failed
+        resp = make_response(self.request, status, to_tag=self.host.stamper.instance, extra=extra)
+        self._finish(resp, now, reason=text)
+
+    def _finish_best(self, now: float) -> None:
+        best = routing.best_response(self.responses)
+        if best is None:
+            self.fail(503, "no usable carrier route", now)
+            return
+        self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed")
+
+    def _finish(self, resp: SipResponse, now: float, *, reason: str) -> None:
+        """Send the call's final response (once), report the end and let go of what is done."""
+        if self.phase == "done":
+            return
+        self.phase = "done"
+        host = self.host
+        host.arm(self, None, now)
+        host.respond(self.st, resp, now)
+        if self.pdd_ms is None:
+            self.pdd_ms = (now - self.received) * 1000.0
+        self.reason = reason
+        host.call_finished(self, resp.status)
+        self._release()
+
+    def _release(self) -> None:
+        """The call has its final response: keep only what its transactions still need.
+
+        The server transaction absorbs retransmissions and ACKs by itself. The winning branch's
+        client transaction passes 2xx retransmissions straight to it (:class:`Upstream`). Branches
+        still live (cancelled, abandoned) keep their own request and the call, for late answers."""
+        self.st.owner = None
+        br, self.branch = self.branch, None
+        if self.answered and br is not None and br.ct is not None and br.ct.owner is br:
+            br.ct.owner = Upstream(self.st)
+            br.ct = None
+        self.base = None
+        self.clearip_request = None
+        self.responses = []
+        self.targets = []
+
+    def _synth(self, status: int, text: str) -> SipResponse:
+        return make_response(
+            self.request,
+            status,
+            to_tag=self.host.stamper.instance,
+            extra=[("Reason", f'SIP;cause={status};text="{text}"')],
+        )
+
+    # =========================================================================================
+    # The record
+    # =========================================================================================
+    def record(self, status: int, *, with_numbers: bool) -> CallRecord:
+        """The call's metrics record; the numbers are parsed only when they may be logged."""
+        number = caller = ""
+        if with_numbers:
+            number = routing.dialled_number(self.request) or ""
+            try:
+                caller = parse_uri(parse_name_addr(self.request.get("from") or "").uri).user or ""
+            except (ParseError, UriError):
+                caller = ""
+        return CallRecord(
+            call_id=self.request.call_id,
+            clearip_outcome=self.clearip_outcome,
+            clearip_latency_ms=self.clearip_latency_ms,
+            carrier_attempts=self.attempts,
+            route_advances=max(0, self.attempts - 1),
+            final_status=status,
+            post_dial_delay_ms=self.pdd_ms,
+            emergency=self.emergency,
+            proxy_failed=self.proxy_failed,
+            overload_rejected="overloaded" in self.reason,
+            caller=caller,
+            callee=number,
+            reason=self.reason,
+        )

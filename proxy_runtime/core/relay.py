@@ -1,0 +1,122 @@
+"""Requests relayed along their route set: in-dialog requests and pre-routed requests (loose routing).
+
+Owns: one :class:`Relay` per relayed request (its server transaction, the forwarded copy and its
+client transaction), what each response to it does upstream, CANCEL of a relayed INVITE, the ring
+limit of a relayed INVITE (Timer C, RFC 3261 §16.8), and the stateless forwarding of ACKs for 2xx
+(:func:`forward_ack`, §16.11). No dialog state: the Route headers carry the path.
+
+Must not touch: calls (initial INVITEs), the transaction tables beyond the
+:class:`~.transactions.Transactions` methods, timers, the network or the clock.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from proxy_runtime.core.stamp import SendFn, Stamper, Target, next_hop, strip_own_via
+from proxy_runtime.core.transactions import Transactions, Upstream
+from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, Via, make_response
+from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
+from proxy_runtime.sip.uri import UriError
+
+
+class Relay:
+    """A request forwarded along the route set: server transaction in, client transaction out."""
+
+    __slots__ = ("_to_tag", "_txns", "ct", "request", "st", "target")
+
+    def __init__(
+        self, txns: Transactions, st: ServerTransaction, request: SipRequest, target: Target, to_tag: str
+    ) -> None:
+        self._txns = txns
+        self._to_tag = to_tag  # ours, on the responses we make (408, 487)
+        self.st = st
+        self.request = request  # the forwarded copy (our Via on top)
+        self.target = target
+        self.ct: ClientTransaction | None = None
+
+    @classmethod
+    def start(
+        cls,
+        txns: Transactions,
+        stamper: Stamper,
+        req: SipRequest,
+        st: ServerTransaction,
+        target: Target,
+        now: float,
+        *,
+        ring_timeout: float,
+    ) -> Relay:
+        """Forward ``req`` (received on ``st``) to ``target``: 100 Trying first for an INVITE,
+        whose ring limit is then guarded."""
+        if req.method == "INVITE":
+            txns.respond(st, make_response(req, 100), now)
+        branch = stamper.new_branch(req)
+        out = stamper.prepare_forward(req, target, branch)
+        ckey = (branch, req.method)
+        relay = cls(txns, st, out, target, stamper.instance)
+        st.owner = relay
+        relay.ct = txns.start_client(out, target, ckey, relay, now)
+        if req.method == "INVITE" and not relay.ct.terminated:
+            txns.guard(ckey, now + ring_timeout, cancelled=False)
+        return relay
+
+    # --- events ------------------------------------------------------------------------------
+    def on_response(self, ct: ClientTransaction, resp: SipResponse, method: str, now: float) -> None:
+        """A response the client transaction passed up: relay it (a 2xx to an INVITE through the
+        server transaction's Accepted state, RFC 6026; our 100 Trying already went)."""
+        st = self.st
+        status = resp.status
+        if 200 <= status < 300 and method == "INVITE":
+            self._txns.pass_upstream(st, resp, now)
+            st.owner = None
+            ct.owner = Upstream(st)  # the relay (its forwarded request) is freed
+        elif status > 100 or method != "INVITE":
+            self._txns.respond(st, strip_own_via(resp), now)
+            if status >= 200:
+                st.owner = None  # answered: the relay is no longer needed
+
+    def cancel(self, now: float) -> None:
+        """The caller CANCELled the relayed INVITE: CANCEL downstream, 487 upstream."""
+        if self.st.has_final:
+            return
+        self._txns.send_cancel(self.request, self.target, now)
+        self._txns.respond(self.st, make_response(self.request, 487, to_tag=self._to_tag), now)
+
+    def client_failed(self, status: int, now: float) -> None:
+        """The client transaction timed out or could not be sent: answer ``status`` ourselves."""
+        if self.st.has_final:
+            return
+        r = make_response(self.request, status, to_tag=self._to_tag)
+        r.pop_first_value("via")  # our own Via, from the forwarded copy
+        self._txns.respond(self.st, r, now)
+
+    def ring_limit(self, now: float) -> None:
+        """The relayed INVITE rang past the ring limit: CANCEL it (which guards it for 64*T1) and
+        answer 408."""
+        self._txns.send_cancel(self.request, self.target, now)
+        self.client_failed(408, now)
+
+    def server_ended(self) -> None:
+        self.ct = None
+
+
+def forward_ack(stamper: Stamper, send: SendFn, req: SipRequest, via: Via) -> None:
+    """An ACK for a 2xx: end to end along the route set, statelessly (RFC 3261 §16.11). ACKs
+    that have nowhere to go (Max-Forwards spent, a loop, addressed to us, bad URI) are dropped."""
+    mf = req.get("max-forwards")
+    if mf is not None and int(mf) <= 0:
+        return
+    if stamper.is_loop(req):
+        return
+    stamper.pop_own_routes(req)
+    if not req.has("route") and stamper.uri_is_me(req):
+        return
+    try:
+        target = next_hop(req)
+    except (UriError, ParseError):
+        return
+    # Stateless: the same ACK retransmitted gets the same branch (RFC 3261 §16.11).
+    branch = f"{stamper.branch_prefix}a{zlib.crc32(via.branch.encode() + req.call_id.encode()):08x}"
+    out = stamper.prepare_forward(req, target, branch)
+    send(target, out.serialize(), None)
