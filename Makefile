@@ -59,6 +59,7 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
@@ -89,4 +90,4 @@ synth: setup
 	node_modules/.bin/cdk synth --quiet
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules cdk.out .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

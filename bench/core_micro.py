@@ -16,7 +16,8 @@ from dataclasses import replace
 
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, parse_message
+from proxy_runtime.sip.message import SipRequest
+from proxy_runtime.sip.parse import parse_message
 
 IDENTITY = (
     "eyJhbGciOiJFUzI1NiIsInBwdCI6InNoYWtlbiIsInR5cCI6InBhc3Nwb3J0IiwieDV1IjoiaHR0cHM6Ly9jZXJ0LmV4YW1wbGUvYy5wZW0ifQ."

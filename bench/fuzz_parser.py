@@ -23,8 +23,9 @@ import timeit
 import traceback
 from pathlib import Path
 
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import StreamFramer
-from proxy_runtime.sip.message import ParseError, parse_message, try_parse_for_reply
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 
 TORTURE_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "rfc4475"
 

@@ -227,6 +227,18 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return demo.main(list(argv))
 
 
+def cmd_doctor(argv: Sequence[str]) -> int:
+    from proxy_runtime.operations.doctor import doctor_main
+
+    return doctor_main(argv)
+
+
+def cmd_trace(argv: Sequence[str]) -> int:
+    from proxy_runtime.operations.trace_cli import trace_main
+
+    return trace_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clearip-proxy", description="In-line SIP proxy for ClearIP")
     sub = p.add_subparsers(dest="command", required=True)
@@ -258,10 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_simulate(argv[1:])
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
-    if argv and argv[0] in ("doctor", "trace"):
-        from proxy_runtime.operations import cli as operations  # type: ignore[attr-defined,unused-ignore]
-
-        return int(operations.main(argv))
+    if argv and argv[0] == "doctor":
+        return cmd_doctor(argv[1:])
+    if argv and argv[0] == "trace":
+        return cmd_trace(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)

@@ -1,13 +1,15 @@
 """One initial INVITE's life: the ClearIP question, the redirect targets, the serial fork, the answer.
 
-Owns: :class:`Call` — a state machine per initial INVITE (phases ``clearip`` -> ``fork`` -> ``done``)
-with its ClearIP leg, the carrier targets ClearIP returned (:class:`CarrierTarget`), one
-:class:`Branch` per carrier attempt, the advance rules (DESIGN §2), the best response (RFC 3261
-§16.7), its one timer (ClearIP / carrier ``timeout``, ring limit), late answers after the call
-moved on (hung up: ACK + BYE), and the facts its :class:`CallRecord` reports.
+Owns: :class:`Call` — a state machine per initial INVITE (phases [``link`` ->] ``clearip`` ->
+``fork`` -> ``done``; ``link``: held, bounded, while the adapter connects to ClearIP) with its
+ClearIP leg, the carrier targets ClearIP returned (:class:`CarrierTarget`), one :class:`Branch` per
+carrier attempt, the advance rules (DESIGN §2), the best response (RFC 3261 §16.7), its one timer
+(the link wait, ClearIP / carrier ``timeout``, ring limit), late answers after the call moved on
+(hung up: ACK + BYE), and the facts its :class:`CallRecord` reports.
 
-Events come in as method calls (``start``, ``on_clearip_response``, ``on_branch_response``,
-``on_clearip_failed``, ``on_branch_failed``, ``on_timer``, ``cancel``, ``clearip_lost``, ``abort``)
+Events come in as method calls (``start``, ``ask_clearip``, ``on_clearip_response``,
+``on_branch_response``, ``on_clearip_failed``, ``on_branch_failed``, ``on_timer``, ``cancel``,
+``link_failed``, ``clearip_lost``, ``abort``)
 and act only through the narrow :class:`CallHost` the dispatcher gives it: start, abandon or
 CANCEL a client transaction, respond, send statelessly, arm the call's timer, report the end.
 
@@ -21,16 +23,20 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from proxy_runtime.core import routing
+from proxy_runtime.core.breaker import Admission
 from proxy_runtime.core.stamp import CLEARIP, Stamper, Target, stamp_forward, strip_own_via, target_for
 from proxy_runtime.core.transactions import CANCEL_OWNER, Upstream
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, make_response, parse_name_addr
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
 
-Phase = Literal["clearip", "fork", "done"]
+Phase = Literal["link", "clearip", "fork", "done"]
 
 
 class CallHost(Protocol):
@@ -49,6 +55,17 @@ class CallHost(Protocol):
     def clearip_target(self) -> Target: ...
 
     def is_emergency(self, request: SipRequest) -> bool: ...
+
+    def admit(self, now: float) -> Admission: ...
+
+    @property
+    def can_wait_for_link(self) -> bool: ...
+
+    def hold_for_link(self, call: Call) -> None: ...
+
+    def clearip_answered(self, now: float) -> None: ...
+
+    def clearip_timed_out(self, now: float, *, probe: bool) -> None: ...
 
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
@@ -73,24 +90,116 @@ class CallHost(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CarrierTarget:
-    """Where one carrier attempt goes, as ClearIP's redirect named it. Held as text while the
-    call waits (a parsed URI costs several times the memory)."""
+    """Where one carrier attempt goes, as ClearIP's redirect named it (a Contact, or the
+    configured emergency route). Held as text while the call waits (a parsed URI costs several
+    times the memory). What ClearIP says about one Contact alone belongs here, and
+    :meth:`Branch.build` turns it into that branch's INVITE."""
 
     uri: str
 
 
-@dataclass(slots=True, eq=False)
 class Branch:
-    """One carrier attempt of a serial fork."""
+    """One carrier attempt of a serial fork: its INVITE (ClearIP's headers in, our Via and
+    Record-Route on top), where it went, its client transaction and how far it got."""
 
-    call: Call
-    request: SipRequest
-    target: Target
-    started: float
-    ct: ClientTransaction | None = None
-    provisional: bool = False
-    cancel_sent: bool = False
-    abandoned: bool = False  # no provisional in time, or the call moved on: absorb what comes
+    __slots__ = (
+        "abandoned",
+        "call",
+        "cancel_sent",
+        "ct",
+        "key",
+        "provisional",
+        "request",
+        "started",
+        "target",
+    )
+
+    def __init__(
+        self, call: Call, request: SipRequest, target: Target, key: tuple[str, str], started: float
+    ) -> None:
+        self.call = call
+        self.request = request
+        self.target = target
+        self.key = key  # its client transaction's: (our branch, "INVITE")
+        self.started = started
+        self.ct: ClientTransaction | None = None
+        self.provisional = False
+        self.cancel_sent = False
+        self.abandoned = False  # no provisional in time, or the call moved on: absorb what comes
+
+    @classmethod
+    def build(cls, call: Call, dest: CarrierTarget, now: float) -> Branch:
+        """The INVITE for ``dest``: the call's (ClearIP's headers copied in), the Contact as its
+        Request-URI, no Route, our Record-Route and Via on top."""
+        stamper = call.host.stamper
+        uri = parse_uri(dest.uri)
+        out = (call.base or call.request).copy()
+        out.uri = str(uri)
+        out.remove("route")
+        target = target_for(uri)
+        if (
+            call.host.settings.large_over_tcp
+            and target.transport == "udp"
+            and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
+        ):
+            target = Target("tcp", target.host, target.port)
+        inbound = call.source.transport
+        stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
+        branch = stamper.new_branch(out)
+        stamp_forward(out, stamper.via_for(target.transport, branch))
+        return cls(call, out, target, (branch, "INVITE"), now)
+
+    def send(self, now: float) -> bool:
+        """Start its client transaction; False when it could not even start."""
+        out = self.request
+        self.ct = ct = self.call.host.start_client(out, self.target, self.key, self, now)
+        if ct.terminated:
+            return False
+        out.forget_parsed()  # held while the call rings (maybe minutes): keep the text only
+        return True
+
+    def cancel(self, now: float) -> None:
+        """CANCEL it now if it rang, else as soon as it does (RFC 3261 §9.1)."""
+        if self.cancel_sent:
+            return
+        if self.provisional:
+            self.cancel_sent = True
+            self.call.host.send_cancel(self.request, self.target, now)
+        else:
+            self.abandoned = True  # CANCEL once a provisional arrives
+
+    def hang_up(self, resp: SipResponse, now: float) -> None:
+        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
+        contact = resp.first_value("contact")
+        if not contact:
+            return
+        try:
+            remote = parse_uri(parse_name_addr(contact).uri)
+        except (ParseError, UriError):
+            return
+        host = self.call.host
+        stamper = host.stamper
+        route_set = list(reversed(resp.values("record-route")))
+        # Our own Record-Route entries are at the end of the callee's view; drop them.
+        route_set = [r for r in route_set if not stamper.route_is_me(r)]
+        target = stamper.next_hop_from(route_set, remote)
+        cseq = self.request.cseq[0]
+        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
+            req = SipRequest(method, str(remote))
+            branch = stamper.new_branch(self.request) + method[0].lower()
+            req.headers.append(["via", "Via", stamper.via_for(target.transport, branch)])
+            for r in route_set:
+                req.headers.append(["route", "Route", r])
+            for h in self.request.headers:
+                if h[0] in ("from", "call-id"):
+                    req.headers.append(list(h))
+            req.headers.append(["to", "To", resp.get("to") or ""])
+            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
+            req.headers.append(["max-forwards", "Max-Forwards", "70"])
+            if method == "ACK":
+                host.send(target, req.serialize())
+            else:
+                host.start_client(req, target, (branch, "BYE"), CANCEL_OWNER, now)
 
 
 class Call:
@@ -114,6 +223,7 @@ class Call:
         "next_target",
         "pdd_ms",
         "phase",
+        "probe",
         "proxy_failed",
         "queue",
         "reason",
@@ -151,6 +261,7 @@ class Call:
         self.answered = False
         self.pdd_ms: float | None = None
         self.emergency = False
+        self.probe = False  # sent to ClearIP as the half-open breaker's probe
         self.proxy_failed = False
         self.reason = ""
 
@@ -173,18 +284,46 @@ class Call:
                 # Never wait on ClearIP for an emergency call: the switch takes its direct route.
                 self.fail(503, "emergency call: use the direct emergency route", now, failed=False)
             return
-        if not host.clearip_up:
-            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
-            self.fail(503, "ClearIP unreachable", now)
+        admission = host.admit(now)
+        if admission is Admission.REJECT:
+            # ClearIP is connected but not answering (brownout): 503 now, not after `timeout`.
+            self.fail(503, "ClearIP not answering (breaker open)", now)
             return
+        self.probe = admission is Admission.PROBE
+        if not host.clearip_up:
+            if not host.can_wait_for_link:
+                self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+                self.fail(503, "ClearIP unreachable", now)
+                return
+            # Held (bounded) while the adapter connects now, whatever its reconnect backoff:
+            # ask_clearip when the link is up, link_failed when the connect failed.
+            self.phase = "link"
+            host.arm(self, s.link_wait, now)
+            host.hold_for_link(self)
+            return
+        self.ask_clearip(now)
+
+    def ask_clearip(self, now: float) -> None:
+        """Send the INVITE to ClearIP (the link is up) and wait up to ``timeout`` for its answer."""
+        if self.phase not in ("clearip", "link"):
+            return
+        self.phase = "clearip"
+        host = self.host
         stamper = host.stamper
         target = host.clearip_target
+        req = self.request
         branch = stamper.new_branch(req)
         out = stamper.prepare_forward(req, target, branch)
         self.clearip_request = out
         self.clearip_sent = now
         self.clearip_ct = host.start_client(out, target, (branch, "INVITE"), self, now)
-        host.arm(self, s.timeout, now)
+        host.arm(self, host.settings.timeout, now)
+
+    def link_failed(self, now: float) -> None:
+        """The connect this call was held for failed (refused, TLS...): 503 at once."""
+        if self.phase == "link":
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            self.fail(503, "ClearIP unreachable", now)
 
     def on_clearip_response(self, resp: SipResponse, now: float) -> None:
         status = resp.status
@@ -195,6 +334,7 @@ class Call:
         self.clearip_outcome = routing.clearip_outcome(status)
         self.clearip_request = None  # answered: nothing left to CANCEL there; free it
         self.clearip_ct = None
+        host.clearip_answered(now)  # any final: ClearIP is answering (the breaker closes)
         if status == 403:
             host.clearip_forbidden(now)
         targets = routing.carrier_targets(resp) if status == 302 else []
@@ -227,13 +367,13 @@ class Call:
                     br.cancel_sent = True
                     host.send_cancel(br.request, br.target, now)
             elif status < 300 and not (self.answered and self.branch is br):
-                self._hang_up(br, resp, now)
+                br.hang_up(resp, now)
             return
         if status < 200:
             if not br.provisional:
                 br.provisional = True
                 if self.cancelled:
-                    self._cancel_branch(br, now)
+                    br.cancel(now)
                     return
                 host.arm(self, host.settings.ring_timeout, now)
             if status > 100:
@@ -244,7 +384,7 @@ class Call:
         if status < 300:
             if self.cancelled or self.phase == "done":
                 if not self.answered:
-                    self._hang_up(br, resp, now)  # answered after the caller cancelled
+                    br.hang_up(resp, now)  # answered after the caller cancelled
                 else:
                     host.pass_upstream(self.st, resp, now)  # 2xx retransmission
                 return
@@ -273,9 +413,15 @@ class Call:
 
     def on_timer(self, now: float) -> None:
         self.deadline = None
-        if self.phase == "clearip":
+        if self.phase == "link":
+            # The link did not come up within the bounded wait (a connect that hangs).
+            self.clearip_outcome = ClearIpOutcome.UNAVAILABLE
+            wait = self.host.settings.link_wait
+            self.fail(503, f"ClearIP unreachable (no connection within {wait:g} s)", now)
+        elif self.phase == "clearip":
             # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
             self.clearip_outcome = ClearIpOutcome.TIMEOUT
+            self.host.clearip_timed_out(now, probe=self.probe)
             if self.clearip_ct is not None and self.clearip_request is not None:
                 self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
             self.fail(503, f"ClearIP did not answer within {self.host.settings.timeout:g} s", now)
@@ -289,7 +435,7 @@ class Call:
             else:
                 # Rang past the ring limit: cancel and give up (ringing again elsewhere would
                 # ring the same callee twice).
-                self._cancel_branch(br, now)
+                br.cancel(now)
                 br.abandoned = True
                 self.responses.append(self._synth(408, "Ring timeout"))
                 self._finish_best(now)
@@ -303,7 +449,7 @@ class Call:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
         br = self.branch
         if br is not None and not br.abandoned:
-            self._cancel_branch(br, now)
+            br.cancel(now)
         resp = make_response(self.request, 487, to_tag=self.host.stamper.instance)
         self._finish(resp, now, reason="cancelled by caller")
 
@@ -319,7 +465,7 @@ class Call:
         if self.phase == "clearip" and self.clearip_request is not None:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
         if self.branch is not None and not self.branch.abandoned:
-            self._cancel_branch(self.branch, now)
+            self.branch.cancel(now)
         self.fail(503, "proxy restarting", now, retry_after=True)
 
     def server_ended(self) -> None:
@@ -332,81 +478,17 @@ class Call:
     # =========================================================================================
     def _advance(self, now: float) -> None:
         """Start the next carrier attempt, or finish with the best response."""
-        host = self.host
-        s = host.settings
-        stamper = host.stamper
         while self.next_target < len(self.targets) and not self.cancelled:
-            uri = parse_uri(self.targets[self.next_target].uri)
+            dest = self.targets[self.next_target]
             self.next_target += 1
-            base = self.base or self.request
-            out = base.copy()
-            out.uri = str(uri)
-            out.remove("route")
-            target = target_for(uri)
-            if (
-                s.large_over_tcp
-                and target.transport == "udp"
-                and len(out.body) + sum(len(h[2]) + len(h[1]) + 4 for h in out.headers) > 1300
-            ):
-                target = Target("tcp", target.host, target.port)
-            inbound = self.source.transport
-            stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
-            branch = stamper.new_branch(out)
-            stamp_forward(out, stamper.via_for(target.transport, branch))
             self.attempts += 1
-            br = Branch(self, out, target, now)
-            self.branch = br
-            br.ct = host.start_client(out, target, (branch, "INVITE"), br, now)
-            if br.ct.terminated:
+            self.branch = br = Branch.build(self, dest, now)
+            if not br.send(now):
                 continue
-            # Held while the call rings (maybe minutes): keep the text, not the parsed values.
-            out.forget_parsed()
-            base.forget_parsed()
-            host.arm(self, s.timeout, now)
+            (self.base or self.request).forget_parsed()
+            self.host.arm(self, self.host.settings.timeout, now)
             return
         self._finish_best(now)
-
-    def _cancel_branch(self, br: Branch, now: float) -> None:
-        if br.cancel_sent:
-            return
-        if br.provisional:
-            br.cancel_sent = True
-            self.host.send_cancel(br.request, br.target, now)
-        else:
-            br.abandoned = True  # CANCEL once a provisional arrives (RFC 3261 §9.1)
-
-    def _hang_up(self, br: Branch, resp: SipResponse, now: float) -> None:
-        """A 2xx we cannot pass up (the caller already has a final): ACK it and send BYE."""
-        contact = resp.first_value("contact")
-        if not contact:
-            return
-        try:
-            remote = parse_uri(parse_name_addr(contact).uri)
-        except (ParseError, UriError):
-            return
-        host = self.host
-        stamper = host.stamper
-        route_set = list(reversed(resp.values("record-route")))
-        # Our own Record-Route entries are at the end of the callee's view; drop them.
-        route_set = [r for r in route_set if not stamper.route_is_me(r)]
-        target = stamper.next_hop_from(route_set, remote)
-        cseq = br.request.cseq[0]
-        for method, seq in (("ACK", cseq), ("BYE", cseq + 1)):
-            req = SipRequest(method, str(remote))
-            branch = stamper.new_branch(br.request) + method[0].lower()
-            req.headers.append(["via", "Via", stamper.via_for(target.transport, branch)])
-            for r in route_set:
-                req.headers.append(["route", "Route", r])
-            for h in br.request.headers:
-                if h[0] in ("from", "call-id"):
-                    req.headers.append(list(h))
-            req.headers.append(["to", "To", resp.get("to") or ""])
-            req.headers.append(["cseq", "CSeq", f"{seq} {method}"])
-            req.headers.append(["max-forwards", "Max-Forwards", "70"])
-            if method == "ACK":
-                host.send(target, req.serialize())
-            else:
-                host.start_client(req, target, (branch, "BYE"), CANCEL_OWNER, now)
 
     # =========================================================================================
     # The end
@@ -467,30 +549,29 @@ class Call:
             extra=[("Reason", f'SIP;cause={status};text="{text}"')],
         )
 
-    # =========================================================================================
-    # The record
-    # =========================================================================================
-    def record(self, status: int, *, with_numbers: bool) -> CallRecord:
-        """The call's metrics record; the numbers are parsed only when they may be logged."""
-        number = caller = ""
-        if with_numbers:
-            number = routing.dialled_number(self.request) or ""
-            try:
-                caller = parse_uri(parse_name_addr(self.request.get("from") or "").uri).user or ""
-            except (ParseError, UriError):
-                caller = ""
-        return CallRecord(
-            call_id=self.request.call_id,
-            clearip_outcome=self.clearip_outcome,
-            clearip_latency_ms=self.clearip_latency_ms,
-            carrier_attempts=self.attempts,
-            route_advances=max(0, self.attempts - 1),
-            final_status=status,
-            post_dial_delay_ms=self.pdd_ms,
-            emergency=self.emergency,
-            proxy_failed=self.proxy_failed,
-            overload_rejected="overloaded" in self.reason,
-            caller=caller,
-            callee=number,
-            reason=self.reason,
-        )
+
+def call_record(call: Call, status: int, *, with_numbers: bool) -> CallRecord:
+    """The call's metrics record; the numbers are parsed only when they may be logged."""
+    number = caller = ""
+    request = call.request
+    if with_numbers:
+        number = routing.dialled_number(request) or ""
+        try:
+            caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
+        except (ParseError, UriError):
+            caller = ""
+    return CallRecord(
+        call_id=request.call_id,
+        clearip_outcome=call.clearip_outcome,
+        clearip_latency_ms=call.clearip_latency_ms,
+        carrier_attempts=call.attempts,
+        route_advances=max(0, call.attempts - 1),
+        final_status=status,
+        post_dial_delay_ms=call.pdd_ms,
+        emergency=call.emergency,
+        proxy_failed=call.proxy_failed,
+        overload_rejected="overloaded" in call.reason,
+        caller=caller,
+        callee=number,
+        reason=call.reason,
+    )

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from proxy_runtime.core import routing
-from proxy_runtime.core.call import Branch, Call, CarrierTarget
+from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
+from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
     CLEARIP,
@@ -41,23 +42,18 @@ from proxy_runtime.core.stamp import (
     stamp_via,
 )
 from proxy_runtime.core.timers import Timers
-from proxy_runtime.core.transactions import InviteGuard, Transactions, Upstream
+from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import Settings
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    parse_message,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,
-    Event,
     ServerTransaction,
     State,
     TimerSettings,
@@ -65,7 +61,8 @@ from proxy_runtime.sip.transaction import (
 )
 from proxy_runtime.sip.uri import UriError
 
-__all__ = ["ALLOW", "CLEARIP", "Branch", "Call", "CarrierTarget", "ProxyCore", "Relay", "SendFn", "Target"]
+# CLEARIP, SendFn and Target live in stamp.py; the adapter imports them from here with ProxyCore.
+__all__ = ["ALLOW", "CLEARIP", "ProxyCore", "SendFn", "Target"]
 
 log = logging.getLogger("clearip.proxy")
 
@@ -74,6 +71,8 @@ IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"}
 
 
 class ProxyCore:
+    """The dispatcher: one per proxy process, fed by the adapter (see the module's docstring)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -85,9 +84,17 @@ class ProxyCore:
         recorder: MetricsRecorder | None = None,
         timers: TimerSettings = DEFAULT_TIMERS,
         instance: str | None = None,
+        need_link: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._send = send
+        # The core's one action besides sending: "a call needs the ClearIP link, connect now".
+        # The adapter connects and answers with set_clearip_up(True) or clearip_unreachable().
+        # Without it (no adapter that can connect) a call that finds the link down gets 503 at once.
+        self._need_link = need_link
+        self._held: dict[object, Call] = {}  # calls waiting for the link, by server transaction key
+        self.breaker = Breaker(breaker_settings(settings))
+        self._breaker_moves = 0
         self.advertise = advertise
         self.recorder = recorder
         self.timers = timers
@@ -99,8 +106,8 @@ class ProxyCore:
             clearip_transport=settings.clearip_uri.transport,
         )
         self.ports = self.stamper.ports
-        self._timers = Timers()
-        self._txns = Transactions(send, self._timers, timers)
+        self._wakeups = Timers()
+        self._txns = Transactions(send, self._wakeups, timers, failed=self._client_failed)
         self._calls: dict[object, Call] = {}  # by server transaction key
         self.clearip_up = False
         self.draining = False
@@ -123,6 +130,8 @@ class ProxyCore:
         self.settings = settings
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._trusted = routing.AllowList(settings.allow_networks)
+        self.breaker.update(breaker_settings(settings))
+        self._publish_breaker()
 
     def is_trusted(self, host: str) -> bool:
         return self._trusted.allows(host)
@@ -151,36 +160,38 @@ class ProxyCore:
     def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
         """Count it; answer a request with ``exc.status_hint`` when it has a usable Via."""
         self._incr(names.MALFORMED_MESSAGES)
-        req = try_parse_for_reply(data)
-        if req is None:
-            log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
-            return
-        resp = make_response(
-            req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')]
-        )
-        try:
-            target = response_target(req.top_via, source)
-        except ParseError:  # e.g. a bad rport: the source address is where the client is
-            target = source
-        self._send(target, resp.serialize(), None)
+        reply = _malformed_reply(data, source, exc)
+        if reply is not None:
+            self._send(reply[0], reply[1], None)
 
     def set_clearip_up(self, up: bool, now: float) -> None:
         """The ClearIP connection went up or down. Down: every call waiting on ClearIP gets 503 now."""
         was = self.clearip_up
         self.clearip_up = up
         self._gauge(names.CLEARIP_CONNECTED, 1.0 if up else 0.0)
+        if up:
+            held, self._held = self._held, {}
+            for call in held.values():
+                call.ask_clearip(now)  # the calls held for the link go to ClearIP now
         if was and not up:
             for call in list(self._calls.values()):
                 call.clearip_lost(now)
 
+    def clearip_unreachable(self, now: float, error: str = "") -> None:
+        """The adapter's connect to ClearIP failed (refused, timed out, TLS): every call held for
+        the link gets 503 now, so "ClearIP down" still answers at once."""
+        for call in list(self._held.values()):
+            call.link_failed(now)
+
+    def client_alive(self, key: object) -> bool:
+        """Whether the client transaction ``key`` still waits for something (the adapter forgets
+        the keys of finished ones it tracks per connection)."""
+        ct = self._txns.client.get(key)
+        return ct is not None and ct.state in (State.CALLING, State.TRYING, State.PROCEEDING)
+
     def transport_error(self, key: object, now: float) -> None:
         """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
-        ct = self._txns.client.get(key)
-        if ct is None:
-            return
-        if ct.transport_error() is Event.TRANSPORT_ERROR:
-            self._client_failed(ct, 503, "transport error", now)
-            self._txns.drop_client(ct)
+        self._txns.transport_error(key, now)
 
     def start_drain(self) -> None:
         self.draining = True
@@ -199,59 +210,26 @@ class ProxyCore:
             "calls": len(self._calls),
             "server_transactions": len(self._txns.server),
             "client_transactions": len(self._txns.client),
-            "timers": len(self._timers),
+            "timers": len(self._wakeups),
         }
 
     def next_deadline(self) -> float | None:
-        return self._timers.next_deadline()
+        return self._wakeups.next_deadline()
 
     def handle_timer(self, now: float) -> None:
-        for obj in self._timers.due(now):
-            if isinstance(obj, ClientTransaction):
-                self._client_timer(obj, now)
-            elif isinstance(obj, ServerTransaction):
-                self._server_timer(obj, now)
-            elif isinstance(obj, Call):
+        txns = self._txns
+        for obj in self._wakeups.due(now):
+            if isinstance(obj, Call):
                 obj.on_timer(now)
-            elif isinstance(obj, InviteGuard):
-                self._guard_timer(obj, now)
+            else:
+                txns.on_timer(obj, now)  # a transaction or a Timer C guard
 
     # =========================================================================================
-    # Timers: what a due transaction or guard does
+    # Owners
     # =========================================================================================
-    def _client_timer(self, ct: ClientTransaction, now: float) -> None:
-        ev = ct.on_timer(now)
-        if ev is Event.TIMEOUT:
-            self._client_failed(ct, 408, "request timeout", now)
-        if ct.terminated:
-            self._txns.drop_client(ct)
-        else:
-            self._timers.schedule(ct)
-
-    def _server_timer(self, st: ServerTransaction, now: float) -> None:
-        ev = st.on_timer(now)
-        if ev is Event.TIMEOUT:
-            log.debug("no ACK for final response on %s", st.key)
-        if st.terminated:
-            self._txns.drop_server(st)
-        else:
-            self._timers.schedule(st)
-
-    def _guard_timer(self, guard: InviteGuard, now: float) -> None:
-        guard.deadline = None
-        ct = self._txns.client.get(guard.key)
-        if ct is None or ct.state not in (State.CALLING, State.PROCEEDING):
-            return  # it got its final response (or ended) meanwhile
-        owner = ct.owner
-        if not guard.cancelled and isinstance(owner, Relay):
-            owner.ring_limit(now)  # CANCEL (which guards it for 64*T1) and 408
-            return
-        ct.terminate()
-        self._client_failed(ct, 408, "no final response after CANCEL", now)
-        self._txns.drop_client(ct)
-
     def _client_failed(self, ct: ClientTransaction, status: int, text: str, now: float) -> None:
-        """A client transaction timed out or could not be sent: tell its owner."""
+        """A client transaction timed out, could not be sent, or got no final after a CANCEL:
+        tell its owner (called by :class:`~.transactions.Transactions`)."""
         owner = ct.owner
         if isinstance(owner, Branch):
             owner.call.on_branch_failed(owner, status, text, now)
@@ -317,7 +295,7 @@ class ProxyCore:
         via = req.top_via
         st = self._txns.server.get(server_key(req, via, "INVITE"))
         if st is not None and st.receive_ack(now):
-            self._timers.schedule(st)
+            self._wakeups.schedule(st)
             return  # ACK for our non-2xx final (hop-by-hop)
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end
 
@@ -399,14 +377,19 @@ class ProxyCore:
         txns = self._txns
         ct = txns.client.get(key)
         if ct is None:
-            self._stray_response(resp, via, source)
+            # No matching client transaction: drop it. RFC 6026 §8.3 removes RFC 3261 §16.7's
+            # stateless forwarding of stray 2xx (the Accepted state already passes 2xx
+            # retransmissions for 64*T1). Forwarding one would give a caller a second final after
+            # the 503 it got when the branch failed, and would let any allow-listed host make the
+            # proxy send a forged response (top Via with our branch prefix) to its second Via.
+            log.debug("dropped stray %d response (branch %s) from %s", resp.status, via.branch, source.host)
             return
         verdict = ct.receive_response(resp, resp.status, now)
         owner = ct.owner
         if ct.terminated:
             txns.drop_client(ct)
         else:
-            self._timers.schedule(ct)
+            self._wakeups.schedule(ct)
         if verdict is Verdict.ABSORB:
             return
         if isinstance(owner, Branch):
@@ -420,20 +403,36 @@ class ProxyCore:
         if ct.state is State.COMPLETED:
             ct.owner = None  # from now on it only absorbs (and ACKs) retransmissions of its final
 
-    def _stray_response(self, resp: SipResponse, via: Via, source: Target) -> None:
-        """No matching client transaction: drop it (RFC 6026 §8.3 removes RFC 3261 §16.7's stateless
-        forwarding of stray 2xx: the Accepted state already passes 2xx retransmissions for 64*T1).
-
-        Forwarding a stray 2xx would give a caller a second final after the 503 it got when the
-        branch failed (transport error, timeout), and would let any allow-listed host make the proxy
-        send a forged response (top Via with our branch prefix) to the address in its second Via."""
-        log.debug("dropped stray %d response (branch %s) from %s", resp.status, via.branch, source.host)
-
     # =========================================================================================
     # CallHost: what the calls may ask of the dispatcher
     # =========================================================================================
     def is_emergency(self, request: SipRequest) -> bool:
         return self._emergency.matches(routing.dialled_number(request))
+
+    def admit(self, now: float) -> Admission:
+        """The brownout breaker's word on a call that needs ClearIP."""
+        admission = self.breaker.admit(now)
+        self._publish_breaker()  # the cool-off may have ended: half-open
+        if admission is Admission.REJECT:
+            self._incr(names.CLEARIP_BREAKER_REJECTED)
+        return admission
+
+    @property
+    def can_wait_for_link(self) -> bool:
+        return self._need_link is not None
+
+    def hold_for_link(self, call: Call) -> None:
+        self._held[call.st.key] = call
+        if self._need_link is not None:
+            self._need_link()
+
+    def clearip_answered(self, now: float) -> None:
+        self.breaker.on_answer(now)
+        self._publish_breaker()
+
+    def clearip_timed_out(self, now: float, *, probe: bool) -> None:
+        self.breaker.on_timeout(now, probe=probe)
+        self._publish_breaker()
 
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
@@ -457,15 +456,16 @@ class ProxyCore:
         self._send(target, data, None)
 
     def arm(self, call: Call, duration: float | None, now: float) -> None:
-        self._timers.arm(call, duration, now)
+        self._wakeups.arm(call, duration, now)
 
     def call_finished(self, call: Call, status: int) -> None:
         """A call sent its final response: out of the table, into the metrics."""
         self._calls.pop(call.st.key, None)
+        self._held.pop(call.st.key, None)
         recorder = self.recorder
         if recorder is None:
             return
-        recorder.record_call(call.record(status, with_numbers=recorder.log_numbers))
+        recorder.record_call(call_record(call, status, with_numbers=recorder.log_numbers))
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))
 
     def clearip_forbidden(self, now: float) -> None:
@@ -481,6 +481,28 @@ class ProxyCore:
     # =========================================================================================
     # Metrics
     # =========================================================================================
+    def _publish_breaker(self) -> None:
+        """The breaker's state as the ClearIpBreakerOpen gauge, and a log line, when it moved."""
+        b = self.breaker
+        if b.transitions == self._breaker_moves:
+            return
+        self._breaker_moves = b.transitions
+        self._gauge(names.CLEARIP_BREAKER_OPEN, 1.0 if b.tripped else 0.0)
+        st = b.settings
+        if b.state is BreakerState.OPEN:
+            log.warning(
+                "ClearIP breaker open: ClearIP did not answer %d calls in a row; answering 503 at once "
+                "for %g s",
+                st.threshold,
+                st.cool_off,
+            )
+        elif b.state is BreakerState.HALF_OPEN:
+            log.warning(
+                "ClearIP breaker half-open: one call in %d goes to ClearIP as a probe", st.probe_every
+            )
+        else:
+            log.warning("ClearIP breaker closed: ClearIP answers again")
+
     def _incr(self, spec: names.MetricSpec) -> None:
         if self.recorder is not None:
             self.recorder.incr(spec)
@@ -488,3 +510,18 @@ class ProxyCore:
     def _gauge(self, spec: names.MetricSpec, value: float) -> None:
         if self.recorder is not None:
             self.recorder.set_gauge(spec, value)
+
+
+def _malformed_reply(data: bytes, source: Target, exc: ParseError) -> tuple[Target, bytes] | None:
+    """The ``exc.status_hint`` answer to a malformed request, and where it goes, when enough of it
+    parses to reply (a Via, Call-ID, CSeq); None for a response or an unanswerable request."""
+    req = try_parse_for_reply(data)
+    if req is None:
+        log.debug("dropped malformed message from %s: %s", source.host, exc.reason)
+        return None
+    resp = make_response(req, exc.status_hint, extra=[("Warning", f'399 clearip-proxy "{exc.reason[:100]}"')])
+    try:
+        target = response_target(req.top_via, source)
+    except ParseError:  # e.g. a bad rport: the source address is where the client is
+        target = source
+    return target, resp.serialize()

@@ -15,7 +15,10 @@ import zlib
 
 from proxy_runtime.core.stamp import SendFn, Stamper, Target, next_hop, strip_own_via
 from proxy_runtime.core.transactions import Transactions, Upstream
-from proxy_runtime.sip.message import ParseError, SipRequest, SipResponse, Via, make_response
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError
 
@@ -81,15 +84,11 @@ class Relay:
         if self.st.has_final:
             return
         self._txns.send_cancel(self.request, self.target, now)
-        self._txns.respond(self.st, make_response(self.request, 487, to_tag=self._to_tag), now)
+        self._answer(487, now)
 
     def client_failed(self, status: int, now: float) -> None:
         """The client transaction timed out or could not be sent: answer ``status`` ourselves."""
-        if self.st.has_final:
-            return
-        r = make_response(self.request, status, to_tag=self._to_tag)
-        r.pop_first_value("via")  # our own Via, from the forwarded copy
-        self._txns.respond(self.st, r, now)
+        self._answer(status, now)
 
     def ring_limit(self, now: float) -> None:
         """The relayed INVITE rang past the ring limit: CANCEL it (which guards it for 64*T1) and
@@ -99,6 +98,14 @@ class Relay:
 
     def server_ended(self) -> None:
         self.ct = None
+
+    def _answer(self, status: int, now: float) -> None:
+        """Answer the caller ourselves (once): built from the forwarded copy, so our Via comes off."""
+        if self.st.has_final:
+            return
+        r = make_response(self.request, status, to_tag=self._to_tag)
+        r.pop_first_value("via")
+        self._txns.respond(self.st, r, now)
 
 
 def forward_ack(stamper: Stamper, send: SendFn, req: SipRequest, via: Via) -> None:

@@ -11,7 +11,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from proxy_runtime.metrics.names import ClearIpOutcome
-from proxy_runtime.sip.message import NameAddr, ParseError, SipRequest, SipResponse, parse_name_addr
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import NameAddr, parse_name_addr
+from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 

@@ -17,16 +17,9 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    Via,
-    parse_name_addr,
-    parse_via,
-    split_list,
-)
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import Via, parse_name_addr, parse_via, split_list
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
 
 CLEARIP = "clearip"  # the transport name of the persistent ClearIP connection
@@ -66,7 +59,8 @@ def server_key(req: SipMessage, via: Via, method: str) -> tuple[str, str, str]:
 def target_for(uri: SipUri) -> Target:
     """The next hop a URI names (``maddr`` first, RFC 3261 §19.1.1); no DNS: hosts stay names."""
     host = (uri.params.get("maddr") or uri.host).lower()
-    return Target(uri.transport, host, uri.port or uri.default_port)
+    # An explicit port 0 stays 0 (the adapter fails it at once); only a missing one defaults.
+    return Target(uri.transport, host, uri.default_port if uri.port is None else uri.port)
 
 
 def next_hop(req: SipRequest) -> Target:

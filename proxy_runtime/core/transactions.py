@@ -14,13 +14,22 @@ network (sends through the adapter's ``send``), or the clock (``now`` is an argu
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from proxy_runtime.core.stamp import SendFn, Target, response_target
 from proxy_runtime.core.timers import Timers
-from proxy_runtime.sip.message import SipRequest, SipResponse, Via, parse_via
-from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction, TimerSettings
+from proxy_runtime.sip.grammar import Via, parse_via
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.transaction import ClientTransaction, Event, ServerTransaction, State, TimerSettings
+
+log = logging.getLogger("clearip.proxy")
+
+# A client transaction failed: (transaction, status to answer, why, now). The dispatcher tells the
+# transaction's owner; the transaction is dropped from the table right after.
+FailedFn = Callable[[ClientTransaction, int, str, float], None]
 
 
 class ServerOwner(Protocol):
@@ -28,6 +37,13 @@ class ServerOwner(Protocol):
     of the client transactions it holds (they cut the reference cycles)."""
 
     def server_ended(self) -> None: ...
+
+
+@runtime_checkable
+class RingLimited(Protocol):
+    """The owner of a relayed INVITE client transaction whose ring limit (Timer C) ran out."""
+
+    def ring_limit(self, now: float) -> None: ...
 
 
 class _CancelOwner:
@@ -80,10 +96,13 @@ def build_ack(request: SipRequest, response: object) -> bytes:
 class Transactions:
     """Server and client transactions by key; each bound to its destination when created."""
 
-    __slots__ = ("_send", "_timer_settings", "_timers", "client", "server")
+    __slots__ = ("_failed", "_send", "_timer_settings", "_timers", "client", "server")
 
-    def __init__(self, send: SendFn, timers: Timers, timer_settings: TimerSettings) -> None:
+    def __init__(
+        self, send: SendFn, timers: Timers, timer_settings: TimerSettings, *, failed: FailedFn
+    ) -> None:
         self._send = send
+        self._failed = failed
         self._timers = timers
         self._timer_settings = timer_settings
         self.server: dict[object, ServerTransaction] = {}
@@ -191,3 +210,45 @@ class Transactions:
     def guard(self, key: tuple[str, str], when: float, *, cancelled: bool) -> None:
         """Timer C for the INVITE client transaction ``key``: the dispatcher acts at ``when``."""
         self._timers.schedule(InviteGuard(key, when, cancelled), strong=True)
+
+    # --- timers and failures -----------------------------------------------------------------
+    def on_timer(self, obj: object, now: float) -> None:
+        """A transaction or guard that :class:`~.timers.Timers` found due."""
+        if isinstance(obj, ClientTransaction):
+            if obj.on_timer(now) is Event.TIMEOUT:
+                self._failed(obj, 408, "request timeout", now)
+            if obj.terminated:
+                self.drop_client(obj)
+            else:
+                self._timers.schedule(obj)
+        elif isinstance(obj, ServerTransaction):
+            if obj.on_timer(now) is Event.TIMEOUT:
+                log.debug("no ACK for final response on %s", obj.key)
+            if obj.terminated:
+                self.drop_server(obj)
+            else:
+                self._timers.schedule(obj)
+        elif isinstance(obj, InviteGuard):
+            self._guard_timer(obj, now)
+
+    def _guard_timer(self, guard: InviteGuard, now: float) -> None:
+        guard.deadline = None
+        ct = self.client.get(guard.key)
+        if ct is None or ct.state not in (State.CALLING, State.PROCEEDING):
+            return  # it got its final response (or ended) meanwhile
+        owner = ct.owner
+        if not guard.cancelled and isinstance(owner, RingLimited):
+            owner.ring_limit(now)  # a relay: CANCEL (which guards it for 64*T1) and 408
+            return
+        ct.terminate()
+        self._failed(ct, 408, "no final response after CANCEL", now)
+        self.drop_client(ct)
+
+    def transport_error(self, key: object, now: float) -> None:
+        """Sending for the client transaction ``key`` failed (connection refused, unreachable)."""
+        ct = self.client.get(key)
+        if ct is None:
+            return
+        if ct.transport_error() is Event.TRANSPORT_ERROR:
+            self._failed(ct, 503, "transport error", now)
+            self.drop_client(ct)

@@ -80,6 +80,14 @@ MALFORMED_MESSAGES = MetricSpec("MalformedMessages", Unit.COUNT, "SIP messages t
 UNTRUSTED_DROPPED = MetricSpec("UntrustedDropped", Unit.COUNT, "Messages dropped: source not allow-listed")
 CLEARIP_CONNECTED = MetricSpec("ClearIpConnected", Unit.NONE, "1 while the ClearIP connection is up, else 0")
 CLEARIP_RECONNECTS = MetricSpec("ClearIpReconnects", Unit.COUNT, "Reconnections to ClearIP")
+CLEARIP_BREAKER_OPEN = MetricSpec(
+    "ClearIpBreakerOpen",
+    Unit.NONE,
+    "1 while the ClearIP brownout breaker is open or half-open (calls answered 503 at once), else 0",
+)
+CLEARIP_BREAKER_REJECTED = MetricSpec(
+    "ClearIpBreakerRejected", Unit.COUNT, "Calls answered 503 at once by the open ClearIP breaker"
+)
 IN_FLIGHT = MetricSpec("InFlightTransactions", Unit.COUNT, "Server INVITE transactions in progress")
 HEARTBEAT = MetricSpec("Heartbeat", Unit.COUNT, "1 each interval while the proxy runs")
 METRICS_DROPPED_INTERVALS = MetricSpec(
@@ -101,6 +109,8 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     UNTRUSTED_DROPPED,
     CLEARIP_CONNECTED,
     CLEARIP_RECONNECTS,
+    CLEARIP_BREAKER_OPEN,
+    CLEARIP_BREAKER_REJECTED,
     IN_FLIGHT,
     HEARTBEAT,
     METRICS_DROPPED_INTERVALS,

@@ -30,7 +30,7 @@ DISTRIBUTION_METRICS: tuple[MetricSpec, ...] = (
 )
 """Per-call figures published as Values/Counts histograms (percentiles work on them)."""
 
-GAUGE_METRICS: tuple[MetricSpec, ...] = (names.CLEARIP_CONNECTED, names.IN_FLIGHT)
+GAUGE_METRICS: tuple[MetricSpec, ...] = (names.CLEARIP_CONNECTED, names.IN_FLIGHT, names.CLEARIP_BREAKER_OPEN)
 """Published as statistic sets: Minimum, Maximum and Average of the samples within the interval."""
 
 COUNTER_METRICS: tuple[MetricSpec, ...] = tuple(

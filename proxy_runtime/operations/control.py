@@ -10,8 +10,9 @@ one JSON object on one line back, then the connection closes::
 
 Answers carry ``"ok": true`` or ``"ok": false, "error": "..."``. The socket is created mode 0660
 (owner and group of the proxy, and root); ``clearip-proxy doctor`` and ``clearip-proxy trace`` are
-its clients (:mod:`proxy_runtime.operations.cli`). SIGUSR1 toggles a trace with default limits
-(:meth:`ControlServer.toggle_trace`).
+its clients (:mod:`proxy_runtime.operations.doctor`, :mod:`proxy_runtime.operations.trace_cli`),
+through :func:`find_control_socket` and :func:`request`. SIGUSR1 toggles a trace with default
+limits (:meth:`ControlServer.toggle_trace`).
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ class ControlServer:
                 "tls_version": link.tls_version if link is not None else None,
                 "reconnects": link.reconnects if link is not None else 0,
                 "last_error": link.last_error if link is not None else "",
+                # closed | open | half-open, as of the last ClearIP outcome (docs/FAULTS.md)
+                "breaker": core.breaker.state.value if core is not None else "closed",
             },
             "calls_in_flight": core.in_flight if core is not None else 0,
             "draining": bool(core is not None and core.draining),
@@ -300,6 +303,19 @@ class ControlServer:
         """After a reload: a running trace follows the new ``log_numbers``."""
         if self.tracer is not None:
             self.tracer.log_numbers = self.proxy.settings.log_numbers
+
+
+def find_control_socket(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The control socket to talk to: the flag, the env var, else the first default that exists."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_SOCKET):
+        return Path(env[ENV_SOCKET])
+    for p in socket_candidates(env):
+        if p.exists():
+            return p
+    return None
 
 
 def _answers(path: Path) -> bool:

@@ -67,6 +67,16 @@ class Settings:
     timeout: float = 5.0  # ClearIP answer timeout, and no-provisional timeout per carrier Contact
     keepalive_interval: float = 20.0  # RFC 5626 CRLF keep-alive on the ClearIP connection
     reconnect_max: float = 10.0  # cap of the reconnect backoff
+    # A call that finds the ClearIP link down makes the proxy connect at once and waits up to this
+    # for it (a refused connect answers 503 at once); never more than half of `timeout`.
+    clearip_connect_wait: float = 0.5
+    # Brownout breaker (docs/FAULTS.md): after `breaker_threshold` consecutive ClearIP timeouts
+    # within `breaker_window` s, 503 at once for `breaker_cool_off` s, then one call in
+    # `breaker_probe_every` goes to ClearIP as a probe until one is answered. Threshold 0 = off.
+    breaker_threshold: int = 5
+    breaker_window: float = 30.0
+    breaker_cool_off: float = 10.0
+    breaker_probe_every: int = 10
     # Routing.
     ring_timeout: float = 180.0
     copy_headers: tuple[str, ...] = DEFAULT_COPY_HEADERS
@@ -93,6 +103,12 @@ class Settings:
     @property
     def clearip_uri(self) -> SipUri:
         return parse_uri(self.clearip)
+
+    @property
+    def link_wait(self) -> float:
+        """How long a call waits for the ClearIP link to come up: ``clearip_connect_wait``, at most
+        half of ``timeout`` (so it stays well under it whatever the two are set to)."""
+        return min(self.clearip_connect_wait, self.timeout / 2)
 
     @property
     def allow_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -200,6 +216,19 @@ def validate(s: Settings) -> Settings:
             raise SettingsError(name, f"must be greater than 0, got {v}")
     if s.timeout > 60:
         raise SettingsError("timeout", "must be at most 60 seconds (a PASSporT is stale after 60 s)")
+    if not 0 < s.clearip_connect_wait <= 2:
+        raise SettingsError(
+            "clearip_connect_wait",
+            f"must be more than 0 and at most 2 seconds (calls wait that long), got {s.clearip_connect_wait}",
+        )
+    if s.breaker_threshold < 0:
+        raise SettingsError("breaker_threshold", "must not be negative (0 turns the breaker off)")
+    for name in ("breaker_window", "breaker_cool_off"):
+        v = getattr(s, name)
+        if not v > 0:
+            raise SettingsError(name, f"must be greater than 0, got {v}")
+    if s.breaker_probe_every < 1:
+        raise SettingsError("breaker_probe_every", "must be at least 1")
     if s.drain_timeout < 0:
         raise SettingsError("drain_timeout", "must not be negative")
     if s.max_in_flight < 1:

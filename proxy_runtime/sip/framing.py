@@ -5,7 +5,7 @@ a CRLF CRLF "ping" yields :data:`PING` (answer with a single CRLF "pong"); a lon
 and is skipped. A message whose head or body exceeds ``max_size`` raises :class:`FramingError`,
 after which the stream cannot be resynchronised and the connection must be closed.
 
-The head's end is found with the same rule as :func:`~proxy_runtime.sip.message.parse_message`
+The head's end is found with the same rule as :func:`~proxy_runtime.sip.parse.parse_message`
 (so the two always agree on where the body starts), and the framer never re-scans bytes it has
 already looked at: a head trickled in one byte at a time costs linear time, not quadratic.
 """
@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from proxy_runtime.sip.message import ParseError, find_head_end
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.parse import find_head_end
 
 PING: Final = b"\r\n\r\n"
 PONG: Final = b"\r\n"

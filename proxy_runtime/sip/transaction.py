@@ -4,7 +4,7 @@ Each transaction is a small state machine driven by three kinds of input, all ta
 messages (``receive_*``), the owner's sends (``send_response``) and timers (``on_timer``). It never
 reads a clock and never touches a socket: it calls ``transmit(data)``, bound by its owner to the
 right destination, and exposes ``deadline`` — the next time ``on_timer`` must be called, or None.
-The owner keeps one timer heap for all of them (see :mod:`proxy_runtime.core.proxy`).
+The owner keeps one timer heap for all of them (see :mod:`proxy_runtime.core.timers`).
 
 Transitions are tables (state -> input -> next state); an input missing from a state's row is
 ignored (absorbed), which is what RFC 3261 asks of retransmissions and late messages.
@@ -81,18 +81,12 @@ def _klass(status: int) -> str:
     return "final"
 
 
-class ClientTransaction:
-    """INVITE (``invite=True``) or non-INVITE client transaction.
-
-    ``build_ack(response) -> bytes`` is called for non-2xx finals of an INVITE (the transaction
-    ACKs them itself, RFC 3261 §17.1.1.3).
-    """
+class _Transaction:
+    """What client and server transactions share: their key and owner, how they send, which timers
+    they run, their state, and the one deadline (the earliest timer) at which they want waking."""
 
     __slots__ = (
         "__weakref__",
-        "_ack",
-        "_build_ack",
-        "_data",
         "_interval",
         "_retransmit_at",
         "_timeout_at",
@@ -109,6 +103,50 @@ class ClientTransaction:
     def __init__(
         self,
         key: object,
+        transmit: Transmit,
+        state: State,
+        *,
+        invite: bool,
+        reliable: bool,
+        timers: TimerSettings,
+    ) -> None:
+        self.key = key
+        self.owner: object = None  # who handles what this transaction passes up (set by the TU)
+        self.transmit = transmit
+        self.invite = invite
+        self.reliable = reliable
+        self.timers = timers
+        self.state = state
+        self._interval = timers.t1
+        self._retransmit_at: float | None = None
+        self._timeout_at: float | None = None
+        self.deadline: float | None = None
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def _update_deadline(self) -> None:
+        r, t = self._retransmit_at, self._timeout_at
+        self.deadline = t if r is None else r if t is None else min(r, t)
+
+    def terminate(self) -> None:
+        self.state = State.TERMINATED
+        self.deadline = None
+
+
+class ClientTransaction(_Transaction):
+    """INVITE (``invite=True``) or non-INVITE client transaction.
+
+    ``build_ack(response) -> bytes`` is called for non-2xx finals of an INVITE (the transaction
+    ACKs them itself, RFC 3261 §17.1.1.3).
+    """
+
+    __slots__ = ("_ack", "_build_ack", "_data")
+
+    def __init__(
+        self,
+        key: object,
         data: bytes,
         transmit: Transmit,
         *,
@@ -118,30 +156,15 @@ class ClientTransaction:
         timers: TimerSettings = DEFAULT_TIMERS,
         build_ack: Callable[[object], bytes] | None = None,
     ) -> None:
-        self.key = key
-        self.owner: object = None  # who handles what this transaction passes up (set by the TU)
+        state = State.CALLING if invite else State.TRYING
+        super().__init__(key, transmit, state, invite=invite, reliable=reliable, timers=timers)
         self._data = data
-        self.transmit = transmit
-        self.invite = invite
-        self.reliable = reliable
-        self.timers = timers
         self._build_ack = build_ack
         self._ack: bytes | None = None
-        self.state = State.CALLING if invite else State.TRYING
-        self._interval = timers.t1
-        self._retransmit_at: float | None = None if reliable else now + timers.t1  # Timer A / E
-        self._timeout_at: float | None = now + timers.timeout_64t1  # Timer B / F
-        self.deadline: float | None = None
+        self._retransmit_at = None if reliable else now + timers.t1  # Timer A / E
+        self._timeout_at = now + timers.timeout_64t1  # Timer B / F
         self._update_deadline()
         transmit(data)
-
-    @property
-    def terminated(self) -> bool:
-        return self.state is State.TERMINATED
-
-    def _update_deadline(self) -> None:
-        r, t = self._retransmit_at, self._timeout_at
-        self.deadline = t if r is None else r if t is None else min(r, t)
 
     def receive_response(self, response: object, status: int, now: float) -> Verdict:
         table = _ICT if self.invite else _NICT
@@ -213,12 +236,8 @@ class ClientTransaction:
             return Event.TRANSPORT_ERROR
         return None
 
-    def terminate(self) -> None:
-        self.state = State.TERMINATED
-        self.deadline = None
 
-
-class ServerTransaction:
+class ServerTransaction(_Transaction):
     """INVITE (``invite=True``) or non-INVITE server transaction.
 
     The request that created it has been handed to the TU already; retransmissions of it go to
@@ -226,22 +245,7 @@ class ServerTransaction:
     :meth:`send_response`.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_interval",
-        "_last",
-        "_retransmit_at",
-        "_timeout_at",
-        "deadline",
-        "final_status",
-        "invite",
-        "key",
-        "owner",
-        "reliable",
-        "state",
-        "timers",
-        "transmit",
-    )
+    __slots__ = ("_last", "final_status")
 
     def __init__(
         self,
@@ -252,31 +256,14 @@ class ServerTransaction:
         reliable: bool,
         timers: TimerSettings = DEFAULT_TIMERS,
     ) -> None:
-        self.key = key
-        self.owner: object = None
-        self.transmit = transmit
-        self.invite = invite
-        self.reliable = reliable
-        self.timers = timers
-        self.state = State.PROCEEDING if invite else State.TRYING
+        state = State.PROCEEDING if invite else State.TRYING
+        super().__init__(key, transmit, state, invite=invite, reliable=reliable, timers=timers)
         self._last: bytes | None = None
-        self._interval = timers.t1
-        self._retransmit_at: float | None = None
-        self._timeout_at: float | None = None
-        self.deadline: float | None = None
         self.final_status = 0
-
-    @property
-    def terminated(self) -> bool:
-        return self.state is State.TERMINATED
 
     @property
     def has_final(self) -> bool:
         return self.final_status >= 200
-
-    def _update_deadline(self) -> None:
-        r, t = self._retransmit_at, self._timeout_at
-        self.deadline = t if r is None else r if t is None else min(r, t)
 
     def receive_request(self, now: float) -> None:
         """A retransmission of the request: resend the last response (if any)."""
@@ -346,7 +333,3 @@ class ServerTransaction:
             self._retransmit_at = now + self._interval
         self._update_deadline()
         return None
-
-    def terminate(self) -> None:
-        self.state = State.TERMINATED
-        self.deadline = None

@@ -120,6 +120,17 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
     return host.lower(), port
 
 
+def plain_params(text: str | None) -> dict[str, str | None]:
+    """``;a=b;c`` as a fast-path regex matched it (no quotes, no LWS, no empty name) -> ``{'a': 'b',
+    'c': None}``: names lower-cased, values as written. The fast paths of URIs and of Via share it."""
+    params: dict[str, str | None] = {}
+    if text:
+        for part in text[1:].split(";"):
+            k, sep, v = part.partition("=")
+            params[k.lower()] = v if sep else None
+    return params
+
+
 def parse_uri(text: str) -> SipUri:
     """Parse a sip: or sips: URI. Other schemes raise UriError with status hint 416.
 
@@ -132,14 +143,11 @@ def parse_uri(text: str) -> SipUri:
         f_portn = int(f_port) if f_port else None
         if f_portn is not None and f_portn > 65535:
             raise UriError(f"port {f_portn} out of range")
-        f_pdict: dict[str, str | None] = {}
-        if f_params:
-            for p in f_params[1:].split(";"):
-                k, sep, v = p.partition("=")
-                f_pdict[k.lower()] = v if sep else None
         if f_host[0] == "[":
             f_host = f_host[1:-1]
-        return SipUri(f_scheme.lower(), f_user, f_pw, f_host.lower(), f_portn, f_pdict, f_headers or "")
+        return SipUri(
+            f_scheme.lower(), f_user, f_pw, f_host.lower(), f_portn, plain_params(f_params), f_headers or ""
+        )
     colon = text.find(":")
     if colon <= 0:
         raise UriError("no scheme")

@@ -26,8 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TextIO
 
-from proxy_runtime.tools.peers import CallResult, SimulatedCarrier, SimulatedSwitch, Transport, uri_user
-from proxy_runtime.tools.simulator import ClearIpSimulator, RuleSet, normalize_number, parse_rules
+from proxy_runtime.tools.carrier import SimulatedCarrier
+from proxy_runtime.tools.endpoint import Transport, uri_user
+from proxy_runtime.tools.rules import RuleSet, normalize_number, parse_rules
+from proxy_runtime.tools.simulator import ClearIpSimulator
+from proxy_runtime.tools.switch import CallResult, SimulatedSwitch
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,10 @@
 RFC 5626 §3.5.1 CRLF keep-alive: a CRLF CRLF "ping" every ``keepalive_interval``; if no byte comes
 back within ``pong_timeout`` the connection is taken as dead, closed and made again. The link
 reports up/down to its owner, which fails every call waiting on ClearIP at once when it drops.
+
+While down it retries with a growing backoff (capped at ``reconnect_max``), and at once when a call
+needs it (:meth:`ClearIpLink.connect_now`): one attempt at a time, which every call waiting joins.
+A failed attempt is reported (``on_connect_failed``) so the calls waiting on it get 503 at once.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from proxy_runtime.transport.stream import StreamConnection, StreamOwner
 
 log = logging.getLogger("clearip.link")
 
-POKE_INTERVAL = 0.5  # at most one demand-driven reconnect attempt per this many seconds
-
 
 class ClearIpLink:
     def __init__(
@@ -35,6 +37,7 @@ class ClearIpLink:
         reconnect_max: float,
         max_size: int,
         on_state: Callable[[bool], None],
+        on_connect_failed: Callable[[str], None] | None = None,
         connect_timeout: float = 5.0,
         pong_timeout: float = 10.0,
     ) -> None:
@@ -47,13 +50,14 @@ class ClearIpLink:
         self.reconnect_max = reconnect_max
         self._max_size = max_size
         self._on_state = on_state
+        self._on_connect_failed = on_connect_failed
         self._connect_timeout = connect_timeout
         self._pong_timeout = pong_timeout
         self.conn: StreamConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost: asyncio.Event = asyncio.Event()
-        self._wake: asyncio.Event = asyncio.Event()  # set by poke(): retry before the backoff ends
-        self._last_attempt = -1e9
+        self._wake: asyncio.Event = asyncio.Event()  # set by connect_now(): retry before the backoff ends
+        self.connecting = False  # an attempt is in progress (calls needing the link join it)
         self._awaiting_pong_since: float | None = None
         self.reconnects = 0
         self.last_error = ""
@@ -85,11 +89,15 @@ class ClearIpLink:
         conn.write(data)
         return True
 
-    def poke(self) -> None:
-        """A call needed ClearIP while the link was down: cut the backoff short (at most one early
-        attempt per ``POKE_INTERVAL``), so service resumes as soon as ClearIP is back."""
-        loop = asyncio.get_running_loop()
-        if self.up or loop.time() - self._last_attempt < POKE_INTERVAL:
+    def connect_now(self) -> None:
+        """A call needs ClearIP and the link is down: connect now instead of when the backoff ends.
+
+        One attempt at a time: while one is in progress the call joins it. The outcome reaches the
+        owner as ``on_state(True)`` or ``on_connect_failed``, so a refused connect answers the calls
+        waiting at once. Attempts are therefore bounded by one per connect round trip, and only
+        while calls arrive (issue 12: once ClearIP accepts connections again, no call may get 503
+        for want of the link; the old 0.5 s floor between attempts cost exactly such calls)."""
+        if self.up or self.connecting:
             return
         self._wake.set()
 
@@ -100,8 +108,11 @@ class ClearIpLink:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
+        last_log = -1e9
         while True:
             self._lost.clear()
+            self._wake.clear()
+            self.connecting = True
             try:
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(
@@ -120,20 +131,29 @@ class ClearIpLink:
                     self._connect_timeout,
                 )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.connecting = False
+                self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 self.first_attempt_done.set()
                 attempt += 1
                 delay = min(self.reconnect_max, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
-                log.warning(
-                    "ClearIP %s:%s unreachable (%s); retrying in %.1f s", self.host, self.port, exc, delay
-                )
-                # Sleep out the backoff, but retry early when a call needs ClearIP (see poke()):
-                # calls must succeed again within ~2 s of ClearIP's return, whatever the backoff.
-                self._wake.clear()
-                self._last_attempt = loop.time()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                # One line per attempt, but at most one a second: calls arriving during an outage
+                # each ask for an attempt, and a busy proxy must not log hundreds a second.
+                if loop.time() - last_log >= 1.0:
+                    last_log = loop.time()
+                    log.warning(
+                        "ClearIP %s:%s unreachable (%s); attempt %d, next in %.1f s or when a call needs it",
+                        self.host,
+                        self.port,
+                        self.last_error,
+                        attempt,
+                        delay,
+                    )
+                if self._on_connect_failed is not None:
+                    self._on_connect_failed(self.last_error)
+                # Sleep out the backoff, but retry at once when a call needs ClearIP (connect_now).
+                await self._idle(delay)
                 continue
+            self.connecting = False
             assert isinstance(proto, StreamConnection)
             self.conn = proto
             if proto.transport is not None:
@@ -152,7 +172,15 @@ class ClearIpLink:
             self.conn = None
             self._on_state(False)
             log.warning("ClearIP connection down: %s:%s", self.host, self.port)
-            await asyncio.sleep(random.uniform(0.05, 0.25))
+            # A short pause so a ClearIP that drops every connection is not hammered, cut short
+            # when a call needs the link.
+            self._wake.clear()
+            await self._idle(random.uniform(0.05, 0.25))
+
+    async def _idle(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less when :meth:`connect_now` asks for an attempt."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _keepalive(self, conn: StreamConnection) -> None:
         loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ CPython's automatic full (generation 2) collections stop the event loop for a ti
 every live object. A proxy under load holds tens of thousands of finished transactions for RFC 6026's
 32 s timers, so a full collection can stall it for hundreds of milliseconds and trigger SIP
 retransmissions (measured: at 500 calls/s, p99 call setup went from 12 ms to 5 s). The core cuts
-its reference cycles when transactions end (see ``ProxyCore._drop_server``), so reference counting
+its reference cycles when transactions end (see ``core/transactions.py``), so reference counting
 frees nearly everything; the cyclic collector only has stray cycles left to find.
 
 So: young generations are collected as usual (cheap, proportional to new objects), automatic full

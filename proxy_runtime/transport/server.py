@@ -22,18 +22,24 @@ from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import HostPort, Settings
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError
-from proxy_runtime.sip.message import ParseError
 from proxy_runtime.transport import tls
 from proxy_runtime.transport.clearip import ClearIpLink
-from proxy_runtime.transport.stream import StreamConnection
+from proxy_runtime.transport.stream import StreamConnection, contained
 from proxy_runtime.transport.udp import UdpEndpoint
 
 log = logging.getLogger("clearip.server")
 
 PARTIAL_MESSAGE_TIMEOUT = 10.0  # a started message must complete within this (slow-loris guard)
-STREAM_ERROR_BUDGET = 10  # malformed messages on one inbound connection before it is closed
 TLS_HANDSHAKE_TIMEOUT = 10.0  # a TLS client must finish its handshake within this (or idle_timeout)
+# Outbound TLS (a carrier Contact with transport=tls): the handshake must finish within this many
+# TCP connect round trips, and never under the floor. A TLS server answers a ClientHello within one
+# round trip; a plain TCP SIP listener typically never answers (it waits for a CRLF CRLF),
+# and without this bound the call sat out the whole `timeout` on it.
+TLS_HANDSHAKE_RTTS = 8
+TLS_HANDSHAKE_FLOOR = 1.0
+KEY_PRUNE_MIN = 256  # prune a connection's finished transactions once it holds more keys than this
 
 
 def partial_message_timeout(settings: Settings) -> float:
@@ -125,7 +131,6 @@ class ProxyServer:
         self._conns: dict[int, StreamConnection] = {}
         self._by_peer: dict[tuple[str, str, int], StreamConnection] = {}
         self._per_source: dict[str, int] = defaultdict(int)
-        self._outbound_pending: dict[int, list[object]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._dns: dict[str, str] = {}
         self._tls_client: ssl.SSLContext | None = None
@@ -176,7 +181,13 @@ class ProxyServer:
         with contextlib.suppress(OSError):
             own.update(socket.gethostbyname_ex(socket.gethostname())[2])
         self.core = ProxyCore(
-            s, self._send, advertise=advertise, ports=ports, own_hosts=own, recorder=self.recorder
+            s,
+            self._send,
+            advertise=advertise,
+            ports=ports,
+            own_hosts=own,
+            recorder=self.recorder,
+            need_link=self._need_link,
         )
         uri = s.clearip_uri
         use_tls = uri.transport == "tls"
@@ -191,6 +202,7 @@ class ProxyServer:
             reconnect_max=s.reconnect_max,
             max_size=s.max_message_size,
             on_state=self._clearip_state,
+            on_connect_failed=self._clearip_connect_failed,
         )
         self.link.start()
         # Say "ready" once the first connection attempt to ClearIP has ended (bounded), so a call
@@ -306,8 +318,12 @@ class ProxyServer:
     def _on_timer(self) -> None:
         self._timer = None
         assert self.core is not None and self._loop is not None
-        self.core.handle_timer(self._loop.time())
-        self._kick()
+        try:
+            self.core.handle_timer(self._loop.time())
+        except Exception as exc:  # the timer must be re-armed whatever happened
+            contained.report("running the core's timers", exc)
+        finally:
+            self._kick()
 
     # ------------------------------------------------------------------------------------------
     # Inbound
@@ -329,10 +345,12 @@ class ProxyServer:
                 self.recorder.incr(names.UNTRUSTED_DROPPED)
             self._kick()
             return
-        core.receive(data, source, self._loop.time())
-        if not core.clearip_up and self.link is not None:
-            self.link.poke()  # a call may have needed ClearIP: reconnect now rather than after backoff
-        self._kick()
+        try:
+            core.receive(data, source, self._loop.time())
+        except Exception as exc:  # a bug costs this datagram, never the listener or the timer
+            contained.report("reading a udp message", exc, f" from {addr[0]}:{addr[1]}")
+        finally:
+            self._kick()
 
     def _new_stream(self, name: str, *, outbound: bool) -> StreamConnection:
         assert self._loop is not None
@@ -370,20 +388,22 @@ class ProxyServer:
         if self.tracer is not None:
             self.tracer.record("in", conn.transport_name, conn.peer, data)
         source = Target(conn.transport_name, conn.peer[0], conn.peer[1], conn.conn_id)
-        if not core.receive(data, source, self._loop.time(), trusted=conn.outbound):
-            conn.errors += 1
-            if conn.errors >= STREAM_ERROR_BUDGET and conn.transport_name != CLEARIP:
-                # A peer that keeps sending garbage on a stream is broken or hostile: stop reading.
-                log.info(
-                    "closing %s connection from %s:%d: %d malformed messages",
-                    conn.transport_name,
-                    *conn.peer,
-                    conn.errors,
-                )
-                conn.close()
-        if not core.clearip_up and self.link is not None:
-            self.link.poke()
-        self._kick()
+        now = self._loop.time()
+        try:  # an exception goes on to the connection, which contains it (logged once)
+            ok = core.receive(data, source, now, trusted=conn.outbound)
+        finally:
+            self._kick()
+        if not ok and conn.errors.spend(now) and conn.transport_name != CLEARIP:
+            # A peer that keeps sending garbage on a stream is broken or hostile: stop reading.
+            # Counted per window, so a long-lived trunk's occasional bad message never adds up.
+            log.info(
+                "closing %s connection from %s:%d: %d malformed messages within %.0f s",
+                conn.transport_name,
+                *conn.peer,
+                conn.errors.limit,
+                conn.errors.window,
+            )
+            conn.close()
 
     def stream_framing_error(self, conn: StreamConnection, exc: FramingError) -> None:
         core = self.core
@@ -407,18 +427,43 @@ class ProxyServer:
                 del self._by_peer[key]
         if conn.transport_name == CLEARIP and self.link is not None:
             self.link.connection_lost()
-        keys = self._outbound_pending.pop(conn.conn_id, [])
+        keys, conn.keys = conn.keys, set()
         if keys and self.core is not None and self._loop is not None:
-            for k in keys:
-                self.core.transport_error(k, self._loop.time())
-            self._kick()
+            # Every transaction still waiting on this connection learns at once (a carrier's TCP
+            # reset after its 180 ends that branch now, not at the ring limit); finished ones
+            # are ignored by the core.
+            now = self._loop.time()
+            try:
+                for k in keys:
+                    self.core.transport_error(k, now)
+            finally:
+                self._kick()
 
     def _clearip_state(self, up: bool) -> None:
         if self.core is not None and self._loop is not None:
-            self.core.set_clearip_up(up, self._loop.time())
+            try:
+                self.core.set_clearip_up(up, self._loop.time())
+            except Exception as exc:  # runs in the link's task: an escape would end the link
+                contained.report("handling the ClearIP link going " + ("up" if up else "down"), exc)
+            finally:
+                self._kick()
             if up and self.recorder is not None and self.link is not None and self.link.reconnects:
                 self.recorder.incr(names.CLEARIP_RECONNECTS)
-            self._kick()
+
+    def _need_link(self) -> None:
+        """The core holds a call for the ClearIP link: connect now (one attempt at a time)."""
+        if self.link is not None:
+            self.link.connect_now()
+
+    def _clearip_connect_failed(self, error: str) -> None:
+        """A connect to ClearIP failed: the calls held for it get 503 at once."""
+        if self.core is not None and self._loop is not None:
+            try:
+                self.core.clearip_unreachable(self._loop.time(), error)
+            except Exception as exc:  # runs in the link's task: an escape would end the link
+                contained.report("failing the calls held for the ClearIP link", exc)
+            finally:
+                self._kick()
 
     async def _sweep(self) -> None:
         """Close idle connections and ones stuck mid-message (slow-loris)."""
@@ -426,9 +471,13 @@ class ProxyServer:
         while True:
             await asyncio.sleep(1.0)
             now = self._loop.time()
+            core = self.core
             for conn in list(self._conns.values()):
                 if conn.transport_name == CLEARIP:
                     continue
+                if core is not None and len(conn.keys) > KEY_PRUNE_MIN:
+                    # A long-lived trunk carries calls for days: forget finished transactions.
+                    conn.keys = {k for k in conn.keys if core.client_alive(k)}
                 partial_limit = partial_message_timeout(self.settings)
                 if conn.partial_since is not None and now - conn.partial_since > partial_limit:
                     log.info("closing %s:%d: message not completed in %.1f s", *conn.peer, partial_limit)
@@ -448,6 +497,12 @@ class ProxyServer:
 
     def _transmit(self, target: Target, data: bytes, key: object) -> None:
         t = target.transport
+        if not 0 < target.port < 65536:
+            # Port 0 (or out of range) from a Contact: UDP's sendto "succeeds" and the kernel's
+            # EINVAL only reaches error_received, so the call sat out `timeout`. Fail it now.
+            log.info("cannot send to %s %s:%d: no such port", t, target.host, target.port)
+            self._error_soon(key)
+            return
         if t == "udp":
             if _is_ip(target.host):
                 assert self._udp_out is not None
@@ -468,8 +523,8 @@ class ProxyServer:
             conn = self._by_peer.get((t, target.host, target.port))
         if conn is not None and not conn.closed:
             conn.write(data)
-            if key is not None and conn.transport is None:
-                self._outbound_pending.setdefault(conn.conn_id, []).append(key)
+            if key is not None:
+                conn.keys.add(key)
             return
         self._connect(target, data, key)
 
@@ -517,28 +572,62 @@ class ProxyServer:
         self._by_peer[(target.transport, target.host, target.port)] = conn
         self._per_source[target.host] += 1
         if key is not None:
-            self._outbound_pending.setdefault(conn.conn_id, []).append(key)
+            conn.keys.add(key)
         ctx = self._tls_client if target.transport == "tls" else None
 
         async def connect() -> None:
             try:
-                await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: conn,
-                        target.host,
-                        target.port,
-                        ssl=ctx,
-                        server_hostname=target.host if ctx else None,
-                    ),
-                    self.settings.timeout,
-                )
-                self._outbound_pending.pop(conn.conn_id, None)
+                if ctx is None:
+                    await asyncio.wait_for(
+                        loop.create_connection(lambda: conn, target.host, target.port),
+                        self.settings.timeout,
+                    )
+                else:
+                    await self._connect_tls(conn, target, ctx)
             except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:  # ValueError: see resolve()
-                log.info("cannot connect to %s %s:%d: %s", target.transport, target.host, target.port, exc)
+                log.info(
+                    "cannot connect to %s %s:%d: %s",
+                    target.transport,
+                    target.host,
+                    target.port,
+                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                )
                 conn.closed = True
                 self.stream_closed(conn, exc)
 
         loop.create_task(connect())
+
+    async def _connect_tls(self, conn: StreamConnection, target: Target, ctx: ssl.SSLContext) -> None:
+        """TCP connect, then the TLS handshake bounded by a few connect round trips (see
+        TLS_HANDSHAKE_RTTS): a tls Contact that is really a plain TCP listener fails in about a
+        second instead of after `timeout`."""
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
+        deadline = started + self.settings.timeout
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), self.settings.timeout
+        )
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            t0 = loop.time()
+            await asyncio.wait_for(loop.sock_connect(sock, addr), max(0.001, deadline - t0))
+            rtt = loop.time() - t0
+            handshake = min(
+                max(TLS_HANDSHAKE_FLOOR, TLS_HANDSHAKE_RTTS * rtt), max(0.001, deadline - loop.time())
+            )
+            await loop.create_connection(
+                lambda: conn,
+                sock=sock,
+                ssl=ctx,
+                server_hostname=target.host,
+                ssl_handshake_timeout=handshake,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     # stream_opened for outbound connections is called from connection_made; peers were
     # registered in _connect, so only inbound ones are counted there.

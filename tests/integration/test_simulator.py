@@ -14,9 +14,15 @@ from typing import Any
 
 import pytest
 
-from proxy_runtime.sip.message import SipResponse, parse_message, parse_name_addr
-from proxy_runtime.tools.peers import SimulatedCarrier, SimulatedSwitch, Transport
-from proxy_runtime.tools.simulator import ClearIpSimulator, decode_passport, parse_rules
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipResponse
+from proxy_runtime.sip.parse import parse_message
+from proxy_runtime.tools.answers import decode_passport
+from proxy_runtime.tools.carrier import SimulatedCarrier
+from proxy_runtime.tools.endpoint import Transport
+from proxy_runtime.tools.rules import parse_rules
+from proxy_runtime.tools.simulator import ClearIpSimulator
+from proxy_runtime.tools.switch import SimulatedSwitch
 from tests.conftest import require_tool
 
 RULES = parse_rules(

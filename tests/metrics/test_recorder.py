@@ -56,7 +56,7 @@ def test_every_counter_published_with_zeros_and_interval_resets() -> None:
     assert iv.count(names.CALLS) == 0
     assert iv.count(names.HEARTBEAT) == 1
     assert iv.distributions == {}
-    assert set(iv.gauges) == {names.CLEARIP_CONNECTED, names.IN_FLIGHT}
+    assert set(iv.gauges) == {names.CLEARIP_CONNECTED, names.IN_FLIGHT, names.CLEARIP_BREAKER_OPEN}
     assert iv.gauges[names.CLEARIP_CONNECTED].maximum == 0
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import gc
 from dataclasses import replace
 
-from proxy_runtime.core.proxy import Call, ProxyCore, Target
+from proxy_runtime.core.call import Call
+from proxy_runtime.core.proxy import ProxyCore, Target
 from proxy_runtime.sip.message import SipRequest, SipResponse
 from tests.unit.test_proxy_core import (
     CARRIER_B,

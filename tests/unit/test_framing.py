@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from proxy_runtime.sip import framing
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
-from proxy_runtime.sip.message import find_head_end, parse_message
+from proxy_runtime.sip.parse import find_head_end, parse_message
 from tests import growth
 
 

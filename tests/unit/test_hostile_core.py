@@ -21,7 +21,8 @@ from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics.names import MALFORMED_MESSAGES, UNTRUSTED_DROPPED
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 
 SWITCH = Target("udp", "10.0.0.5", 5060)
 SWITCH_TCP = Target("tcp", "10.0.0.5", 40000, 7)

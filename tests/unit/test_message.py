@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from proxy_runtime.sip.message import (
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import (
     COMPACT_FORMS,
     MAX_HEADERS,
-    ParseError,
-    SipRequest,
-    SipResponse,
     canonical_name,
     header_key,
-    make_response,
     parse_cseq,
-    parse_message,
     parse_name_addr,
     parse_via,
-    split_head,
     split_list,
-    try_parse_for_reply,
 )
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, split_head, try_parse_for_reply
 
 IDENTITY = (
     "eyJhbGciOiJFUzI1NiIsInBwdCI6InNoYWtlbiIsInR5cCI6InBhc3Nwb3J0In0.eyJhdHRlc3QiOiJBIn0."

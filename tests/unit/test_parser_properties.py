@@ -9,18 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError, StreamFramer
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    make_response,
-    parse_message,
-    parse_name_addr,
-    parse_via,
-    split_list,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.grammar import parse_name_addr, parse_via, split_list
+from proxy_runtime.sip.message import SipMessage, SipRequest
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import UriError, parse_uri
 from tests import growth
 from tests.data import rfc4475_files

@@ -8,7 +8,8 @@ import pytest
 
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.settings import load
-from proxy_runtime.sip.message import SipRequest, SipResponse, parse_message
+from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message
 
 SWITCH = Target("udp", "10.0.0.5", 5060)
 CARRIER_A = ("192.0.2.10", 5060)
@@ -379,3 +380,63 @@ def test_unsupported_proxy_require_gets_420_with_unsupported() -> None:
     assert [m.status for m in finals] == [420]
     assert finals[0].get("unsupported") == "noProxiesSupportThis"
     assert not [t for t, _ in out if t.transport == CLEARIP]
+
+
+def reinvite(branch: str, call_id: str) -> str:
+    """An in-dialog re-INVITE from the switch, routed through us to the callee at carrier A."""
+    return (
+        f"INVITE sip:callee@{CARRIER_A[0]}:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 10.0.0.5:5060;branch={branch}\r\n"
+        "Route: <sip:203.0.113.7:5060;lr>\r\nMax-Forwards: 70\r\n"
+        "From: <sip:+12125550100@10.0.0.5>;tag=sw1\r\n"
+        f"To: <sip:+15551234567@acme.sip.clearip.com>;tag=far\r\nCall-ID: {call_id}\r\nCSeq: 3 INVITE\r\n"
+        "Contact: <sip:+12125550100@10.0.0.5:5060>\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
+def test_cancel_of_a_relayed_reinvite_answers_487_with_only_the_callers_via() -> None:
+    """A re-INVITE relayed along the route set, ringing, then CANCELled by the caller: CANCEL goes
+    downstream and the caller gets 200 (CANCEL) and 487 (INVITE) carrying its own Via alone (RFC
+    3261 §8.1.3.3: a UAC discards a response with more than one Via)."""
+    core, net = make_core()
+    request = reinvite("z9hG4bKre1", "call-1@10.0.0.5")
+    core.receive(request.encode(), SWITCH, 0.0)
+    fwd = [m for _, m in net.take() if isinstance(m, SipRequest)]
+    assert len(fwd) == 1 and fwd[0].method == "INVITE"
+    core.receive(response_to(fwd[0], 180, "Ringing"), Target("udp", CARRIER_A[0], 5060), 0.1)
+    net.take()
+    cancel = request.split("Contact:")[0].replace("INVITE", "CANCEL") + "Content-Length: 0\r\n\r\n"
+    core.receive(cancel.encode(), SWITCH, 0.2)
+    out = net.take()
+    up = {m.cseq[1]: m for t, m in out if t == SWITCH and isinstance(m, SipResponse)}
+    assert up["CANCEL"].status == 200 and up["INVITE"].status == 487
+    assert up["INVITE"].values("via") == ["SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKre1"]
+    downstream = [m for t, m in out if isinstance(m, SipRequest) and m.method == "CANCEL"]
+    assert len(downstream) == 1 and downstream[0].top_via.branch == fwd[0].top_via.branch
+
+
+def test_relayed_reinvite_that_rings_past_the_ring_limit_is_cancelled_and_answered_408() -> None:
+    """Timer C (RFC 3261 §16.8) on a relayed INVITE: 1xx then nothing. At the ring limit the proxy
+    CANCELs downstream and answers 408 (one Via); 64*T1 after the CANCEL with still no final, the
+    client transaction is destroyed and the tables drain."""
+    core, net = make_core(ring_timeout=60.0)
+    core.receive(reinvite("z9hG4bKre2", "call-2@10.0.0.5").encode(), SWITCH, 0.0)
+    fwd = next(m for _, m in net.take() if isinstance(m, SipRequest))
+    core.receive(response_to(fwd, 180, "Ringing"), Target("udp", CARRIER_A[0], 5060), 0.1)
+    net.take()
+    core.handle_timer(59.9)
+    assert [m for _, m in net.take() if isinstance(m, SipRequest) and m.method == "CANCEL"] == []
+    core.handle_timer(60.0)
+    out = net.take()
+    finals = [m for t, m in out if t == SWITCH and isinstance(m, SipResponse)]
+    assert [m.status for m in finals] == [408]
+    assert finals[0].values("via") == ["SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKre2"]
+    assert [m.top_via.branch for _, m in out if isinstance(m, SipRequest) and m.method == "CANCEL"] == [
+        fwd.top_via.branch
+    ]
+    now = 60.0
+    while (deadline := core.next_deadline()) is not None and deadline < 200.0:
+        now = deadline
+        core.handle_timer(now)
+    assert now >= 60.0 + 32.0  # the guard waited 64*T1 for a final after the CANCEL
+    assert core.table_sizes() == {"calls": 0, "server_transactions": 0, "client_transactions": 0, "timers": 0}

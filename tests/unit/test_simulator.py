@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from proxy_runtime.sip.message import SipRequest, parse_message, parse_name_addr
-from proxy_runtime.tools.simulator import (
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipRequest
+from proxy_runtime.sip.parse import parse_message
+from proxy_runtime.tools.answers import build_answer, decode_passport, make_passport
+from proxy_runtime.tools.rules import (
     DEFAULT_RULES,
     DEFAULT_X5U,
     Rule,
     RulesError,
-    build_answer,
-    decode_passport,
     load_rules,
-    make_passport,
     normalize_number,
     parse_rules,
 )

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from proxy_runtime.sip.build import make_response
+from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import StreamFramer
-from proxy_runtime.sip.message import (
-    ParseError,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    header_key,
-    make_response,
-    parse_message,
-    parse_name_addr,
-    parse_via,
-    try_parse_for_reply,
-)
+from proxy_runtime.sip.grammar import header_key, parse_name_addr, parse_via
+from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
+from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import parse_uri
 from tests.data import rfc4475_files, rfc4475_message
 

@@ -1,10 +1,9 @@
-"""``clearip-proxy doctor`` and ``clearip-proxy trace``: what an engineer checks by hand, as commands.
+"""``clearip-proxy doctor``: what an engineer checks by hand, as one command.
 
-``doctor`` runs each check in order and prints one line per check (OK / WARN / FAIL / SKIP and a
-detail), or the same as JSON with ``--json``; the exit status is 1 when any check FAILs. It needs no
-running proxy, but when one answers on the control socket its own view (listeners, ClearIP link) is
-reported too. ``trace`` asks the running proxy, over the control socket, to write a SIP trace for N
-seconds, waits, and reports the files written.
+It runs each check in order and prints one line per check (OK / WARN / FAIL / SKIP and a detail),
+or the same as JSON with ``--json``; the exit status is 1 when any check FAILs. It needs no running
+proxy, but when one answers on the control socket its own view (listeners, ClearIP link) is reported
+too.
 
 Blocking sockets with timeouts: this is a short-lived command, not the event loop. The instance
 metadata service (IMDSv2) is only asked when the host is EC2 (``--ec2``, ``CLEARIP_ON_EC2=1``, or
@@ -22,11 +21,10 @@ import os
 import secrets
 import socket
 import ssl
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,19 +58,6 @@ class Check:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def find_control_socket(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
-    """The control socket to talk to: the flag, the env var, else the first default that exists."""
-    env = os.environ if environ is None else environ
-    if explicit:
-        return Path(explicit)
-    if env.get(control.ENV_SOCKET):
-        return Path(env[control.ENV_SOCKET])
-    for p in control.socket_candidates(env):
-        if p.exists():
-            return p
-    return None
 
 
 def _ms(t0: float) -> float:
@@ -557,7 +542,7 @@ def run_doctor(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
             f"timeout {s.timeout:g} s",
         )
     )
-    sock_path = find_control_socket(args.control_socket, env)
+    sock_path = control.find_control_socket(args.control_socket, env)
     status: dict[str, Any] | None = None
     error = ""
     if sock_path is not None:
@@ -626,101 +611,4 @@ def doctor_main(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-# ---------------------------------------------------------------------------------------------
-# trace
-# ---------------------------------------------------------------------------------------------
-
-
-def trace_main(argv: Sequence[str], sleep: Callable[[float], None] = time.sleep) -> int:
-    p = argparse.ArgumentParser(
-        prog="clearip-proxy trace", description="capture a SIP trace (decrypted) from the running proxy"
-    )
-    p.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
-    p.add_argument(
-        "--output",
-        metavar="FILE",
-        help="trace file (the proxy writes it; its directory must be writable by the proxy)",
-    )
-    p.add_argument(
-        "--format", choices=("text", "pcap"), default=None, help="default: pcap for *.pcap, else text"
-    )
-    p.add_argument("--max-bytes", type=int, default=None, help="per file (default 10 MiB)")
-    p.add_argument("--max-files", type=int, default=None, help="files kept (default 5)")
-    p.add_argument("--control-socket", metavar="PATH", help="the running proxy's control socket")
-    p.add_argument("--stop", action="store_true", help="stop the running trace and exit")
-    p.add_argument("--status", action="store_true", help="show the trace status and exit")
-    args = p.parse_args(list(argv))
-    sock = find_control_socket(args.control_socket)
-    if sock is None:
-        print(
-            "clearip-proxy trace: no control socket found; is the proxy running? (--control-socket PATH)",
-            file=sys.stderr,
-        )
-        return 2
-
-    def ask(payload: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        answer = control.request(sock, payload, timeout=timeout)
-        if not answer.get("ok"):
-            raise RuntimeError(str(answer.get("error")))
-        return answer
-
-    try:
-        if args.stop or args.status:
-            ans = ask({"cmd": "trace-stop" if args.stop else "trace-status"})
-            print(json.dumps(ans["trace"], indent=2))
-            return 0
-        if not args.output:
-            p.error("--output FILE is required")
-        if not 0 < args.seconds <= 24 * 3600:
-            p.error("--seconds must be in (0, 86400]")
-        output = str(Path(args.output).expanduser().resolve())
-        fmt = args.format or ("pcap" if output.endswith((".pcap", ".cap")) else "text")
-        req: dict[str, Any] = {"cmd": "trace-start", "output": output, "seconds": args.seconds, "format": fmt}
-        if args.max_bytes:
-            req["max_bytes"] = args.max_bytes
-        if args.max_files:
-            req["max_files"] = args.max_files
-        started = ask(req)["trace"]
-        print(
-            f"tracing to {started['output']} ({fmt}) for {args.seconds:g} s ...", file=sys.stderr, flush=True
-        )
-        deadline = time.monotonic() + args.seconds
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                sleep(min(1.0, left))
-                st = ask({"cmd": "trace-status"})["trace"]
-                if not st.get("active") or st.get("output") != output:
-                    break  # stopped early (write error, or stopped by someone else)
-        except KeyboardInterrupt:
-            pass
-        final = ask({"cmd": "trace-stop"})["trace"]
-    except (OSError, ValueError) as exc:
-        print(f"clearip-proxy trace: cannot talk to the proxy at {sock}: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"clearip-proxy trace: {exc}", file=sys.stderr)
-        return 1
-    files = final.get("files") or []
-    print(
-        f"trace {final.get('stop_reason') or 'done'}: {final.get('messages', 0)} message(s), "
-        f"{final.get('bytes', 0)} bytes; files: {', '.join(files) or 'none'}"
-        + ("" if final.get("numbers_masked") is False else "; phone numbers masked")
-    )
-    if final.get("error"):
-        print(f"clearip-proxy trace: {final['error']}", file=sys.stderr)
-        return 1
-    return 0 if files and Path(files[0]).exists() else 1
-
-
-def main(argv: Sequence[str]) -> int:
-    """``argv`` starts with the subcommand (``doctor`` or ``trace``)."""
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "doctor":
-        return doctor_main(rest)
-    if cmd == "trace":
-        return trace_main(rest)
-    print(f"clearip-proxy: unknown command {cmd!r}", file=sys.stderr)
-    return 2
-
-
-__all__ = ["Check", "doctor_main", "main", "on_ec2", "run_doctor", "trace_main"]
+__all__ = ["Check", "doctor_main", "on_ec2", "run_doctor"]
