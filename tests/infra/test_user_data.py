@@ -307,16 +307,15 @@ def test_systemd_unit() -> None:
     assert svc["User"] == "clearip-proxy" and svc["NoNewPrivileges"] == "yes"
     assert svc["ProtectSystem"] == "strict" and svc["CapabilityBoundingSet"] == ""
     assert unit["Install"]["WantedBy"] == "multi-user.target"
-    verify = shutil.which("systemd-analyze")
-    if verify:
-        proc = subprocess.run([verify, "verify", "--man=no", str(UNIT)], capture_output=True, text=True)
-        # The venv binary does not exist on this machine; any other complaint is a real error.
-        problems = [
-            line
-            for line in proc.stderr.splitlines()
-            if line.strip() and "venv/bin/clearip-proxy" not in line and "Unit clearip-proxy" not in line
-        ]
-        assert problems == [], proc.stderr
+    verify = require_tool("systemd-analyze", "Debian package systemd")
+    proc = subprocess.run([verify, "verify", "--man=no", str(UNIT)], capture_output=True, text=True)
+    # The venv binary does not exist on this machine; any other complaint is a real error.
+    problems = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and "venv/bin/clearip-proxy" not in line and "Unit clearip-proxy" not in line
+    ]
+    assert problems == [], proc.stderr
 
 
 # ---- a real virtual environment ------------------------------------------------------------
