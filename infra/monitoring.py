@@ -247,9 +247,13 @@ class ProxyMonitoring(Construct):
 
         outcomes = [
             names.ClearIpOutcome.REDIRECT_302,
+            names.ClearIpOutcome.REDIRECT_300,
+            names.ClearIpOutcome.REDIRECT_UNUSABLE,
             names.ClearIpOutcome.UNAVAILABLE_503,
             names.ClearIpOutcome.NOT_FOUND_404,
             names.ClearIpOutcome.BLOCKED_603,
+            names.ClearIpOutcome.UNWANTED_607,
+            names.ClearIpOutcome.REJECTED_608,
             names.ClearIpOutcome.FORBIDDEN_403,
             names.ClearIpOutcome.TIMEOUT,
         ]

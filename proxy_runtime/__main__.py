@@ -36,6 +36,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--ring-timeout", "ring_timeout", {"metavar": "SECONDS"}),
     ("--allow", "allow", {"action": "append", "metavar": "CIDR"}),
     ("--copy-header", "copy_headers", {"action": "append", "metavar": "NAME"}),
+    ("--redirect-code", "redirect_codes", {"action": "append", "metavar": "CODE"}),
     ("--emergency-number", "emergency_numbers", {"action": "append", "metavar": "NUMBER"}),
     ("--emergency-action", "emergency_action", {"choices": settings_mod.EMERGENCY_ACTIONS}),
     ("--emergency-route", "emergency_route", {"metavar": "URI"}),

@@ -2,4 +2,16 @@
 
 Bytes, events and ``now`` in; what to send and when to wake out. Imports only ``sip``,
 ``settings`` and ``metrics``; never the transport, operations or tools packages.
+
+Modules, each a small state machine or a pure helper, imported in this order (no cycles):
+
+- ``timers``: the timer heap (weak entries) and per-duration queues; reads ``deadline`` only.
+- ``stamp``: ``Target``, server-transaction keys, where responses go, our Via / Record-Route,
+  loop detection, next hop.
+- ``routing``: pure policy (ClearIP reply table, advance rules, best response, allow-list).
+- ``transactions``: the transaction tables, CANCELs we send, Timer C guards, transport errors.
+- ``relay``: ``Relay``, one in-dialog or pre-routed request relayed along its Route set.
+- ``call``: ``Call``, one initial INVITE's life (ClearIP, ``Branch`` per carrier attempt), acting
+  through the ``CallHost`` protocol.
+- ``proxy``: ``ProxyCore``, the dispatcher the adapter feeds; it implements ``CallHost``.
 """

@@ -19,6 +19,7 @@ clock (``now`` is an argument). Policy that needs no state lives in :mod:`routin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -87,15 +88,19 @@ class CallHost(Protocol):
 
     def clearip_forbidden(self, now: float) -> None: ...
 
+    def redirect_headers_ignored(self, names: Sequence[str], now: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class CarrierTarget:
     """Where one carrier attempt goes, as ClearIP's redirect named it (a Contact, or the
-    configured emergency route). Held as text while the call waits (a parsed URI costs several
-    times the memory). What ClearIP says about one Contact alone belongs here, and
-    :meth:`Branch.build` turns it into that branch's INVITE."""
+    configured emergency route): the Request-URI, held as text while the call waits (a parsed URI
+    costs several times the memory), and the header fields that Contact's URI carried for this
+    branch alone (RFC 3261 §19.1.1; unescaped, in order). :meth:`Branch.build` turns it into that
+    branch's INVITE."""
 
     uri: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Branch:
@@ -129,12 +134,14 @@ class Branch:
 
     @classmethod
     def build(cls, call: Call, dest: CarrierTarget, now: float) -> Branch:
-        """The INVITE for ``dest``: the call's (ClearIP's headers copied in), the Contact as its
-        Request-URI, no Route, our Record-Route and Via on top."""
+        """The INVITE for ``dest``: the call's (ClearIP's headers copied in), then the headers of
+        this Contact's URI (replacing those of the same name), the Contact without its headers part
+        as the Request-URI, no Route, our Record-Route and Via on top."""
         stamper = call.host.stamper
         uri = parse_uri(dest.uri)
         out = (call.base or call.request).copy()
         out.uri = str(uri)
+        routing.apply_uri_headers(out, dest.headers)  # this Contact's own, over the 302's
         out.remove("route")
         target = target_for(uri)
         if (
@@ -337,18 +344,29 @@ class Call:
         host.clearip_answered(now)  # any final: ClearIP is answering (the breaker closes)
         if status == 403:
             host.clearip_forbidden(now)
-        targets = routing.carrier_targets(resp) if status == 302 else []
-        if targets:  # DESIGN §2: a 302 with usable Contacts forks; any other final is relayed
-            self.phase = "fork"
-            base = self.request.copy()
-            routing.copy_headers(resp, base, host.settings.copy_headers)
-            self.base = base
-            self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
-            self.targets = [CarrierTarget(str(u)) for u in targets]
-            host.arm(self, None, now)
-            self._advance(now)
+        if status not in host.settings.redirect_codes:
+            # DESIGN §2: any final but a followed redirect is relayed, 6xx (603, 607, 608) with
+            # their Reason and Call-Info untouched.
+            self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
             return
-        self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
+        redirect = routing.redirect_targets(resp)
+        ignored = [name for t in redirect.targets for name in t.ignored]
+        if ignored:
+            host.redirect_headers_ignored(ignored, now)
+        if not redirect.targets:
+            # Never relay it: the switch would chase the redirect (or fail the call) itself. A 503
+            # with the cause, as for the other ClearIP faults, makes it route-advance.
+            self.clearip_outcome = ClearIpOutcome.REDIRECT_UNUSABLE
+            self.fail(503, f"ClearIP {status} without a usable Contact ({redirect.why_unusable})", now)
+            return
+        self.phase = "fork"
+        base = self.request.copy()
+        routing.copy_headers(resp, base, host.settings.copy_headers)
+        self.base = base
+        self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
+        self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
+        host.arm(self, None, now)
+        self._advance(now)
 
     def on_clearip_failed(self, ct: ClientTransaction, text: str, now: float) -> None:
         """The ClearIP leg timed out or could not be sent."""

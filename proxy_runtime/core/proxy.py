@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from proxy_runtime.core import routing
 from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
@@ -116,6 +116,7 @@ class ProxyCore:
         uri = settings.clearip_uri
         self.clearip_target = Target(CLEARIP, uri.host, uri.port or 5061)
         self._last_403_log = -1e9
+        self._last_ignored_log = -1e9
 
     # =========================================================================================
     # Adapter-facing API
@@ -477,6 +478,16 @@ class ProxyCore:
                 "in the ClearIP account; calls are being refused",
                 self.advertise,
             )
+
+    def redirect_headers_ignored(self, names_: Sequence[str], now: float) -> None:
+        """A redirect's Contact URIs carried headers the proxy never applies: counted each, and
+        logged (names only) at most once a minute."""
+        if self.recorder is not None:
+            self.recorder.incr(names.REDIRECT_HEADERS_IGNORED, len(names_))
+        if now - self._last_ignored_log >= 60:
+            self._last_ignored_log = now
+            shown = ", ".join(sorted({n[:40] for n in names_}))
+            log.warning("ignored headers in ClearIP's redirect Contacts (never taken from a URI): %s", shown)
 
     # =========================================================================================
     # Metrics

@@ -8,47 +8,159 @@ the network; :mod:`~proxy_runtime.core.call` and :mod:`~proxy_runtime.core.proxy
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from proxy_runtime.metrics.names import ClearIpOutcome
 from proxy_runtime.sip.errors import ParseError
-from proxy_runtime.sip.grammar import NameAddr, parse_name_addr
+from proxy_runtime.sip.grammar import NameAddr, header_key, is_token, parse_name_addr
 from proxy_runtime.sip.message import SipRequest, SipResponse
-from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
+from proxy_runtime.sip.uri import SipUri, UriError, parse_uri, parse_uri_headers
+
+REACHABLE_TRANSPORTS = frozenset({"udp", "tcp", "tls"})
+
+NEVER_FROM_URI = frozenset(
+    {
+        # RFC 3261 §19.1.5 "obviously dangerous" ones, and Route (never an unwitting agent).
+        "from",
+        "call-id",
+        "cseq",
+        "via",
+        "record-route",
+        "route",
+        # The dialog and the hop: the proxy and the caller own these.
+        "to",
+        "contact",
+        "max-forwards",
+        "proxy-require",
+        "require",
+        "path",
+        "service-route",
+        # §19.1.5: would falsely advertise the caller's capabilities or location.
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "allow",
+        "organization",
+        "supported",
+        "user-agent",
+        # Framing and the body: the INVITE keeps the caller's body (the special hname "body" too).
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "content-disposition",
+        "content-language",
+        "mime-version",
+        "body",
+        # Credentials never come from a redirect.
+        "authorization",
+        "proxy-authorization",
+    }
+)
+"""Header names (lookup keys) a redirect Contact's URI may carry but the proxy never applies:
+they are ignored and counted (``RedirectHeadersIgnored``)."""
 
 
 def clearip_outcome(status: int) -> ClearIpOutcome:
-    return {
-        302: ClearIpOutcome.REDIRECT_302,
-        503: ClearIpOutcome.UNAVAILABLE_503,
-        404: ClearIpOutcome.NOT_FOUND_404,
-        603: ClearIpOutcome.BLOCKED_603,
-        403: ClearIpOutcome.FORBIDDEN_403,
-    }.get(status, ClearIpOutcome.OTHER)
+    return _OUTCOMES.get(status, ClearIpOutcome.OTHER)
 
 
-def carrier_targets(response: SipResponse) -> list[SipUri]:
-    """The 302's Contacts as SIP URIs, highest q first, ties in listed order (a stable sort).
+_OUTCOMES = {
+    300: ClearIpOutcome.REDIRECT_300,
+    301: ClearIpOutcome.REDIRECT_301,
+    302: ClearIpOutcome.REDIRECT_302,
+    503: ClearIpOutcome.UNAVAILABLE_503,
+    404: ClearIpOutcome.NOT_FOUND_404,
+    603: ClearIpOutcome.BLOCKED_603,
+    607: ClearIpOutcome.UNWANTED_607,
+    608: ClearIpOutcome.REJECTED_608,
+    403: ClearIpOutcome.FORBIDDEN_403,
+}
 
-    Contacts that are not sip:/sips: URIs, or have q=0, are skipped. URI headers (``?...``) and
-    the ``method`` parameter are dropped, as a redirect target is used as a Request-URI.
-    """
-    parsed: list[tuple[float, int, SipUri]] = []
+
+@dataclass(frozen=True, slots=True)
+class RedirectTarget:
+    """One usable Contact of a redirect: the URI to send to (no ``?headers``, no ``method``), the
+    headers its URI carried for that branch's INVITE (unescaped, in order), and the names of those
+    it carried that the proxy refused (:data:`NEVER_FROM_URI`, or a value with CR/LF/NUL)."""
+
+    uri: SipUri
+    headers: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A redirect's Contacts: the usable ones, highest q first (ties in listed order), and why each
+    other one was dropped (fixed phrases: they end up in a ``Reason`` header)."""
+
+    targets: tuple[RedirectTarget, ...]
+    dropped: tuple[str, ...]
+
+    @property
+    def why_unusable(self) -> str:
+        """Why no Contact was usable, for the caller's ``Reason`` (distinct causes, in order)."""
+        causes = list(dict.fromkeys(self.dropped)) or ["no Contact"]
+        return ", ".join(causes)
+
+
+def redirect_targets(response: SipResponse) -> Redirect:
+    """The redirect's Contacts (RFC 3261 §8.1.3.4) as carrier targets, highest q first, ties in
+    listed order (a stable sort).
+
+    Dropped, with the cause: ``*``, what does not parse (a port over 65535 included), schemes other
+    than sip:/sips: (tel:, http:...), port 0, transports the proxy cannot send on (``ws``, ``sctp``),
+    a malformed ``?headers`` part (the branch would leave without its Identity), and q=0. Each
+    target's URI keeps its parameters but loses its headers part and ``method`` (RFC 3261 §19.1.5:
+    it becomes a Request-URI); the headers become that branch's header fields."""
+    parsed: list[tuple[float, int, RedirectTarget]] = []
+    dropped: list[str] = []
     for i, value in enumerate(response.values("contact")):
         if value == "*":
+            dropped.append("Contact *")
             continue
         try:
             na = parse_name_addr(value)
+        except ParseError:
+            dropped.append("unparsable Contact")
+            continue
+        try:
             uri = parse_uri(na.uri)
-        except (ParseError, UriError):
+        except UriError as exc:
+            bad_scheme = exc.status_hint == 416
+            dropped.append("Contact scheme not sip or sips" if bad_scheme else "unparsable Contact")
             continue
-        q = na.q
-        if q <= 0:
+        if uri.port == 0:
+            dropped.append("Contact port 0")
             continue
+        if uri.transport not in REACHABLE_TRANSPORTS:
+            dropped.append("Contact transport not udp, tcp or tls")
+            continue
+        try:
+            pairs = parse_uri_headers(uri.headers)
+        except UriError:
+            dropped.append("malformed headers in Contact URI")
+            continue
+        if na.q <= 0:
+            dropped.append("Contact q=0")
+            continue
+        headers: list[tuple[str, str]] = []
+        ignored: list[str] = []
+        for name, hvalue in pairs:
+            if header_key(name) in NEVER_FROM_URI or not is_token(name) or _UNSAFE_VALUE.search(hvalue):
+                ignored.append(name)
+            else:
+                headers.append((name, hvalue.strip()))
         params = {k: v for k, v in uri.params.items() if k != "method"}
-        parsed.append((-q, i, SipUri(uri.scheme, uri.user, uri.password, uri.host, uri.port, params, "")))
+        target = SipUri(uri.scheme, uri.user, uri.password, uri.host, uri.port, params, "")
+        parsed.append((-na.q, i, RedirectTarget(target, tuple(headers), tuple(ignored))))
     parsed.sort(key=lambda t: (t[0], t[1]))
-    return [t[2] for t in parsed]
+    return Redirect(tuple(t[2] for t in parsed), tuple(dropped))
+
+
+# A header value is one line of text: an escaped CR, LF or NUL would smuggle in a header of its own.
+_UNSAFE_VALUE = re.compile(r"[\x00\r\n]")
 
 
 def copy_headers(source: SipResponse, target: SipRequest, names: Iterable[str]) -> None:
@@ -61,6 +173,19 @@ def copy_headers(source: SipResponse, target: SipRequest, names: Iterable[str]) 
         target.remove(name)
         for value in lines:
             target.add(name, value)
+
+
+def apply_uri_headers(target: SipRequest, headers: Iterable[tuple[str, str]]) -> None:
+    """Put a Contact's URI headers into its branch's INVITE: each name present replaces every line
+    of that name the INVITE had (the caller's own, or the 302's copied ones: the Contact's win for
+    its branch); several of one name (``?Identity=a&Identity=b``) keep their order."""
+    replaced: set[str] = set()
+    for name, value in headers:
+        key = header_key(name)
+        if key not in replaced:
+            replaced.add(key)
+            target.remove(key)
+        target.add(name, value)
 
 
 def should_advance(status: int, *, advance_on_4xx: bool) -> bool:

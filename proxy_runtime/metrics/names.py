@@ -51,9 +51,14 @@ class ClearIpOutcome(str, Enum):  # noqa: UP042 - as Unit
     """What ClearIP answered to a call's INVITE (DESIGN §2's table, plus the two failure cases)."""
 
     REDIRECT_302 = "302"
+    REDIRECT_300 = "300"
+    REDIRECT_301 = "301"
+    REDIRECT_UNUSABLE = "redirect_unusable"  # a redirect without one Contact the proxy can call
     UNAVAILABLE_503 = "503"
     NOT_FOUND_404 = "404"
     BLOCKED_603 = "603"
+    UNWANTED_607 = "607"
+    REJECTED_608 = "608"
     FORBIDDEN_403 = "403"
     OTHER = "other"
     TIMEOUT = "timeout"
@@ -62,9 +67,18 @@ class ClearIpOutcome(str, Enum):  # noqa: UP042 - as Unit
 
 CLEARIP_OUTCOME_METRICS: dict[ClearIpOutcome, MetricSpec] = {
     ClearIpOutcome.REDIRECT_302: MetricSpec("ClearIp302", Unit.COUNT, "ClearIP answered 302 (route)"),
+    ClearIpOutcome.REDIRECT_300: MetricSpec("ClearIp300", Unit.COUNT, "ClearIP answered 300 (route)"),
+    ClearIpOutcome.REDIRECT_301: MetricSpec("ClearIp301", Unit.COUNT, "ClearIP answered 301 (route)"),
+    ClearIpOutcome.REDIRECT_UNUSABLE: MetricSpec(
+        "ClearIpRedirectUnusable",
+        Unit.COUNT,
+        "ClearIP redirected without a usable Contact (none, *, bad URI, port or scheme): 503 to the caller",
+    ),
     ClearIpOutcome.UNAVAILABLE_503: MetricSpec("ClearIp503", Unit.COUNT, "ClearIP answered 503"),
     ClearIpOutcome.NOT_FOUND_404: MetricSpec("ClearIp404", Unit.COUNT, "ClearIP answered 404"),
     ClearIpOutcome.BLOCKED_603: MetricSpec("ClearIp603", Unit.COUNT, "ClearIP blocked the call (603)"),
+    ClearIpOutcome.UNWANTED_607: MetricSpec("ClearIp607", Unit.COUNT, "ClearIP blocked the call (607)"),
+    ClearIpOutcome.REJECTED_608: MetricSpec("ClearIp608", Unit.COUNT, "ClearIP blocked the call (608)"),
     ClearIpOutcome.FORBIDDEN_403: MetricSpec(
         "ClearIp403", Unit.COUNT, "ClearIP refused us (not whitelisted)"
     ),
@@ -78,6 +92,11 @@ CLEARIP_OUTCOME_METRICS: dict[ClearIpOutcome, MetricSpec] = {
 # Counters and gauges outside calls.
 MALFORMED_MESSAGES = MetricSpec("MalformedMessages", Unit.COUNT, "SIP messages that failed to parse")
 UNTRUSTED_DROPPED = MetricSpec("UntrustedDropped", Unit.COUNT, "Messages dropped: source not allow-listed")
+REDIRECT_HEADERS_IGNORED = MetricSpec(
+    "RedirectHeadersIgnored",
+    Unit.COUNT,
+    "Headers in a redirect Contact's URI never applied (Via, Call-ID, From, To, Route, CR/LF...)",
+)
 CLEARIP_CONNECTED = MetricSpec("ClearIpConnected", Unit.NONE, "1 while the ClearIP connection is up, else 0")
 CLEARIP_RECONNECTS = MetricSpec("ClearIpReconnects", Unit.COUNT, "Reconnections to ClearIP")
 CLEARIP_BREAKER_OPEN = MetricSpec(
@@ -107,6 +126,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     *CLEARIP_OUTCOME_METRICS.values(),
     MALFORMED_MESSAGES,
     UNTRUSTED_DROPPED,
+    REDIRECT_HEADERS_IGNORED,
     CLEARIP_CONNECTED,
     CLEARIP_RECONNECTS,
     CLEARIP_BREAKER_OPEN,

@@ -201,6 +201,7 @@ class ControlServer:
                 "ring_timeout": s.ring_timeout,
                 "allow": list(s.allow),
                 "copy_headers": list(s.copy_headers),
+                "redirect_codes": list(s.redirect_codes),
                 "emergency_numbers": list(s.emergency_numbers),
                 "emergency_action": s.emergency_action,
                 "max_in_flight": s.max_in_flight,

@@ -27,6 +27,8 @@ _HOSTNAME = re.compile(
 )
 DEFAULT_CLEARIP_URI = "sip:sip.clearip.com:5061;transport=tls"
 DEFAULT_COPY_HEADERS = ("Identity", "P-Asserted-Identity")
+DEFAULT_REDIRECT_CODES = (300, 302)
+FOLLOWABLE_REDIRECT_CODES = (300, 301, 302)  # 305 and 380 name no carrier to call
 DEFAULT_EMERGENCY_NUMBERS = ("911", "933")
 METRICS_SINKS = ("auto", "cloudwatch", "log", "off")
 EMERGENCY_ACTIONS = ("reject", "route")
@@ -80,6 +82,7 @@ class Settings:
     # Routing.
     ring_timeout: float = 180.0
     copy_headers: tuple[str, ...] = DEFAULT_COPY_HEADERS
+    redirect_codes: tuple[int, ...] = DEFAULT_REDIRECT_CODES  # ClearIP answers followed to its Contacts
     emergency_numbers: tuple[str, ...] = DEFAULT_EMERGENCY_NUMBERS
     emergency_action: str = "reject"  # reject = immediate 503; route = send to emergency_route
     emergency_route: str = ""  # SIP URI used when emergency_action = route
@@ -115,7 +118,7 @@ class Settings:
         return tuple(ipaddress.ip_network(c, strict=False) for c in self.allow)
 
 
-_LIST_FIELDS = {"udp", "tcp", "tls", "copy_headers", "emergency_numbers", "allow"}
+_LIST_FIELDS = {"udp", "tcp", "tls", "copy_headers", "emergency_numbers", "allow", "redirect_codes"}
 
 
 def _parse_hostport(setting: str, value: str, default_port: int) -> HostPort:
@@ -195,6 +198,8 @@ def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key in ("udp", "tcp", "tls"):
             port = 5061 if key == "tls" else 5060
             out[key] = tuple(_parse_hostport(key, v, port) for v in _as_list(key, value))
+        elif key == "redirect_codes":
+            out[key] = tuple(_as_number(key, v, int) for v in _as_list(key, value))
         elif key in _LIST_FIELDS:
             out[key] = tuple(_as_list(key, value))
         elif isinstance(default, bool):
@@ -252,6 +257,14 @@ def validate(s: Settings) -> Settings:
     for h in s.copy_headers:
         if not h or any(c in h for c in " :\t\r\n"):
             raise SettingsError("copy_headers", f"{h!r} is not a header name")
+    if not s.redirect_codes:
+        raise SettingsError("redirect_codes", "must name at least one of 300, 301, 302")
+    for code in s.redirect_codes:
+        if code not in FOLLOWABLE_REDIRECT_CODES:
+            raise SettingsError(
+                "redirect_codes",
+                f"{code} cannot be followed; choose among {', '.join(map(str, FOLLOWABLE_REDIRECT_CODES))}",
+            )
     for n in s.emergency_numbers:
         if not re.fullmatch(r"\+?[0-9]{1,15}", n):
             raise SettingsError("emergency_numbers", f"{n!r} is not a number")
@@ -259,11 +272,14 @@ def validate(s: Settings) -> Settings:
         raise SettingsError("emergency_action", f"must be one of {', '.join(EMERGENCY_ACTIONS)}")
     if s.emergency_action == "route":
         try:
-            parse_uri(s.emergency_route)
+            route = parse_uri(s.emergency_route)
         except UriError:
             raise SettingsError(
                 "emergency_route", "a SIP URI is required when emergency_action = route"
             ) from None
+        if route.headers or s.emergency_route.rstrip().endswith("?"):
+            # It becomes the Request-URI, where RFC 3261 §19.1.1 allows no headers part.
+            raise SettingsError("emergency_route", "must not carry URI headers ('?...')")
     if s.metrics not in METRICS_SINKS:
         raise SettingsError("metrics", f"must be one of {', '.join(METRICS_SINKS)}, got {s.metrics!r}")
     if s.advertise:
@@ -331,7 +347,7 @@ def to_toml(s: Settings) -> str:
     for f in fields(Settings):
         v = getattr(s, f.name)
         if isinstance(v, tuple):
-            items = ", ".join(_toml_str(str(x)) for x in v)
+            items = ", ".join(str(x) if isinstance(x, int) else _toml_str(str(x)) for x in v)
             lines.append(f"{f.name} = [{items}]")
         elif isinstance(v, bool):
             lines.append(f"{f.name} = {'true' if v else 'false'}")

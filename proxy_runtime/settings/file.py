@@ -13,13 +13,16 @@ from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import SettingsError
 from proxy_runtime.sip.uri import SipUri, parse_uri
 
-_LIST_KEYS = {"udp", "tcp", "tls", "allow", "copy_headers", "emergency_numbers"}
+_LIST_KEYS = {"udp", "tcp", "tls", "allow", "copy_headers", "emergency_numbers", "redirect_codes"}
 
 
 def _toml_value(key: str, value: str) -> str:
     default = settings_mod.Settings.__dataclass_fields__[key].default
     if key in _LIST_KEYS:
         items = [v.strip() for v in value.split(",") if v.strip()]
+        if key == "redirect_codes":  # status codes as TOML numbers; anything else quoted (load() refuses it)
+            codes = (v if re.fullmatch(r"[1-9][0-9]{0,2}", v) else json.dumps(v) for v in items)
+            return "[" + ", ".join(codes) + "]"
         return "[" + ", ".join(json.dumps(v) for v in items) + "]"
     if isinstance(default, bool):
         return "true" if value.strip().lower() in ("1", "true", "yes", "on") else "false"

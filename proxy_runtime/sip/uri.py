@@ -185,3 +185,30 @@ def parse_uri(text: str) -> SipUri:
         params = {}
     host, port = _split_hostport(hp)
     return SipUri(scheme, user, password, host, port, params, headers)
+
+
+def parse_uri_headers(headers: str) -> list[tuple[str, str]]:
+    """The ``?...`` part of a SIP URI (RFC 3261 §19.1.1: ``hname=hvalue`` joined by ``&``), as
+    ``(name, value)`` pairs in order, both unescaped.
+
+    Unescaped with :func:`urllib.parse.unquote`, not ``unquote_plus``: ``+`` is a literal character
+    in a SIP URI (``+15551234567``), never a space. Escapes must decode as UTF-8 (header values are
+    UTF-8 text); a name that is empty after unescaping, a header without ``=`` or an escape that does
+    not decode raise :class:`UriError`. An empty value is kept (``?Subject=``). What a caller may do
+    with the pairs (which names to honour, values with CR/LF) is its own policy."""
+    out: list[tuple[str, str]] = []
+    if not headers:
+        return out
+    for part in headers.split("&"):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise UriError(f"URI header without '=': {part[:40]!r}")
+        try:
+            hname = unquote(name, errors="strict").strip()
+            hvalue = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise UriError(f"URI header {name[:40]!r}: escapes are not UTF-8") from None
+        if not hname:
+            raise UriError("URI header without a name")
+        out.append((hname, hvalue))
+    return out

@@ -423,7 +423,10 @@ def test_dashboard_widgets(template: Template) -> None:
         names.CLEARIP_LATENCY,
         names.ROUTE_ADVANCES,
         names.HEARTBEAT,
-        *(names.CLEARIP_OUTCOME_METRICS[o] for o in ("302", "503", "404", "603", "403", "timeout")),  # type: ignore[index]
+        *(
+            names.CLEARIP_OUTCOME_METRICS[names.ClearIpOutcome(o)]
+            for o in ("302", "300", "redirect_unusable", "503", "404", "603", "607", "608", "403", "timeout")
+        ),
     ):
         assert f'"{spec.name}"' in body, spec.name
     assert '"p50"' in body and '"p99"' in body

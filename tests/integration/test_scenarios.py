@@ -36,6 +36,8 @@ def _methods(peer, direction="received"):
         ("uac_cancel.xml", "carrier_ring_cancel.xml", {}, ["INVITE", "CANCEL", "ACK"]),
         ("uac_expect_final.xml", "carrier_486.xml", {}, ["INVITE", "ACK"]),
         ("uac_expect_final.xml", "carrier_503.xml", {}, ["INVITE", "ACK"]),
+        ("uac_expect_final.xml", "carrier_607.xml", {}, ["INVITE", "ACK"]),
+        ("uac_expect_final.xml", "carrier_608.xml", {}, ["INVITE", "ACK"]),
     ],
 )
 def test_switch_against_carrier_directly(lab: Lab, transport, uac, uas, keys, expect_at_uas):
@@ -56,6 +58,10 @@ def test_switch_against_carrier_directly(lab: Lab, transport, uac, uas, keys, ex
         ("clearip_404.xml", {}, 404),
         ("clearip_403.xml", {}, 403),
         ("clearip_603plus.xml", {}, 603),
+        ("clearip_607.xml", {}, 607),
+        ("clearip_608.xml", {}, 608),
+        ("clearip_300.xml", "300", 300),
+        ("clearip_302_no_contact.xml", "302", 302),
     ],
 )
 def test_switch_against_clearip_directly(lab: Lab, scenario, keys, status):

@@ -8,6 +8,7 @@ independently of the dispatcher.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from proxy_runtime.core.breaker import Admission
@@ -95,6 +96,9 @@ class FakeHost:
 
     def clearip_forbidden(self, now: float) -> None:
         self.actions.append(("forbidden",))
+
+    def redirect_headers_ignored(self, names: Sequence[str], now: float) -> None:
+        self.actions.append(("ignored", tuple(names)))
 
     def take(self) -> list[tuple[object, ...]]:
         out, self.actions = self.actions, []
@@ -191,3 +195,27 @@ def test_clearip_down_answers_503_without_asking_and_emergency_never_asks() -> N
     call.start(0.0)
     assert ("client", host.clearip_target, "INVITE") not in host.take()
     assert call.emergency and not call.proxy_failed
+
+
+def test_contact_uri_headers_go_to_their_branch_and_ignored_ones_are_reported() -> None:
+    call, host = new_call()
+    req = asked_clearip(call, host)
+    contacts = (
+        f"<sip:+15551234567@{CARRIER_B[0]}:{CARRIER_B[1]}?Identity=id-b%3Bppt%3Dshaken&Via=forged>;q=0.9, "
+        f"<sip:+15551234567@{CARRIER_A[0]}>;q=0.5"
+    )
+    raw = redirect(req).replace(b"Contact: ", f"Contact: {contacts}\r\nX-Old-Contact: ".encode(), 1)
+    resp = parse_message(raw, datagram=True)
+    assert isinstance(resp, SipResponse)
+    call.on_clearip_response(resp, 0.05)
+    acts = host.take()
+    assert ("ignored", ("Via",)) in acts
+    first = host.sent[-1]
+    assert first.uri == f"sip:+15551234567@{CARRIER_B[0]}:{CARRIER_B[1]}"
+    assert first.get_all("identity") == ["id-b;ppt=shaken"]
+    branch = call.branch
+    assert branch is not None
+    call.on_branch_response(branch, reply(first, 503), 0.1)
+    second = host.sent[-1]
+    assert second.uri == f"sip:+15551234567@{CARRIER_A[0]}"
+    assert len(second.get_all("identity")) == 2 and "id-b" not in second.serialize().decode()  # the 302's

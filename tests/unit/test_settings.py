@@ -20,6 +20,7 @@ from proxy_runtime.settings import (
     to_toml,
     validate,
 )
+from proxy_runtime.settings.file import set_value
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -116,9 +117,17 @@ def test_booleans_lists_and_numbers() -> None:
         ({"clearip_ca": "/nonexistent/ca.pem"}, "clearip_ca"),
         ({"allow": "10.0.0.0/33"}, "allow"),
         ({"copy_headers": "Bad Header"}, "copy_headers"),
+        ({"redirect_codes": "305"}, "redirect_codes"),
+        ({"redirect_codes": "302,380"}, "redirect_codes"),
+        ({"redirect_codes": "3xx"}, "redirect_codes"),
+        ({"redirect_codes": ""}, "redirect_codes"),
         ({"emergency_numbers": "91a"}, "emergency_numbers"),
         ({"emergency_action": "ignore"}, "emergency_action"),
         ({"emergency_action": "route"}, "emergency_route"),
+        (
+            {"emergency_action": "route", "emergency_route": "sip:psap@192.0.2.9?Priority=emergency"},
+            "emergency_route",
+        ),
         ({"metrics": "prometheus"}, "metrics"),
         ({"advertise": "not an address!"}, "advertise"),
         ({"log_level": "TRACE"}, "log_level"),
@@ -189,3 +198,21 @@ def test_bug_float_for_int_setting_is_rejected(tmp_path: Path) -> None:
 def test_bug_to_toml_escapes_strings(tmp_path: Path) -> None:
     s = load(environ={}, overrides={"proxy_id": 'a"b\\c'})
     assert load(write(tmp_path, to_toml(s)), environ={}).proxy_id == 'a"b\\c'
+
+
+def test_redirect_codes_default_env_file_and_set_value(tmp_path: Path) -> None:
+    assert load(environ={}).redirect_codes == (300, 302)
+    assert load(environ={"CLEARIP_PROXY_REDIRECT_CODES": "302"}).redirect_codes == (302,)
+    assert load(write(tmp_path, "redirect_codes = [300, 301, 302]\n"), environ={}).redirect_codes == (
+        300,
+        301,
+        302,
+    )
+    path = write(tmp_path, "timeout = 3\n")
+    set_value(path, "redirect_codes", "302, 300")
+    assert "redirect_codes = [302, 300]" in path.read_text()
+    assert load(path, environ={}).redirect_codes == (302, 300)
+    with pytest.raises(SettingsError) as err:
+        set_value(path, "redirect_codes", "305")
+    assert err.value.setting == "redirect_codes"
+    assert load(path, environ={}).redirect_codes == (302, 300)  # the file was left as it was

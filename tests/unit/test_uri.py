@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy_runtime.sip.uri import SipUri, UriError, parse_uri
+from proxy_runtime.sip.uri import SipUri, UriError, parse_uri, parse_uri_headers
 
 
 def test_full_uri() -> None:
@@ -104,3 +104,26 @@ def test_other_schemes_are_416(other: str) -> None:
     with pytest.raises(UriError) as err:
         parse_uri(other)
     assert err.value.status_hint == 416
+
+
+def test_uri_headers_are_split_and_unescaped_in_order() -> None:
+    u = parse_uri(
+        "sip:+15551234567@198.51.100.7?Identity=eyJ.x.y%3Binfo%3D%3Chttps://c.example/a.pem%3E&Identity=b&Subject="
+    )
+    assert u.headers.startswith("Identity=eyJ")
+    assert parse_uri_headers(u.headers) == [
+        ("Identity", "eyJ.x.y;info=<https://c.example/a.pem>"),
+        ("Identity", "b"),
+        ("Subject", ""),
+    ]
+    # '+' is a literal in SIP URIs (RFC 3261 §19.1.2), never a space as in HTML forms.
+    assert parse_uri_headers("P-Asserted-Identity=%3Csip:+1202@x%3E") == [
+        ("P-Asserted-Identity", "<sip:+1202@x>")
+    ]
+    assert parse_uri_headers("") == []
+
+
+@pytest.mark.parametrize("headers", ["Identity", "=x", "%20=x", "Identity=%FF%FE"])
+def test_malformed_uri_headers_raise(headers: str) -> None:
+    with pytest.raises(UriError):
+        parse_uri_headers(headers)
