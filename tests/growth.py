@@ -39,10 +39,21 @@ def growth(make: Callable[[int], Callable[[], object]], n: int, repeats: int = 3
     return large / max(small, 1e-6), large
 
 
+def confirmed_growth(
+    make: Callable[[int], Callable[[], object]], n: int, bound: float = LINEAR_BOUND
+) -> tuple[float, float]:
+    """:func:`growth`, measured a second time when the first ratio exceeds ``bound``: a quadratic
+    cost exceeds it again, a burst of cache misses on a busy machine seldom does. The smaller."""
+    ratio, large = growth(make, n)
+    if ratio > bound:
+        ratio, large = min((ratio, large), growth(make, n))
+    return ratio, large
+
+
 def assert_linear(
     make: Callable[[int], Callable[[], object]], n: int, what: str = "", bound: float = LINEAR_BOUND
 ) -> None:
-    ratio, large = growth(make, n)
+    ratio, large = confirmed_growth(make, n, bound)
     if large < FLOOR_S:
         return
     assert ratio <= bound, (

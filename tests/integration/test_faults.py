@@ -545,7 +545,11 @@ def test_memory_is_reused_after_transactions_drain(tmp_path: Path) -> None:
     from bench.soak import run
 
     res = run(3000, 1500, 150, tmp_path, pause=33.0)
-    assert res.failed_calls <= 30, res  # SIPp-side failures only appear when the machine is starved
+    # The RSS figures need the calls to have run. SIPp-side failures (retransmission timeouts) only
+    # appear when the machine is starved: 0 when quiet, 184 of 3,000 (6 %) under a two-core CPU
+    # burn (2026-12-03), where RSS still grew 4.4 %. A tenth of the calls failing still leaves
+    # 2,700 calls' worth of allocations for a leak to show in.
+    assert res.failed_calls <= res.calls // 10, res
     first, second = res.rss_kb
     # Measured 2026-12-02: +1.1 % (35.8 -> 36.2 MiB; +12 % before finished calls were freed at
     # once and the call timers left no stale entries). A leak of calls or transactions doubles it.
