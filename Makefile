@@ -9,11 +9,11 @@ export CDK_DISABLE_CLI_TELEMETRY := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup demo test lint typecheck unit integration infra metrics bench fuzz synth clean
+.PHONY: all setup deploy-setup wheels lock destroy demo test lint typecheck unit integration infra metrics bench fuzz synth clean
 
 all: test
 
-$(BIN)/.installed: requirements-runtime.txt requirements-dev.txt pyproject.toml
+$(BIN)/.installed: requirements-runtime.txt requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) 2>/dev/null || { \
 	  rm -rf $(VENV); echo "installing python3-venv"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
@@ -53,6 +53,27 @@ endef
 
 setup: $(BIN)/.installed node_modules/.bin/cdk .sysdeps
 
+# What `cdk deploy` needs and nothing else, without root, apt or sudo (Linux and macOS): a venv with
+# requirements.txt, the pinned CDK CLI, and the code asset's wheels.
+deploy-setup:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m infra.wheels download
+
+# The runtime's wheels for the code asset (x86_64 and aarch64, checked against
+# requirements-runtime.lock; cached). cdk.json's build step runs the same before every synth.
+wheels: $(BIN)/.installed
+	$(BIN)/python -m infra.wheels download
+
+# cdk destroy, then what it kept (the Elastic IPs) and the settings that adopt them again.
+destroy:
+	$(BIN)/python -m infra.destroy --stack $${STACK:-ClearIpProxy}
+
+# After changing requirements-runtime.txt: pin the new wheels by hash.
+lock: $(BIN)/.installed
+	$(BIN)/python -m infra.wheels lock
+
 demo: $(BIN)/.installed
 	$(BIN)/python -m proxy_runtime demo
 
@@ -90,4 +111,4 @@ synth: setup
 	node_modules/.bin/cdk synth --quiet
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) node_modules cdk.out wheels .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -5,14 +5,21 @@
 # (RHEL/Oracle Linux 8-9, Amazon Linux 2023, Debian 12). It
 #   - installs python3.11, tcpdump and openssl when missing (dnf/yum or apt-get),
 #   - copies the runtime to /opt/clearip-proxy/src and installs it into its own virtual environment
-#     /opt/clearip-proxy/venv with only requirements-runtime.txt,
-#   - writes /etc/clearip-proxy/settings.toml from the arguments (keys are the proxy's Settings fields),
+#     /opt/clearip-proxy/venv with only requirements-runtime.txt: from the release's hash-pinned
+#     wheels (wheels/<arch>/, requirements-runtime.lock) with no package index when they are there,
+#   - writes /etc/clearip-proxy/settings.toml from a site settings file and the arguments with
+#     `clearip-proxy settings write`: the proxy's own code validates every value (CIDRs, the ClearIP
+#     URI's transport, ...) and says whether the running proxy takes the change by reload or restart,
 #   - creates a self-signed TLS certificate for the 5061 listener when none exists (replace it with
 #     your own: /etc/clearip-proxy/tls/cert.pem and key.pem; the script never overwrites them),
-#   - installs and starts the systemd unit clearip-proxy.service,
+#   - installs and starts the systemd unit clearip-proxy.service; on a later run it reloads the proxy
+#     (SIGHUP) when only reloadable settings changed, restarts it (SIGTERM drains calls first) when
+#     the release or a restart-only setting changed, and waits until it listens again,
 #   - opens 5060/udp, 5060/tcp and 5061/tcp to the trusted CIDRs only (firewalld when it runs,
 #     else nftables).
 # It is idempotent: a second run with the same arguments changes nothing and says "unchanged".
+# The EC2 user data (first boot) and the stack's release association (every later `cdk deploy`) run
+# this same script from the release they install.
 #
 # Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
 #        install.sh --uninstall [--root DIR]
@@ -25,19 +32,24 @@ UNIT_DIR=/etc/systemd/system
 UNIT=clearip-proxy.service
 SERVICE_USER=clearip-proxy
 FW_ZONE=clearip-sip
-DEFAULT_CLEARIP_URI='sip:sip.clearip.com:5061;transport=tls'
 
 ROOT=''
 SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ALLOW=()
 ADVERTISE=''
-TIMEOUT='5'
-CLEARIP_URI="$DEFAULT_CLEARIP_URI"
+TIMEOUT=''
+CLEARIP_URI=''
 TRANSPORT=''
 PROXY_ID=''
-METRICS='auto'
+METRICS=''
 REGION=''
 PYTHON=''
+SITE=''
+RELEASE_ID=''
+WHEELS=''
+OFFLINE=0
+SERVICE='auto'
+WAIT=120
 SKIP_VENV=0
 PACKAGES=1
 FIREWALL='auto'
@@ -48,10 +60,13 @@ CHANGES=0
 usage() {
   cat <<'USAGE'
 Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
+       install.sh --settings SITE.toml [options]
        install.sh --uninstall [--keep-config] [--root DIR]
 
-  --allow CIDR[,CIDR]      trusted switch/carrier networks (required; repeatable; a prefix is
-                           required, 0.0.0.0/0 and ::/0 are refused)
+  --allow CIDR[,CIDR]      trusted switch/carrier networks (required unless --settings names them;
+                           repeatable; a prefix is required, 0.0.0.0/0 and ::/0 are refused)
+  --settings FILE          site settings (flat TOML of the proxy's settings, no host fields such as
+                           advertise or proxy_id): the stack renders it; flags given here win
   --advertise ADDR|imds    public address for 1:1 NAT (Via, Record-Route, Contact); "imds" reads
                            the instance's public IPv4 (Elastic IP) from EC2 metadata with IMDSv2
   --timeout SECONDS        ClearIP answer timeout, > 0 and <= 60 (default 5)
@@ -62,6 +77,13 @@ Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
   --aws-region REGION|imds region for CloudWatch, written to /etc/clearip-proxy/environment
   --python PATH            interpreter for the venv (default python3.11, else python3 >= 3.11)
   --source DIR             the unpacked release (default: this script's parent directory)
+  --release-id ID          recorded in /opt/clearip-proxy/release-id (the stack passes its asset hash)
+  --wheels DIR             wheel directory with one folder per `uname -m` (default SOURCE/wheels)
+  --offline                never use a package index: fail when the release has no wheels
+  --service MODE           auto, systemctl or none: how to (re)start the proxy (default auto:
+                           systemctl when systemd runs and --root is not given)
+  --wait SECONDS           after a start, restart or reload, wait this long for the proxy to be
+                           active and listening on 5060 (default 120; 0 = do not wait)
   --root DIR               install into DIR as a scratch root: no packages, users, systemctl or
                            firewall changes (for tests and image builds)
   --skip-venv              copy files and write settings but do not create the virtual environment
@@ -107,6 +129,12 @@ while [ $# -gt 0 ]; do
     --aws-region) need_arg "$@"; REGION="$2"; shift 2 ;;
     --python) need_arg "$@"; PYTHON="$2"; shift 2 ;;
     --source) need_arg "$@"; SOURCE="$2"; shift 2 ;;
+    --settings) need_arg "$@"; SITE="$2"; shift 2 ;;
+    --release-id) need_arg "$@"; RELEASE_ID="$2"; shift 2 ;;
+    --wheels) need_arg "$@"; WHEELS="$2"; shift 2 ;;
+    --offline) OFFLINE=1; shift ;;
+    --service) need_arg "$@"; SERVICE="$2"; shift 2 ;;
+    --wait) need_arg "$@"; WAIT="$2"; shift 2 ;;
     --root) need_arg "$@"; ROOT="${2%/}"; shift 2 ;;
     --skip-venv) SKIP_VENV=1; shift ;;
     --no-packages) PACKAGES=0; shift ;;
@@ -127,6 +155,12 @@ R="$ROOT"
 # Touch the live system only without --root and when systemd runs.
 LIVE=0
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then LIVE=1; fi
+case "$SERVICE" in
+  auto) if [ "$LIVE" = 1 ]; then SERVICE=systemctl; else SERVICE=none; fi ;;
+  systemctl | none) ;;
+  *) die "--service $SERVICE: expected auto, systemctl or none" ;;
+esac
+[[ "$WAIT" =~ ^[0-9]+$ ]] || die "--wait $WAIT: a whole number of seconds"
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then die "run as root (or use --root DIR)"; fi
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -148,24 +182,6 @@ imds_retry() {
     [ "$i" -lt 30 ] && sleep 2
   done
   return 1
-}
-
-valid_cidr() {
-  local c="$1" addr prefix
-  case "$c" in */*) ;; *) die "--allow $c: a bare address; write it with a prefix, e.g. $c/32" ;; esac
-  addr="${c%/*}"
-  prefix="${c##*/}"
-  [[ "$prefix" =~ ^[0-9]{1,3}$ ]] || die "--allow $c: bad prefix length"
-  if [[ "$addr" =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]]; then
-    local o
-    for o in "${BASH_REMATCH[@]:1}"; do [ "$o" -le 255 ] || die "--allow $c: not an IPv4 address"; done
-    [ "$prefix" -le 32 ] || die "--allow $c: prefix longer than 32"
-  elif [[ "$addr" =~ ^[0-9A-Fa-f:]+$ ]] && [[ "$addr" == *:* ]]; then
-    [ "$prefix" -le 128 ] || die "--allow $c: prefix longer than 128"
-  else
-    die "--allow $c: not a CIDR"
-  fi
-  [ "$prefix" -gt 0 ] || die "--allow $c admits the whole internet; list only trusted networks"
 }
 
 # Write $2 to path $1 (relative to the root) with mode $3 when the content differs.
@@ -195,27 +211,27 @@ sync_file() {
   changed "$2"
 }
 
-with_transport() {
-  # Set ;transport= of a SIP URI; a standard port of the other transport follows (5061 <-> 5060).
-  local uri="$1" t="$2" base params other kept='' p
-  base="${uri%%;*}"
-  params=''
-  [ "$base" != "$uri" ] && params="${uri#*;}"
-  if [ "$t" = tls ]; then other=5060; else other=5061; fi
-  if [[ "$base" =~ :${other}$ ]]; then
-    base="${base%:*}:$([ "$t" = tls ] && echo 5061 || echo 5060)"
-  fi
-  IFS=';' read -r -a _params <<<"$params"
-  for p in "${_params[@]}"; do
-    case "${p,,}" in transport=*) ;; '') ;; *) kept="$kept;$p" ;; esac
-  done
-  printf '%s%s;transport=%s\n' "$base" "$kept" "$t"
+# The proxy's own settings code, from the release being installed (before its venv exists): the one
+# place where a CIDR, the ClearIP URI's transport or a timeout is judged (proxy_runtime/settings).
+proxy_cli() {
+  PYTHONPATH="$SOURCE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m proxy_runtime "$@"
 }
 
-toml_list() {
-  local out='' x
-  for x in "$@"; do out="$out${out:+, }\"$x\""; done
-  printf '[%s]' "$out"
+# The `settings write` arguments for the flags given (only those: the site file and the host's
+# current values fill the rest).
+settings_args() {
+  SETTINGS_ARGS=(--config "$CONF_DIR/settings.toml")
+  [ -n "$ROOT" ] && SETTINGS_ARGS+=(--root "$ROOT")
+  [ -n "$SITE" ] && SETTINGS_ARGS+=(--site "$SITE")
+  local c
+  for c in "${ALLOW[@]}"; do SETTINGS_ARGS+=(--allow "$c"); done
+  [ -n "$ADVERTISE" ] && SETTINGS_ARGS+=(--set "advertise=$ADVERTISE")
+  [ -n "$PROXY_ID" ] && SETTINGS_ARGS+=(--set "proxy_id=$PROXY_ID")
+  [ -n "$TIMEOUT" ] && SETTINGS_ARGS+=(--set "timeout=$TIMEOUT")
+  [ -n "$CLEARIP_URI" ] && SETTINGS_ARGS+=(--set "clearip=$CLEARIP_URI")
+  [ -n "$METRICS" ] && SETTINGS_ARGS+=(--set "metrics=$METRICS")
+  [ -n "$TRANSPORT" ] && SETTINGS_ARGS+=(--clearip-transport "$TRANSPORT")
+  return 0
 }
 
 pick_python() {
@@ -324,6 +340,7 @@ firewalld_apply() {
 if [ "$UNINSTALL" = 1 ]; then
   if [ "$LIVE" = 1 ]; then
     systemctl disable --now "$UNIT" 2>/dev/null || true
+    systemctl disable --now clearip-proxy-logs.service 2>/dev/null || true
   fi
   if [ -z "$ROOT" ]; then
     if command -v firewall-cmd >/dev/null && firewall-cmd --state >/dev/null 2>&1 \
@@ -333,6 +350,7 @@ if [ "$UNINSTALL" = 1 ]; then
     if command -v nft >/dev/null; then nft delete table inet clearip_proxy 2>/dev/null || true; fi
   fi
   remove=("$R$UNIT_DIR/$UNIT" "$R$UNIT_DIR/$UNIT.d" "$R$PREFIX" "$R/usr/local/bin/clearip-proxy"
+    "$R$UNIT_DIR/clearip-proxy-logs.service" "$R/etc/logrotate.d/clearip-proxy"
     "$R/var/lib/clearip-proxy" "$R/etc/sysctl.d/90-clearip-proxy.conf")
   if [ "$KEEP_CONFIG" = 0 ]; then remove+=("$R$CONF_DIR"); fi
   rm -rf -- "${remove[@]}"
@@ -343,23 +361,17 @@ if [ "$UNINSTALL" = 1 ]; then
 fi
 
 # ---- validate --------------------------------------------------------------------------------
-[ ${#ALLOW[@]} -gt 0 ] || die "--allow CIDR is required: the switches and carriers that may send SIP"
-for c in "${ALLOW[@]}"; do valid_cidr "$c"; done
-[[ "$TIMEOUT" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--timeout $TIMEOUT: not a number of seconds"
-awk -v t="$TIMEOUT" 'BEGIN { exit !(t > 0 && t <= 60) }' || die "--timeout $TIMEOUT: must be > 0 and <= 60"
-[[ "$TIMEOUT" == *.* ]] || TIMEOUT="$TIMEOUT.0"
-[[ "$CLEARIP_URI" =~ ^sips?:[^[:space:]\"\\]+$ ]] || die "--clearip-uri $CLEARIP_URI: not a SIP URI"
-case "$TRANSPORT" in
-  '') ;;
-  tls | tcp) CLEARIP_URI=$(with_transport "$CLEARIP_URI" "$TRANSPORT") ;;
-  *) die "--clearip-transport $TRANSPORT: expected tls or tcp" ;;
-esac
-case "$METRICS" in auto | cloudwatch | log | off) ;; *) die "--metrics $METRICS: expected auto, cloudwatch, log or off" ;; esac
+# OS packages first: the settings are judged by the proxy's own code, which needs python3.11.
+[ "$PACKAGES" = 1 ] && install_packages
+[ ${#ALLOW[@]} -gt 0 ] || [ -n "$SITE" ] || [ -f "$R$CONF_DIR/settings.toml" ] \
+  || die "--allow CIDR is required: the switches and carriers that may send SIP"
+[ -z "$SITE" ] || [ -f "$SITE" ] || die "--settings $SITE: no such file"
 if [ ! -d "$SOURCE/proxy_runtime" ] || [ ! -f "$SOURCE/requirements-runtime.txt" ] \
   || [ ! -f "$SOURCE/deploy/$UNIT" ]; then
   die "--source $SOURCE: not a clearip-proxy release (proxy_runtime/, requirements-runtime.txt, deploy/)"
 fi
 SOURCE="$(cd "$SOURCE" && pwd)"
+[ -n "$WHEELS" ] || WHEELS="$SOURCE/wheels"
 if [ "$ADVERTISE" = imds ]; then
   ADVERTISE=$(imds_retry public-ipv4) || die "--advertise imds: no public IPv4 in the instance metadata"
 fi
@@ -372,9 +384,14 @@ if [ "$REGION" = imds ]; then
   REGION=$(imds_retry placement/region) || die "--aws-region imds: no region in the instance metadata"
 fi
 [[ "$REGION" =~ ^[a-z0-9-]*$ ]] || die "--aws-region $REGION: not a region name"
+[[ "$RELEASE_ID" =~ ^[A-Za-z0-9._-]*$ ]] || die "--release-id $RELEASE_ID: letters, digits, '.', '_' and '-' only"
+pick_python
+settings_args
+# Every value checked now, before anything is changed (the TLS files may not exist yet).
+proxy_cli settings write "${SETTINGS_ARGS[@]}" --dry-run --no-file-checks >/dev/null \
+  || die "the settings above are refused; nothing was changed"
 
 # ---- install ---------------------------------------------------------------------------------
-[ "$PACKAGES" = 1 ] && install_packages
 if [ -z "$ROOT" ] && ! getent passwd "$SERVICE_USER" >/dev/null; then
   useradd --system --home-dir /var/lib/clearip-proxy --no-create-home \
     --shell "$(command -v nologin || echo /sbin/nologin)" "$SERVICE_USER"
@@ -383,14 +400,16 @@ fi
 
 # The runtime: proxy_runtime/, pyproject.toml, requirements-runtime.txt, deploy/. Files that left
 # the release are removed.
+code_before=$CHANGES
 declare -A WANT=()
+RELEASE_FILES=("$SOURCE/proxy_runtime" "$SOURCE/deploy" "$SOURCE/pyproject.toml" "$SOURCE/requirements-runtime.txt")
+[ -f "$SOURCE/requirements-runtime.lock" ] && RELEASE_FILES+=("$SOURCE/requirements-runtime.lock")
 while IFS= read -r -d '' f; do
   rel="${f#"$SOURCE"/}"
   WANT["$rel"]=1
   case "$rel" in *.sh) mode=755 ;; *) mode=644 ;; esac
   sync_file "$f" "$PREFIX/src/$rel" "$mode"
-done < <(find "$SOURCE/proxy_runtime" "$SOURCE/deploy" "$SOURCE/pyproject.toml" \
-  "$SOURCE/requirements-runtime.txt" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z)
+done < <(find "${RELEASE_FILES[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z)
 while IFS= read -r -d '' f; do
   rel="${f#"$R$PREFIX/src/"}"
   [ -n "${WANT[$rel]:-}" ] || { rm -f "$f"; changed "removed $PREFIX/src/$rel"; }
@@ -399,7 +418,6 @@ done < <(find "$R$PREFIX/src" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 
 if [ "$SKIP_VENV" = 0 ]; then
   VENV="$R$PREFIX/venv"
   if [ ! -x "$VENV/bin/python" ]; then
-    pick_python
     log "creating $PREFIX/venv with $PYTHON"
     "$PYTHON" -m venv "$VENV"
     changed "$PREFIX/venv"
@@ -410,10 +428,22 @@ if [ "$SKIP_VENV" = 0 ]; then
   if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
     build=$(mktemp -d)
     cp -r "$R$PREFIX/src/." "$build/"
-    log "installing the runtime dependencies (requirements-runtime.txt) and the proxy"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
-      -r "$build/requirements-runtime.txt"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$build"
+    arch_wheels="$WHEELS/$(uname -m)"
+    if [ -f "$build/requirements-runtime.lock" ] && [ -d "$arch_wheels" ]; then
+      # The release's own wheels, each checked against its pinned hash; no package index at all.
+      log "installing the runtime dependencies from $arch_wheels (hash-pinned, no index) and the proxy"
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
+        --find-links "$arch_wheels" --require-hashes -r "$build/requirements-runtime.lock"
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
+        --find-links "$arch_wheels" --no-deps --force-reinstall "$build"
+    elif [ "$OFFLINE" = 1 ]; then
+      die "--offline: the release has no wheels for $(uname -m) in $WHEELS (build the asset with make wheels)"
+    else
+      log "no wheels in the release: installing requirements-runtime.txt from the package index"
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        -r "$build/requirements-runtime.txt"
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$build"
+    fi
     rm -rf "$build"
     printf '%s\n' "$stamp" >"$VENV/.release-sha256"
     changed "$PREFIX/venv packages"
@@ -424,6 +454,12 @@ if [ "$SKIP_VENV" = 0 ]; then
     changed "/usr/local/bin/clearip-proxy"
   fi
 fi
+if [ -n "$RELEASE_ID" ]; then
+  put_file "$PREFIX/release-id" "$RELEASE_ID
+" 644 || true
+fi
+CODE_CHANGED=0
+[ "$CHANGES" -gt "$code_before" ] && CODE_CHANGED=1
 
 # TLS for the 5061 listener: self-signed unless the operator put a certificate there.
 TLS_DIR="$CONF_DIR/tls"
@@ -441,20 +477,19 @@ if [ ! -s "$R$TLS_DIR/cert.pem" ] || [ ! -s "$R$TLS_DIR/key.pem" ]; then
   changed "$TLS_DIR (self-signed certificate for $cn; replace it with your own)"
 fi
 
-settings="# /etc/clearip-proxy/settings.toml, written by install.sh. Keys are the proxy's Settings fields.
-# Change values with: clearip-proxy set KEY VALUE --config /etc/clearip-proxy/settings.toml
-# (re-running install.sh rewrites this file from its arguments).
-allow = $(toml_list "${ALLOW[@]}")
-advertise = \"$ADVERTISE\"
-clearip = \"$CLEARIP_URI\"
-timeout = $TIMEOUT
-tls_cert = \"$TLS_DIR/cert.pem\"
-tls_key = \"$TLS_DIR/key.pem\"
-metrics = \"$METRICS\"
-"
-[ -n "$PROXY_ID" ] && settings="${settings}proxy_id = \"$PROXY_ID\"
-"
-put_file "$CONF_DIR/settings.toml" "$settings" 640 || true
+# The settings file, whole: host fields kept, the site file, then the flags; the proxy's own code
+# validates it and says how the running proxy takes the change (unchanged, reload or restart).
+SETTINGS_ARGS+=(--set "tls_cert=$TLS_DIR/cert.pem" --set "tls_key=$TLS_DIR/key.pem")
+APPLY=$(proxy_cli settings write "${SETTINGS_ARGS[@]}") || die "writing $CONF_DIR/settings.toml failed"
+APPLY="${APPLY##*$'\n'}"
+case "$APPLY" in
+  unchanged) ;;
+  reload | restart) changed "$CONF_DIR/settings.toml (applied by $APPLY)" ;;
+  *) die "settings write said '$APPLY'" ;;
+esac
+# The firewall admits what the settings file allows (read back by the same code).
+mapfile -t ALLOW < <(proxy_cli settings get allow --config "$CONF_DIR/settings.toml" ${ROOT:+--root "$ROOT"})
+[ ${#ALLOW[@]} -gt 0 ] || die "$CONF_DIR/settings.toml allows no source"
 if [ -n "$REGION" ]; then
   put_file "$CONF_DIR/environment" "AWS_REGION=$REGION
 AWS_DEFAULT_REGION=$REGION
@@ -480,8 +515,11 @@ MODE=$(firewall_mode)
 case "$MODE" in
   nftables)
     NFT_CHANGED=0
+    # The rules change with the allow-list; nft loads them now, the proxy needs no restart for it.
+    fw_before=$CHANGES
     if put_file "$CONF_DIR/firewall.nft" "$(nft_rules)
 " 644; then NFT_CHANGED=1; fi
+    before=$((before + CHANGES - fw_before))
     put_file "$UNIT_DIR/$UNIT.d/firewall.conf" "# Written by install.sh: load the SIP allow-list before the proxy starts.
 [Service]
 ExecStartPre=+$(command -v nft || echo /usr/sbin/nft) -f $CONF_DIR/firewall.nft
@@ -490,30 +528,81 @@ ExecStartPre=+$(command -v nft || echo /usr/sbin/nft) -f $CONF_DIR/firewall.nft
     ;;
   firewalld)
     rm -f "$R$UNIT_DIR/$UNIT.d/firewall.conf" "$R$CONF_DIR/firewall.nft"
+    fw_before=$CHANGES
     firewalld_apply
+    before=$((before + CHANGES - fw_before))
     ;;
   none) log "no firewall changes (--firewall none, or neither firewalld nor nft found)" ;;
 esac
-[ "$CHANGES" -gt "$before" ] && UNIT_CHANGED=1
+# A changed unit or drop-in needs daemon-reload and a restart; firewall rules alone do not.
+[ "$CHANGES" -gt "$before" ] && UNIT_CHANGED=1 && CODE_CHANGED=1
 
 if [ -z "$ROOT" ] && getent group "$SERVICE_USER" >/dev/null; then
   chown root:"$SERVICE_USER" "$CONF_DIR" "$CONF_DIR/settings.toml" "$TLS_DIR" "$TLS_DIR/key.pem"
   chmod 750 "$CONF_DIR"
 fi
 
-if [ "$LIVE" = 1 ]; then
+# Bring the running proxy to what is installed: a new release, unit or restart-only setting needs a
+# restart (systemd sends SIGTERM: the proxy answers new INVITEs 503 so switches route-advance, and
+# drains calls in flight for up to drain_timeout); reloadable settings are applied by SIGHUP without
+# dropping a call. Then wait until it is active and listening, or fail (the deploy stops here).
+ACTION=''
+if [ "$SERVICE" = systemctl ]; then
   [ "$UNIT_CHANGED" = 1 ] && systemctl daemon-reload
   systemctl is-enabled --quiet "$UNIT" 2>/dev/null || { systemctl enable --quiet "$UNIT"; changed "enabled $UNIT"; }
-  if [ "$CHANGES" -gt 0 ]; then
-    systemctl restart "$UNIT"
-    log "restarted $UNIT"
-  elif ! systemctl is-active --quiet "$UNIT"; then
+  if ! systemctl is-active --quiet "$UNIT"; then
     systemctl start "$UNIT"
-    log "started $UNIT"
+    ACTION=started
+  elif [ "$CODE_CHANGED" = 1 ] || [ "$APPLY" = restart ]; then
+    log "restarting $UNIT (SIGTERM: calls in flight drain first)"
+    systemctl restart "$UNIT"
+    ACTION=restarted
+  elif [ "$APPLY" = reload ]; then
+    systemctl reload "$UNIT"
+    ACTION=reloaded
+  fi
+  if [ -n "$ACTION" ]; then
+    log "$ACTION $UNIT"
+    if [ "$WAIT" -gt 0 ]; then
+      ready=0
+      for _ in $(seq "$WAIT"); do
+        if systemctl is-active --quiet "$UNIT" \
+          && ss -Hlun 'sport = :5060' | grep -q . && ss -Hltn 'sport = :5060' | grep -q .; then
+          ready=1
+          break
+        fi
+        sleep 1
+      done
+      if [ "$ready" = 0 ]; then
+        journalctl -u "$UNIT" --no-pager -n 50 || true
+        die "$UNIT is not active and listening on 5060 ${WAIT}s after it was $ACTION (journalctl -u $UNIT)"
+      fi
+      log "$UNIT is active and listening on 5060"
+    fi
   fi
 elif [ -z "$ROOT" ]; then
   log "no systemd running: start it with $PREFIX/venv/bin/clearip-proxy run --config $CONF_DIR/settings.toml"
 fi
+
+# ---- BEGIN operator-view: per-call log export (docs/METRICS.md "Per-call lines in CloudWatch") ----
+# The proxy's journal is split into /var/log/clearip-proxy/{calls,proxy}.log for the CloudWatch
+# agent (the stack installs and configures the agent itself, through SSM). After the proxy's own
+# start above, so a change here never restarts the proxy.
+LOGS_UNIT=clearip-proxy-logs.service
+before=$CHANGES
+sync_file "$SOURCE/deploy/$LOGS_UNIT" "$UNIT_DIR/$LOGS_UNIT" 644
+sync_file "$SOURCE/deploy/clearip-proxy.logrotate" /etc/logrotate.d/clearip-proxy 644
+if [ "$PACKAGES" = 1 ] && command -v dnf >/dev/null && ! command -v logrotate >/dev/null; then
+  dnf install -y -q logrotate || log "could not install logrotate: rotate /var/log/clearip-proxy yourself"
+fi
+if [ "$LIVE" = 1 ]; then
+  [ "$CHANGES" -gt "$before" ] && systemctl daemon-reload
+  if [ "$CHANGES" -gt "$before" ] || ! systemctl is-active --quiet "$LOGS_UNIT"; then
+    systemctl enable --quiet "$LOGS_UNIT"
+    systemctl restart "$LOGS_UNIT"
+  fi
+fi
+# ---- END operator-view -------------------------------------------------------------------------
 
 if [ "$CHANGES" -eq 0 ]; then
   log "unchanged"

@@ -1,4 +1,15 @@
-"""The redundant EC2 proxies: Elastic IPs, instance role, the proxy as a CDK asset, user data."""
+"""The redundant EC2 proxies: Elastic IPs (retained, adoptable), a pinned image, the instance role,
+first-boot user data.
+
+Day 2 (see infra/release.py for settings and code): an instance is replaced only when its image
+(``ami``), type or key pair change. The proxies are chained (each waits for the previous one's
+instance and address), so CloudFormation replaces them one at a time: the new instance boots,
+installs the current release and signals that it listens, its Elastic IP moves to it, and only
+then the next one starts; a new proxy that does not come up fails and rolls back the deploy before
+the next is touched. Each instance has its own primary network interface and no termination
+protection, so the old one can be deleted (its proxy drains on shutdown) and ``cdk destroy`` works;
+the Elastic IPs are retained when the stack is deleted, and ``eip_allocations`` adopts them again.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +17,58 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsii
 from aws_cdk import (
     Acknowledgment,
-    Aws,
     CfnCreationPolicy,
     CfnResourceSignal,
+    RemovalPolicy,
     Stack,
     Tags,
     Validations,
 )
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
+from infra.release import REPO_ROOT, ProxyRelease
 from proxy_runtime.metrics import names
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["REPO_ROOT", "USER_DATA_TEMPLATE", "PinnedImage", "Proxy", "ProxyFleet", "render_user_data"]
+
 USER_DATA_TEMPLATE = Path(__file__).with_name("user_data.sh")
 
-# The asset is the runtime only: everything is excluded, then the runtime is let back in.
-ASSET_EXCLUDE: tuple[str, ...] = (
-    "*",
-    ".*",
-    "!proxy_runtime",
-    "!proxy_runtime/**",
-    "!deploy",
-    "!deploy/**",
-    "!pyproject.toml",
-    "!requirements-runtime.txt",
-    "**/__pycache__",
-    "**/*.pyc",
-    "**/.*",
-)
+
+@jsii.implements(ec2.IMachineImage)
+class PinnedImage:
+    """An AMI id recorded in the settings: the image changes only when the operator changes it
+    (``MachineImage.latest_amazon_linux2023()`` resolves a new image whenever AWS publishes one)."""
+
+    def __init__(self, ami: str) -> None:
+        self.ami = ami
+
+    def get_image(self, scope: Construct) -> ec2.MachineImageConfig:
+        return ec2.MachineImageConfig(
+            image_id=self.ami,
+            os_type=ec2.OperatingSystemType.LINUX,
+            user_data=ec2.UserData.for_linux(shebang="#!/bin/bash"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
-    """One proxy: its instance, Elastic IP and the network interface that carries the EIP."""
+    """One proxy: its instance, its Elastic IP's allocation and address, and their association."""
 
     name: str
     instance: ec2.Instance
-    elastic_ip: ec2.CfnEIP
-    interface: ec2.CfnNetworkInterface
+    allocation_id: str
+    public_ip: str
+    association: ec2.CfnEIPAssociation
+    elastic_ip: ec2.CfnEIP | None  # None when the address is adopted (eip_allocations)
 
     @property
     def instance_id(self) -> str:
         return self.instance.instance_id
-
-    @property
-    def public_ip(self) -> str:
-        return self.elastic_ip.ref  # Ref of an EIP is its public address
 
 
 def render_user_data(values: Mapping[str, str]) -> str:
@@ -84,14 +96,13 @@ class ProxyFleet(Construct):
         security_group: ec2.ISecurityGroup,
         proxy_count: int,
         instance_type: str,
-        sip_cidrs: Sequence[str],
-        clearip_uri: str,
-        timeout: float,
+        ami: str,
+        release: ProxyRelease,
+        eip_allocations: Sequence[tuple[str, str]] = (),
         key_pair: str | None = None,
         root_volume_gib: int = 16,
         signal_timeout_minutes: int = 20,
         listen_wait_seconds: int = 120,
-        source_dir: Path = REPO_ROOT,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
@@ -112,41 +123,26 @@ class ProxyFleet(Construct):
             )
         )
 
-        self.asset = s3_assets.Asset(self, "ProxyCode", path=str(source_dir), exclude=list(ASSET_EXCLUDE))
-        self.role.add_to_policy(
-            iam.PolicyStatement(
-                sid="ReadOwnCodeAsset",
-                actions=["s3:GetObject"],
-                resources=[
-                    f"arn:{Aws.PARTITION}:s3:::{self.asset.s3_bucket_name}/{self.asset.s3_object_key}"
-                ],
-            )
-        )
+        release.grant_read(self.role)
+        self.release = release
 
         key = ec2.KeyPair.from_key_pair_name(self, "KeyPair", key_pair) if key_pair else None
-        machine_image = ec2.MachineImage.latest_amazon_linux2023()
+        machine_image = PinnedImage(ami)
         self.proxies: list[Proxy] = []
+        previous: list[Construct] = []
         for i in range(proxy_count):
             name = f"Proxy{i + 1}"
             subnet = subnets[i % len(subnets)]
-            # The Elastic IP sits on a network interface created before the instance, so the
-            # instance boots with it and the user data can read it from IMDS (the association
-            # cannot wait for the instance: the instance waits for its own cfn-signal).
-            interface = ec2.CfnNetworkInterface(
-                self,
-                f"{name}Interface",
-                subnet_id=subnet.subnet_id,
-                group_set=[security_group.security_group_id],
-                description=f"ClearIP {name} (carries its Elastic IP)",
-            )
-            eip = ec2.CfnEIP(self, f"{name}ElasticIp", domain="vpc")
-            Tags.of(eip).add("Name", f"{stack.stack_name}-{name}")
-            association = ec2.CfnEIPAssociation(
-                self,
-                f"{name}ElasticIpAssociation",
-                allocation_id=eip.attr_allocation_id,
-                network_interface_id=interface.ref,
-            )
+            eip: ec2.CfnEIP | None = None
+            if i < len(eip_allocations):
+                allocation_id, public_ip = eip_allocations[i]
+            else:
+                eip = ec2.CfnEIP(self, f"{name}ElasticIp", domain="vpc")
+                # Carriers and ClearIP whitelist the address: it outlives the stack, and a new stack
+                # adopts it with eip_allocations.
+                eip.apply_removal_policy(RemovalPolicy.RETAIN)
+                Tags.of(eip).add("Name", f"{stack.stack_name}-{name}")
+                allocation_id, public_ip = eip.attr_allocation_id, eip.ref  # Ref is the address
             instance = ec2.Instance(
                 self,
                 name,
@@ -158,7 +154,6 @@ class ProxyFleet(Construct):
                 role=self.role,
                 key_pair=key,
                 detailed_monitoring=True,
-                disable_api_termination=True,
                 block_devices=[
                     ec2.BlockDevice(
                         device_name="/dev/xvda",
@@ -171,43 +166,72 @@ class ProxyFleet(Construct):
                     )
                 ],
                 user_data=ec2.UserData.for_linux(shebang="#!/bin/bash"),
+                # User data runs at first boot only; later changes travel by the release association.
                 user_data_causes_replacement=False,
             )
             cfn = instance.node.default_child
             assert isinstance(cfn, ec2.CfnInstance)
-            # The interface carries subnet and security group; an instance cannot name both.
-            cfn.add_property_deletion_override("SubnetId")
-            cfn.add_property_deletion_override("SecurityGroupIds")
-            cfn.add_property_override(
-                "NetworkInterfaces", [{"DeviceIndex": "0", "NetworkInterfaceId": interface.ref}]
-            )
             cfn.add_property_override(
                 "MetadataOptions",
                 {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
             )
-            cfn.node.add_dependency(association)
+            Validations.of(cfn).acknowledge(
+                Acknowledgment(
+                    id="AwsSolutions::AwsSolutions-EC29",
+                    reason="Termination protection would stop CloudFormation from deleting a replaced "
+                    "proxy (a new image) and make cdk destroy fail; the proxies hold no state, their "
+                    "Elastic IPs are retained, and a deleted proxy comes back with cdk deploy.",
+                ),
+                Acknowledgment(
+                    id="CloudFormation-Validate::W9010",
+                    reason="The image is pinned on purpose (the ami setting): a proxy's image changes only "
+                    "when the operator records a new one, never because AWS published one.",
+                ),
+            )
             cfn.cfn_options.creation_policy = CfnCreationPolicy(
                 resource_signal=CfnResourceSignal(count=1, timeout=f"PT{signal_timeout_minutes}M")
             )
+            # One at a time: this proxy is created or replaced only once the previous one is up and
+            # carries its address again.
+            for dep in previous:
+                cfn.node.add_dependency(dep)
+            # First boot reads the current release and settings from the parameters.
+            cfn.node.add_dependency(release.release_parameter, release.settings_parameter)
             instance.user_data.add_commands(
                 # UserData.for_linux writes the shebang; the template's own is for shellcheck.
+                # Only values that never change for this instance: a change of user data would stop
+                # and start it, and cloud-init would not run it again anyway.
                 render_user_data(
                     {
-                        "STACK": Aws.STACK_NAME,
+                        "STACK": stack.stack_name,
                         "RESOURCE": stack.get_logical_id(cfn),
-                        "REGION": Aws.REGION,
-                        "ASSET_URL": self.asset.s3_object_url,
-                        "ELASTIC_IP": eip.ref,
-                        "SIP_CIDRS": ",".join(sip_cidrs),
-                        "CLEARIP_URI": clearip_uri,
-                        "TIMEOUT": f"{timeout:g}",
+                        "REGION": stack.region,
+                        "ELASTIC_IP": public_ip,
+                        "RELEASE_PARAMETER": release.release_parameter_name,
+                        "SETTINGS_PARAMETER": release.settings_parameter_name,
                         "LISTEN_WAIT": str(listen_wait_seconds),
                     }
                 ).removeprefix("#!/bin/bash\n")
             )
+            association = ec2.CfnEIPAssociation(
+                self,
+                f"{name}ElasticIpAssociation",
+                allocation_id=allocation_id,
+                instance_id=instance.instance_id,
+            )
             Tags.of(instance).add("Name", f"{stack.stack_name}-{name}")
             Tags.of(instance).add("clearip-proxy", stack.stack_name)
-            self.proxies.append(Proxy(name=name, instance=instance, elastic_ip=eip, interface=interface))
+            self.proxies.append(
+                Proxy(
+                    name=name,
+                    instance=instance,
+                    allocation_id=allocation_id,
+                    public_ip=public_ip,
+                    association=association,
+                    elastic_ip=eip,
+                )
+            )
+            previous = [cfn, association]
 
         Validations.of(self.role).acknowledge(
             Acknowledgment(

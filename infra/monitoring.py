@@ -9,58 +9,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Aws, Duration, Stack
+from aws_cdk import ArnFormat, Aws, Stack
 from aws_cdk import aws_cloudwatch as cw
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subs
 from constructs import Construct
 
+from infra import logs
+from infra.dashboard import (
+    FIVE_MINUTES,
+    MonitoredProxy,
+    add_story_widgets,
+    ec2_metric,
+    host_metric,
+    proxy_metric,
+)
 from infra.settings import AlarmThresholds
 from proxy_runtime.metrics import names
 
-ONE_MINUTE = Duration.minutes(1)
-FIVE_MINUTES = Duration.minutes(5)
+__all__ = ["HealthThresholds", "MonitoredProxy", "ProxyMonitoring", "proxy_metric"]
 
 
 @dataclass(frozen=True, slots=True)
-class MonitoredProxy:
-    """What the monitoring needs to know about one proxy."""
+class HealthThresholds:
+    """When the alarms on carriers, drift and the host fire (defaults a carrier NOC would start from)."""
 
-    name: str
-    instance_id: str
-    public_ip: str
-
-
-def proxy_metric(
-    spec: names.MetricSpec,
-    proxy_id: str,
-    *,
-    statistic: str = cw.Stats.SUM,
-    period: Duration = ONE_MINUTE,
-    label: str | None = None,
-) -> cw.Metric:
-    """One of the proxy's own metrics (namespace and dimension from the shared names module)."""
-    return cw.Metric(
-        namespace=names.NAMESPACE,
-        metric_name=spec.name,
-        dimensions_map={names.DIMENSION_PROXY_ID: proxy_id},
-        statistic=statistic,
-        period=period,
-        label=label,
-    )
-
-
-def ec2_metric(
-    metric_name: str, instance_id: str, *, statistic: str, period: Duration = ONE_MINUTE
-) -> cw.Metric:
-    return cw.Metric(
-        namespace="AWS/EC2",
-        metric_name=metric_name,
-        dimensions_map={"InstanceId": instance_id},
-        statistic=statistic,
-        period=period,
-    )
+    carriers_failed_percent: float = 20.0
+    """Share of routed calls (5 min) that ended with every carrier failed, above which it alarms."""
+    carriers_failed_min_calls: int = 20
+    """Below this many routed calls in 5 minutes the carrier ratio is not judged."""
+    memory_percent: float = 90.0
+    """Memory used (%) above which, for 5 minutes on end, the memory alarm fires."""
+    disk_percent: float = 85.0
+    """Root file system used (%) above which the disk alarm fires."""
 
 
 class ProxyMonitoring(Construct):
@@ -71,6 +53,7 @@ class ProxyMonitoring(Construct):
         *,
         proxies: Sequence[MonitoredProxy],
         thresholds: AlarmThresholds,
+        health: HealthThresholds | None = None,
         alarm_email: str | None = None,
         dashboard_name: str | None = None,
     ) -> None:
@@ -83,11 +66,13 @@ class ProxyMonitoring(Construct):
             self.topic.add_subscription(subs.EmailSubscription(alarm_email))
         self._notify = cw_actions.SnsAction(self.topic)
         self.alarms: list[cw.Alarm] = []
+        self.alarm_refs: list[cw.IAlarm] = []
         for p in proxies:
             self._add_proxy_alarms(p, thresholds)
+            self._add_health_alarms(p, health or HealthThresholds())
         self.dashboard_name = dashboard_name or stack.stack_name
         self.dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=self.dashboard_name)
-        self._add_widgets(proxies)
+        add_story_widgets(self.dashboard, proxies, self.alarm_refs)
         self.dashboard_url = (
             f"https://{Aws.REGION}.console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
             f"#dashboards:name={self.dashboard_name}"
@@ -108,9 +93,14 @@ class ProxyMonitoring(Construct):
         extra_actions: Sequence[cw.IAlarmAction] = (),
     ) -> cw.Alarm:
         """The one alarm builder: every alarm notifies the topic on ALARM and on OK."""
+        stack = Stack.of(self)
+        # The name is the sentence, prefixed with the stack: it is what the e-mail subject and the
+        # console show ("ClearIpProxy Proxy1 drops SIP from sources it does not trust").
+        name = f"{stack.stack_name} {construct_id}"
         alarm = cw.Alarm(
             self,
             construct_id,
+            alarm_name=name,
             metric=metric,
             threshold=threshold,
             comparison_operator=comparison,
@@ -121,6 +111,15 @@ class ProxyMonitoring(Construct):
         )
         alarm.add_alarm_action(self._notify, *extra_actions)
         alarm.add_ok_action(self._notify)
+        # The dashboard names alarms by ARN built from the name (no Fn::GetAtt on the alarm: the
+        # dashboard does not wait for, or break without, the alarms).
+        arn = stack.format_arn(
+            service="cloudwatch",
+            resource="alarm",
+            resource_name=name,
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        self.alarm_refs.append(cw.Alarm.from_alarm_arn(self, f"{construct_id} (by ARN)", arn))
         self.alarms.append(alarm)
         return alarm
 
@@ -230,75 +229,91 @@ class ProxyMonitoring(Construct):
             f"the proxy in two consecutive 5-min periods (at least {t.failed_call_min_calls} calls).",
         )
 
+    def _add_health_alarms(self, p: MonitoredProxy, h: HealthThresholds) -> None:
+        n = p.name
+        gt = cw.ComparisonOperator.GREATER_THAN_THRESHOLD
+        ge = cw.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+
+        # Carriers failing: routed calls that ended 408/5xx after every Contact ClearIP gave us failed.
+        # The switch then route-advances away from ClearIP's carriers, or the caller hears a failure.
+        # No data means no routed calls (or no proxy: the heartbeat alarm's job), so it does not breach.
+        failed = proxy_metric(names.CARRIERS_FAILED_CALLS, p.instance_id, period=FIVE_MINUTES)
+        routed = proxy_metric(
+            names.CARRIER_ATTEMPTS, p.instance_id, statistic=cw.Stats.SAMPLE_COUNT, period=FIVE_MINUTES
+        )
+        self._alarm(
+            f"{n} sees every carrier fail on more than {h.carriers_failed_percent:g} percent of routed calls",
+            metric=cw.MathExpression(
+                expression=f"IF(routed >= {h.carriers_failed_min_calls}, 100 * failed / routed, 0)",
+                using_metrics={"failed": failed, "routed": routed},
+                period=FIVE_MINUTES,
+                label="Routed calls with every carrier failed (%)",
+            ),
+            threshold=h.carriers_failed_percent,
+            comparison=gt,
+            evaluation_periods=2,
+            datapoints_to_alarm=2,
+            treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+            description=f"{n} ({p.instance_id}): over {h.carriers_failed_percent:g}% of routed calls ended "
+            f"408/5xx with every carrier failed, two 5-min periods running (at least "
+            f"{h.carriers_failed_min_calls} routed calls). Check the carriers in the per-call lines "
+            "(saved query 'Failed calls by cause').",
+        )
+        # Drift: the security group admits a source the proxy's own allow-list does not (a sip_cidrs
+        # entry missing on the proxy), so that carrier's or switch's SIP is dropped in silence. The
+        # security group already stops the internet, so any drop is worth a look. No data: no proxy
+        # (heartbeat alarm), so missing data does not breach.
+        self._alarm(
+            f"{n} drops SIP from sources it does not trust",
+            metric=proxy_metric(names.UNTRUSTED_DROPPED, p.instance_id, period=FIVE_MINUTES),
+            threshold=0,
+            comparison=gt,
+            evaluation_periods=1,
+            datapoints_to_alarm=1,
+            treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+            description=f"{n} ({p.instance_id}): SIP from a source outside the proxy's allow-list was "
+            "dropped. Compare sip_cidrs with the security group; `clearip-proxy doctor` shows the list.",
+        )
+        # ClearIP brownout: the breaker opened after repeated ClearIP timeouts, so calls get 503 at once
+        # (the switch routes around this proxy) instead of waiting `timeout` each. Missing data is the
+        # heartbeat alarm's job.
+        self._alarm(
+            f"{n} has its ClearIP breaker open so calls get 503 at once",
+            metric=proxy_metric(names.CLEARIP_BREAKER_OPEN, p.instance_id, statistic=cw.Stats.MAXIMUM),
+            threshold=1,
+            comparison=ge,
+            evaluation_periods=1,
+            datapoints_to_alarm=1,
+            treat_missing_data=cw.TreatMissingData.NOT_BREACHING,
+            description=f"{n} ({p.instance_id}): ClearIP answers too slowly (brownout); the breaker is "
+            "open or probing. Calls are refused at once with 503 so switches route-advance.",
+        )
+        # Memory: the proxy holds every ringing call in memory; past this the kernel may kill it.
+        # Missing data leaves the alarm INSUFFICIENT_DATA (grey on the dashboard): the CloudWatch agent
+        # stopped reporting, which the alarm status widget shows rather than a false "memory high".
+        self._alarm(
+            f"{n} memory use is above {h.memory_percent:g} percent",
+            metric=host_metric(logs.MEM_USED_PERCENT, p.instance_id, statistic=cw.Stats.AVERAGE),
+            threshold=h.memory_percent,
+            comparison=gt,
+            evaluation_periods=5,
+            datapoints_to_alarm=5,
+            treat_missing_data=cw.TreatMissingData.MISSING,
+            description=f"{n} ({p.instance_id}): memory above {h.memory_percent:g}% for 5 min. Look at "
+            "InFlightTransactions and the proxy's RSS (`systemctl status clearip-proxy`).",
+        )
+        # Disk: a full root file system stops the journal, traces and the log export. Same missing-data
+        # rule as memory.
+        self._alarm(
+            f"{n} disk use is above {h.disk_percent:g} percent",
+            metric=host_metric(logs.DISK_USED_PERCENT, p.instance_id, statistic=cw.Stats.MAXIMUM),
+            threshold=h.disk_percent,
+            comparison=gt,
+            evaluation_periods=5,
+            datapoints_to_alarm=5,
+            treat_missing_data=cw.TreatMissingData.MISSING,
+            description=f"{n} ({p.instance_id}): root file system above {h.disk_percent:g}%. Clear "
+            "/var/lib/clearip-proxy/traces and old journal files (`journalctl --vacuum-size=500M`).",
+        )
+
     # ---- dashboard ---------------------------------------------------------------------------
-    def _add_widgets(self, proxies: Sequence[MonitoredProxy]) -> None:
-        rows = "\n".join(f"| {p.name} | {p.public_ip} | {p.instance_id} |" for p in proxies)
-        self.dashboard.add_widgets(
-            cw.TextWidget(
-                markdown="## ClearIP proxies\nCarriers and ClearIP whitelist these addresses.\n\n"
-                "| proxy | public IP (Elastic IP) | instance |\n| --- | --- | --- |\n" + rows,
-                width=24,
-                height=2 + len(proxies),
-            )
-        )
-
-        def per_proxy(spec: names.MetricSpec, statistic: str = cw.Stats.SUM) -> list[cw.IMetric]:
-            return [proxy_metric(spec, p.instance_id, statistic=statistic, label=p.name) for p in proxies]
-
-        outcomes = [
-            names.ClearIpOutcome.REDIRECT_302,
-            names.ClearIpOutcome.REDIRECT_300,
-            names.ClearIpOutcome.REDIRECT_UNUSABLE,
-            names.ClearIpOutcome.UNAVAILABLE_503,
-            names.ClearIpOutcome.NOT_FOUND_404,
-            names.ClearIpOutcome.BLOCKED_603,
-            names.ClearIpOutcome.UNWANTED_607,
-            names.ClearIpOutcome.REJECTED_608,
-            names.ClearIpOutcome.FORBIDDEN_403,
-            names.ClearIpOutcome.TIMEOUT,
-        ]
-        outcome_metrics: list[cw.IMetric] = [
-            cw.MathExpression(
-                expression=" + ".join(f"o{j}p{i}" for i in range(len(proxies))),
-                using_metrics={
-                    f"o{j}p{i}": proxy_metric(names.CLEARIP_OUTCOME_METRICS[o], p.instance_id)
-                    for i, p in enumerate(proxies)
-                },
-                label=names.CLEARIP_OUTCOME_METRICS[o].name,
-                period=ONE_MINUTE,
-            )
-            for j, o in enumerate(outcomes)
-        ]
-        latency: list[cw.IMetric] = [
-            proxy_metric(names.CLEARIP_LATENCY, p.instance_id, statistic=stat, label=f"{p.name} {stat}")
-            for p in proxies
-            for stat in ("p50", "p99")
-        ]
-        self.dashboard.add_widgets(
-            cw.GraphWidget(title="Calls per minute", left=per_proxy(names.CALLS), width=12, stacked=True),
-            cw.GraphWidget(title="ClearIP outcomes per minute (all proxies)", left=outcome_metrics, width=12),
-        )
-        self.dashboard.add_widgets(
-            cw.GraphWidget(title="ClearIP latency p50 / p99 (ms)", left=latency, width=12),
-            cw.GraphWidget(
-                title="Carrier route advances per minute", left=per_proxy(names.ROUTE_ADVANCES), width=12
-            ),
-        )
-        self.dashboard.add_widgets(
-            cw.GraphWidget(
-                title="Heartbeat and ClearIP connection",
-                left=per_proxy(names.HEARTBEAT, cw.Stats.SAMPLE_COUNT),
-                right=per_proxy(names.CLEARIP_CONNECTED, cw.Stats.MINIMUM),
-                width=12,
-            ),
-            cw.GraphWidget(
-                title="CPU utilisation (%)",
-                left=[
-                    ec2_metric("CPUUtilization", p.instance_id, statistic=cw.Stats.AVERAGE).with_(
-                        label=p.name
-                    )
-                    for p in proxies
-                ],
-                width=12,
-            ),
-        )

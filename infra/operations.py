@@ -30,27 +30,19 @@ class DocumentSpec:
     timeout_seconds: int = 600
 
 
-# Sets ;transport= of the configured ClearIP URI (a standard port follows: 5061 <-> 5060), the same
-# rule as infra.settings.with_transport and install.sh --clearip-transport.
-_REWRITE_TRANSPORT = f"""\
-import sys, tomllib
-t = sys.argv[1]
-with open("{CONFIG}", "rb") as fh:
-    uri = tomllib.load(fh).get("clearip", "sip:sip.clearip.com:5061;transport=tls")
-base, _, params = uri.partition(";")
-kept = [p for p in params.split(";") if p and not p.lower().startswith("transport=")]
-ports = {{"tls": "5061", "tcp": "5060"}}
-other = "tcp" if t == "tls" else "tls"
-if base.endswith(":" + ports[other]):
-    base = base[: -len(ports[other])] + ports[t]
-print(";".join([base, *kept, "transport=" + t]))
-"""
-
-
 def _restart_and_check() -> list[str]:
     return [
         "systemctl restart clearip-proxy",
         "sleep 3",
+        "systemctl is-active clearip-proxy",
+    ]
+
+
+def _reload_and_check() -> list[str]:
+    # SIGHUP: the proxy re-reads the file and applies reloadable settings without dropping a call.
+    return [
+        "systemctl reload clearip-proxy",
+        "sleep 1",
         "systemctl is-active clearip-proxy",
     ]
 
@@ -125,18 +117,16 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
             },
             commands=[
                 "set -eu",
-                "URI=$(/opt/clearip-proxy/venv/bin/python - \"{{ Transport }}\" <<'PY'\n"
-                + _REWRITE_TRANSPORT
-                + "PY\n)",
-                'echo "clearip = $URI"',
-                f'{CLI} set clearip "$URI" --config {CONFIG}',
+                # The installed CLI rewrites the URI (the one copy of the rule, proxy_runtime.settings).
+                f"{CLI} set clearip_transport {{{{ Transport }}}} --config {CONFIG}",
                 *_restart_and_check(),
             ],
         ),
         DocumentSpec(
             key="SetTimeout",
             description="Change how long the proxy waits for ClearIP (and for a carrier's first "
-            "response) before the switch is told to route-advance; persist it and restart.",
+            "response) before the switch is told to route-advance; persist it and reload (no call is "
+            "dropped). The next cdk deploy re-applies the site's settings file: change it there too.",
             parameters={
                 "Timeout": {
                     "type": "String",
@@ -147,7 +137,7 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
             commands=[
                 "set -eu",
                 f"{CLI} set timeout {{{{ Timeout }}}} --config {CONFIG}",
-                *_restart_and_check(),
+                *_reload_and_check(),
             ],
         ),
     ]

@@ -1,23 +1,43 @@
-"""Deployment settings: read once from CDK context, validated, frozen.
+"""Deployment settings: read once from the site's settings file and the CDK context, validated, frozen.
 
-Every construct receives these values as typed keyword arguments; nothing under ``infra/`` reads
-the CDK context except :func:`DeploymentSettings.from_context`, called by ``app.py``. A bad value
-raises :class:`DeploymentSettingsError` naming the context key, so ``cdk synth`` stops with a
-message an operator can act on (e.g. ``-c sip_cidrs=203.0.113.10/32``).
+The deployment's settings live in a file the operator keeps under version control: ``cdk.json``
+names it (context key ``settings_file``, ``site.toml`` by default; a flat TOML whose keys are the
+settings below, with a ``[proxy]`` table for any other setting of the proxy itself). A bare
+``cdk deploy`` re-applies exactly what the file says. A ``-c key=value`` overrides one key for that
+run, explicitly. Every construct receives these values as typed keyword arguments; nothing under
+``infra/`` reads the context or the file except :func:`DeploymentSettings.from_context`, called by
+``app.py``. A bad value raises :class:`DeploymentSettingsError` naming the key, so ``cdk synth``
+stops with a message an operator can act on (e.g. ``sip_cidrs = ["203.0.113.10/32"]``).
+
+The rules the proxy also applies (a trusted CIDR, the ClearIP URI's transport, every ``[proxy]``
+value) are the proxy's own code in :mod:`proxy_runtime.settings`, called from here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-DEFAULT_CLEARIP_URI = "sip:sip.clearip.com:5061;transport=tls"
-CLEARIP_TRANSPORTS = ("tls", "tcp")
-# ClearIP's standard ports per transport: switching transport also switches a standard port.
-_TRANSPORT_PORTS = {"tls": 5061, "tcp": 5060}
+from proxy_runtime.settings import (
+    CLEARIP_TRANSPORTS,
+    DEFAULT_CLEARIP_URI,
+    SettingsError,
+    trusted_cidr,
+    with_transport,
+)
+from proxy_runtime.settings.file import site_settings_toml
+
+__all__ = ["DeploymentSettings", "DeploymentSettingsError", "with_transport"]
+
+DEFAULT_SETTINGS_FILE = "site.toml"
+# Keys of the proxy's own settings the stack sets from its top-level settings (or per host):
+# they cannot also be given in the [proxy] table.
+_STACK_PROXY_KEYS = {"allow": "sip_cidrs", "clearip": "clearip_uri", "timeout": "timeout", "metrics": ""}
 # Each trusted CIDR costs three ingress rules (UDP 5060, TCP 5060, TCP 5061); a security group
 # holds 60 inbound rules by default, minus one for SSH.
 MAX_SIP_CIDRS = 19
@@ -25,13 +45,21 @@ _EMAIL = re.compile(r"^[^@\s,;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _KEY_PAIR = re.compile(r"^[\x20-\x7e]{1,255}$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+_AMI = re.compile(r"^ami-[0-9a-f]{8,17}$")
+_ALLOCATION = re.compile(r"^eipalloc-[0-9a-f]{8,17}$")
+AMI_HINT = (
+    "the Amazon Linux 2023 image id the proxies run, recorded so it changes only when you ask; the "
+    "current one: aws ssm get-parameter --name "
+    "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64 --query Parameter.Value "
+    "--output text (arm64 for Graviton instance types)"
+)
 
 
 class DeploymentSettingsError(ValueError):
-    """A context value is wrong. ``setting`` is the CDK context key to fix."""
+    """A setting is wrong. ``setting`` is the key to fix (in the settings file or a ``-c`` flag)."""
 
     def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"context setting {setting!r}: {problem}")
+        super().__init__(f"setting {setting!r}: {problem}")
         self.setting = setting
         self.problem = problem
 
@@ -55,8 +83,11 @@ class AlarmThresholds:
 @dataclass(frozen=True, slots=True)
 class DeploymentSettings:
     sip_cidrs: tuple[str, ...]
+    ami: str
+    """The machine image of every proxy (an AMI id); a change replaces the proxies one at a time."""
     ssh_cidr: str | None = None
     alarm_email: str | None = None
+    """None: deliberately no e-mail subscription (the file says ``alarm_email = ""``)."""
     proxy_count: int = 2
     instance_type: str = "t3.medium"
     key_pair: str | None = None
@@ -64,10 +95,37 @@ class DeploymentSettings:
     clearip_transport: str = "tls"
     timeout: float = 5.0
     stack_name: str = "ClearIpProxy"
+    eip_allocations: tuple[tuple[str, str], ...] = ()
+    """Existing Elastic IPs to adopt as (allocation id, address), in proxy order (Proxy1 first);
+    proxies beyond them get new addresses. Every address is retained when the stack is deleted.
+    The address is given too: the proxy advertises it from its first boot, before it holds it."""
+    proxy_settings: tuple[tuple[str, Any], ...] = ()
+    """Other settings of the proxy itself (the file's ``[proxy]`` table), e.g. ``ring_timeout``."""
     thresholds: AlarmThresholds = field(default_factory=AlarmThresholds)
 
     def __post_init__(self) -> None:
         _check_cidrs(self.sip_cidrs)
+        if not _AMI.match(self.ami):
+            raise DeploymentSettingsError("ami", f"{self.ami!r} is not an AMI id: {AMI_HINT}")
+        for alloc, address in self.eip_allocations:
+            if not _ALLOCATION.match(alloc):
+                raise DeploymentSettingsError(
+                    "eip_allocations", f"{alloc!r} is not an Elastic IP allocation id (eipalloc-...)"
+                )
+            try:
+                if ipaddress.ip_address(address).version != 4:
+                    raise ValueError
+            except ValueError:
+                raise DeploymentSettingsError(
+                    "eip_allocations", f"{address!r} (of {alloc}) is not an IPv4 address"
+                ) from None
+        if len({a for a, _ in self.eip_allocations}) != len(self.eip_allocations):
+            raise DeploymentSettingsError("eip_allocations", "lists an allocation twice")
+        if len(self.eip_allocations) > self.proxy_count:
+            raise DeploymentSettingsError(
+                "eip_allocations",
+                f"{len(self.eip_allocations)} allocations for {self.proxy_count} proxies",
+            )
         if self.ssh_cidr is not None:
             _check_cidr("ssh_cidr", self.ssh_cidr)
         if self.alarm_email is not None and not _EMAIL.match(self.alarm_email):
@@ -84,6 +142,13 @@ class DeploymentSettings:
             )
         if self.key_pair is not None and not _KEY_PAIR.match(self.key_pair):
             raise DeploymentSettingsError("key_pair", f"{self.key_pair!r} is not an EC2 key pair name")
+        for key, _value in self.proxy_settings:
+            if key in _STACK_PROXY_KEYS:
+                top = _STACK_PROXY_KEYS[key]
+                raise DeploymentSettingsError(
+                    f"proxy.{key}",
+                    f"set by the stack{f' from {top!r}' if top else ''}; remove it from [proxy]",
+                )
         if self.clearip_transport not in CLEARIP_TRANSPORTS:
             raise DeploymentSettingsError(
                 "clearip_transport", f"must be tls or tcp, got {self.clearip_transport!r}"
@@ -109,22 +174,82 @@ class DeploymentSettings:
             raise DeploymentSettingsError("alarm_heartbeat_missing_minutes", "must be at least 1")
         if t.clearip_down_minutes < 1:
             raise DeploymentSettingsError("alarm_clearip_down_minutes", "must be at least 1")
+        # Last: the proxies' own settings, judged by the proxy's code (what install.sh runs too).
+        try:
+            self.site_settings_toml()
+        except SettingsError as exc:
+            raise DeploymentSettingsError(f"proxy.{exc.setting}", exc.problem) from None
 
     @property
     def proxy_clearip_uri(self) -> str:
         """The URI the proxies use: ``clearip_uri`` with its transport set to ``clearip_transport``."""
         return with_transport(self.clearip_uri, self.clearip_transport)
 
+    def site_settings_toml(self) -> str:
+        """The proxies' settings file for this site (no host fields), validated by the proxy's code."""
+        return site_settings_toml(
+            {
+                "allow": list(self.sip_cidrs),
+                "clearip": self.proxy_clearip_uri,
+                "timeout": self.timeout,
+                "metrics": "cloudwatch",
+                **dict(self.proxy_settings),
+            }
+        )
+
     @classmethod
-    def from_context(cls, get: Callable[[str], Any]) -> DeploymentSettings:
-        """Build from a context getter (``app.node.try_get_context``); absent keys return None."""
+    def from_context(cls, get: Callable[[str], Any], base_dir: Path | None = None) -> DeploymentSettings:
+        """Build from a context getter (``app.node.try_get_context``; absent keys return None).
+
+        The file named by the ``settings_file`` key (``site.toml`` by default, relative to
+        ``base_dir``, the app's directory) gives every value; a key present in the context wins."""
+        name = get("settings_file")
+        path = (base_dir or Path.cwd()) / str(name or DEFAULT_SETTINGS_FILE)
+        file: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                file = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise DeploymentSettingsError("settings_file", f"{path} is not valid TOML: {exc}") from None
+        elif name is not None and get("sip_cidrs") is None:
+            raise DeploymentSettingsError(
+                "settings_file", f"{path}: no such file (copy site.example.toml to {path.name} and edit it)"
+            )
+        known = {*cls.__dataclass_fields__, "proxy", "clearip_uri", "settings_file"}
+        known |= {f"alarm_{f}" for f in AlarmThresholds.__dataclass_fields__}
+        for key in file:
+            if key not in known:
+                raise DeploymentSettingsError(key, f"unknown setting in {path.name}")
+        where = f" in {path.name}" if file else f" in {path.name} (or -c {{key}}=...)"
+
+        def value(key: str) -> Any:
+            v = get(key)
+            return file.get(key) if v is None else v
+
+        return cls._build(value, where)
+
+    @classmethod
+    def _build(cls, get: Callable[[str], Any], where: str) -> DeploymentSettings:
         sip = get("sip_cidrs")
         if sip is None:
             raise DeploymentSettingsError(
                 "sip_cidrs",
                 "required: the CIDRs of the switches/carriers allowed to send SIP, "
-                "e.g. -c sip_cidrs=203.0.113.10/32,198.51.100.0/28",
+                f'e.g. sip_cidrs = ["203.0.113.10/32"]{where.format(key="sip_cidrs")}',
             )
+        ami = get("ami")
+        if ami is None:
+            raise DeploymentSettingsError("ami", f"required{where.format(key='ami')}: {AMI_HINT}")
+        email = get("alarm_email")
+        if email is None:
+            raise DeploymentSettingsError(
+                "alarm_email",
+                f'required{where.format(key="alarm_email")}: the address the alarms mail, or "" to '
+                "deploy without one (an absent value would silently delete the subscription)",
+            )
+        proxy = get("proxy") or {}
+        if not isinstance(proxy, Mapping):
+            raise DeploymentSettingsError("proxy", f"expected a table of proxy settings, got {proxy!r}")
         d = AlarmThresholds()
         th = AlarmThresholds(
             clearip_timeouts=_int(get, "alarm_clearip_timeouts", d.clearip_timeouts),
@@ -137,8 +262,9 @@ class DeploymentSettings:
         )
         return cls(
             sip_cidrs=_cidr_list(sip),
+            ami=str(ami).strip(),
             ssh_cidr=_opt_str(get, "ssh_cidr"),
-            alarm_email=_opt_str(get, "alarm_email"),
+            alarm_email=None if str(email).strip().lower() in ("", "none") else str(email).strip(),
             proxy_count=_int(get, "proxy_count", 2),
             instance_type=_opt_str(get, "instance_type") or "t3.medium",
             key_pair=_opt_str(get, "key_pair"),
@@ -146,44 +272,22 @@ class DeploymentSettings:
             clearip_transport=(_opt_str(get, "clearip_transport") or "tls").lower(),
             timeout=_float(get, "timeout", 5.0),
             stack_name=_opt_str(get, "stack_name") or "ClearIpProxy",
+            eip_allocations=_allocations(get("eip_allocations")),
+            proxy_settings=tuple(sorted(proxy.items())),
             thresholds=th,
         )
 
     @classmethod
     def from_mapping(cls, context: Mapping[str, Any]) -> DeploymentSettings:
-        return cls.from_context(context.get)
-
-
-def with_transport(uri: str, transport: str) -> str:
-    """Set ``;transport=`` of a SIP URI; a standard port of the other transport follows (5061 <-> 5060)."""
-    base, sep, params = uri.partition(";")
-    kept = [p for p in params.split(";") if p and not p.lower().startswith("transport=")] if sep else []
-    other = "tcp" if transport == "tls" else "tls"
-    m = re.match(r"^(sips?:(?:[^@]*@)?(?:\[[^\]]+\]|[^:]+)):(\d+)$", base)
-    if m and int(m.group(2)) == _TRANSPORT_PORTS[other]:
-        base = f"{m.group(1)}:{_TRANSPORT_PORTS[transport]}"
-    return ";".join([base, *kept, f"transport={transport}"])
+        """From one mapping of settings (tests, and the file's own keys): no file is read."""
+        return cls._build(context.get, "")
 
 
 def _check_cidr(setting: str, value: str) -> None:
-    if "/" not in value:
-        raise DeploymentSettingsError(
-            setting, f"{value!r} is a bare address; write it as a CIDR with a prefix, e.g. {value}/32"
-        )
     try:
-        net = ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        try:
-            fixed = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise DeploymentSettingsError(setting, f"{value!r} is not a CIDR ({exc})") from None
-        raise DeploymentSettingsError(
-            setting, f"{value!r} has host bits set; did you mean {fixed}?"
-        ) from None
-    if net.prefixlen == 0:
-        raise DeploymentSettingsError(
-            setting, f"{value} admits the whole internet; list only your trusted switches and carriers"
-        )
+        trusted_cidr(setting, value)
+    except SettingsError as exc:
+        raise DeploymentSettingsError(setting, exc.problem) from None
 
 
 def _check_cidrs(cidrs: tuple[str, ...]) -> None:
@@ -207,6 +311,29 @@ def _cidr_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(v).strip() for v in value if str(v).strip())
     raise DeploymentSettingsError("sip_cidrs", f"expected a comma-separated string or a list, got {value!r}")
+
+
+def _allocations(value: Any) -> tuple[tuple[str, str], ...]:
+    """``eipalloc-...=198.51.100.7`` items (a comma-separated string or a list), or a list of tables
+    ``{allocation_id = "eipalloc-...", address = "198.51.100.7"}`` (the settings file's form)."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise DeploymentSettingsError("eip_allocations", f"expected a list, got {value!r}")
+    out = []
+    for item in items:
+        if isinstance(item, Mapping) and set(item) == {"allocation_id", "address"}:
+            out.append((str(item["allocation_id"]).strip(), str(item["address"]).strip()))
+        elif isinstance(item, str) and item.count("=") == 1:
+            alloc, address = item.split("=")
+            out.append((alloc.strip(), address.strip()))
+        else:
+            raise DeploymentSettingsError(
+                "eip_allocations",
+                f"{item!r}: give allocation_id and address (eipalloc-0123456789abcdef0=198.51.100.7)",
+            )
+    return tuple(out)
 
 
 def _opt_str(get: Callable[[str], Any], key: str) -> str | None:

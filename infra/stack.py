@@ -8,10 +8,12 @@ from typing import Any
 from aws_cdk import CfnOutput, Stack
 from constructs import Construct
 
-from infra.fleet import REPO_ROOT, ProxyFleet
+from infra.fleet import ProxyFleet
+from infra.logs import ProxyLogs
 from infra.monitoring import MonitoredProxy, ProxyMonitoring
 from infra.network import ProxyNetwork
 from infra.operations import ProxyOperations
+from infra.release import REPO_ROOT, ProxyRelease
 from infra.settings import DeploymentSettings
 
 
@@ -34,6 +36,9 @@ class ClearIpProxyStack(Stack):
         )
         self.settings = settings
         self.network = ProxyNetwork(self, "Network", sip_cidrs=settings.sip_cidrs, ssh_cidr=settings.ssh_cidr)
+        self.release = ProxyRelease(
+            self, "Release", site_settings=settings.site_settings_toml(), source_dir=source_dir
+        )
         self.fleet = ProxyFleet(
             self,
             "Fleet",
@@ -43,11 +48,13 @@ class ClearIpProxyStack(Stack):
             proxy_count=settings.proxy_count,
             instance_type=settings.instance_type,
             key_pair=settings.key_pair,
-            sip_cidrs=settings.sip_cidrs,
-            clearip_uri=settings.proxy_clearip_uri,
-            timeout=settings.timeout,
-            source_dir=source_dir,
+            ami=settings.ami,
+            release=self.release,
+            eip_allocations=settings.eip_allocations,
         )
+        self.release.roll_out(self.fleet.instances)
+        self.logs = ProxyLogs(self, "Logs", instance_ids=[p.instance_id for p in self.fleet.proxies])
+        self.logs.grant_to(self.fleet.role)
         self.monitoring = ProxyMonitoring(
             self,
             "Monitoring",
@@ -63,12 +70,34 @@ class ClearIpProxyStack(Stack):
         for p in self.fleet.proxies:
             CfnOutput(self, f"{p.name}PublicIp", value=p.public_ip, description=f"{p.name}'s Elastic IP")
             CfnOutput(self, f"{p.name}InstanceId", value=p.instance_id, description=f"{p.name}'s instance id")
+            CfnOutput(
+                self,
+                f"{p.name}AllocationId",
+                value=p.allocation_id,
+                description=f"{p.name}'s Elastic IP allocation (retained when the stack is deleted; "
+                "eip_allocations adopts it)",
+            )
         CfnOutput(
             self, "DashboardUrl", value=self.monitoring.dashboard_url, description="CloudWatch dashboard"
         )
         CfnOutput(self, "AlarmTopicArn", value=self.monitoring.topic.topic_arn, description="SNS alarm topic")
         CfnOutput(
             self, "TraceBucketName", value=self.operations.trace_bucket.bucket_name, description="SIP traces"
+        )
+        CfnOutput(
+            self, "ApplyReleaseDocumentName", value=self.release.document_name, description="SSM document"
+        )
+        CfnOutput(
+            self,
+            "CallsLogGroupName",
+            value=self.logs.log_groups["calls"].log_group_name,
+            description="Per-call JSON lines (Logs Insights: saved queries under ClearIP/<stack>/)",
+        )
+        CfnOutput(
+            self,
+            "SessionDocumentName",
+            value=self.logs.session_document_name,
+            description="Logged shell: aws ssm start-session --target <instance> --document-name <this>",
         )
         for key, name in self.operations.document_names.items():
             CfnOutput(self, f"{key}DocumentName", value=name, description=f"SSM document: {key}")

@@ -1,8 +1,10 @@
 #!/bin/bash
 # ClearIP proxy first-boot script (EC2 user data, rendered by infra/fleet.py).
-# It fetches the proxy from the stack's CDK asset, runs deploy/install.sh (the same script a manual
-# install uses) with the stack's settings, and signals CloudFormation: success only once the proxy
-# listens on UDP and TCP 5060, failure otherwise, so a dead proxy fails the deployment.
+# It reads the current release (the stack's code asset) and the site settings from the stack's SSM
+# parameters, runs that release's deploy/install.sh (the same script every later deploy runs through
+# the release association), and signals CloudFormation: success only once the proxy listens on UDP
+# and TCP 5060, failure otherwise, so a dead proxy fails the deployment.
+# It holds only values that never change for this instance: user data runs at first boot only.
 # Log: /var/log/clearip-proxy-bootstrap.log
 set -uo pipefail
 exec >>/var/log/clearip-proxy-bootstrap.log 2>&1
@@ -10,11 +12,9 @@ exec >>/var/log/clearip-proxy-bootstrap.log 2>&1
 STACK='@@STACK@@'
 RESOURCE='@@RESOURCE@@'
 REGION='@@REGION@@'
-ASSET_URL='@@ASSET_URL@@'
 ELASTIC_IP='@@ELASTIC_IP@@'
-SIP_CIDRS='@@SIP_CIDRS@@'
-CLEARIP_URI='@@CLEARIP_URI@@'
-TIMEOUT='@@TIMEOUT@@'
+RELEASE_PARAMETER='@@RELEASE_PARAMETER@@'
+SETTINGS_PARAMETER='@@SETTINGS_PARAMETER@@'
 LISTEN_WAIT='@@LISTEN_WAIT@@'
 
 signal() {
@@ -36,51 +36,48 @@ imds() {
   curl -sf -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
 }
 
+parameter() {
+  aws ssm get-parameter --region "$REGION" --name "$1" --query Parameter.Value --output text
+}
+
 echo "== $(date -u +%FT%TZ) ClearIP proxy bootstrap"
 dnf install -y -q python3.11 tcpdump openssl aws-cfn-bootstrap awscli-2 iproute \
   || fail "dnf install of python3.11, tcpdump, openssl, aws-cfn-bootstrap failed"
 
-# The advertised address is the Elastic IP, read from the instance metadata (1:1 NAT: sockets bind
-# the private address, Via/Record-Route/Contact carry this one). The EIP is associated with the
-# network interface before the instance starts; wait briefly in case the metadata lags.
-ADVERTISE=''
-for _ in $(seq 30); do
-  ADVERTISE=$(imds public-ipv4 || true)
-  [ "$ADVERTISE" = "$ELASTIC_IP" ] && break
-  sleep 2
-done
-[ "$ADVERTISE" = "$ELASTIC_IP" ] || fail "public IPv4 from IMDS is '$ADVERTISE', expected Elastic IP $ELASTIC_IP"
 PROXY_ID=$(imds instance-id) || fail "no instance id from IMDS"
-
 WORK=$(mktemp -d)
+RELEASE=$(parameter "$RELEASE_PARAMETER") || fail "cannot read $RELEASE_PARAMETER"
+read -r ASSET_URL RELEASE_ID <<<"$RELEASE"
+parameter "$SETTINGS_PARAMETER" >"$WORK/site.toml" || fail "cannot read $SETTINGS_PARAMETER"
 aws s3 cp --only-show-errors --region "$REGION" "$ASSET_URL" "$WORK/proxy.zip" \
   || fail "cannot download the proxy asset $ASSET_URL"
-python3 -m zipfile -e "$WORK/proxy.zip" "$WORK/src" || fail "cannot unpack the proxy asset"
+python3.11 -m zipfile -e "$WORK/proxy.zip" "$WORK/src" || fail "cannot unpack the proxy asset"
 
-ALLOW_ARGS=()
-IFS=',' read -r -a cidrs <<<"$SIP_CIDRS"
-for c in "${cidrs[@]}"; do ALLOW_ARGS+=(--allow "$c"); done
-
+# The advertised address is the Elastic IP (1:1 NAT: sockets bind the private address,
+# Via/Record-Route/Contact carry this one). CloudFormation associates it once this instance has
+# signalled, so it is passed in, not read from the metadata.
 bash "$WORK/src/deploy/install.sh" \
   --source "$WORK/src" \
-  "${ALLOW_ARGS[@]}" \
-  --advertise "$ADVERTISE" \
+  --settings "$WORK/site.toml" \
+  --release-id "$RELEASE_ID" \
+  --offline \
+  --advertise "$ELASTIC_IP" \
   --proxy-id "$PROXY_ID" \
-  --clearip-uri "$CLEARIP_URI" \
-  --timeout "$TIMEOUT" \
-  --metrics cloudwatch \
   --aws-region "$REGION" \
-  || fail "deploy/install.sh failed"
+  --wait "$LISTEN_WAIT" \
+  || fail "deploy/install.sh failed (the proxy is not listening on 5060; journalctl -u clearip-proxy)"
 rm -rf "$WORK"
+signal 0 "clearip-proxy is listening on 5060 (advertising $ELASTIC_IP)"
 
-for _ in $(seq "$LISTEN_WAIT"); do
-  if systemctl is-active --quiet clearip-proxy \
-    && ss -Hlun 'sport = :5060' | grep -q . && ss -Hltn 'sport = :5060' | grep -q .; then
-    signal 0 "clearip-proxy is listening on 5060 (advertising $ADVERTISE)"
-    echo "== $(date -u +%FT%TZ) done"
+# Until the Elastic IP arrives the instance's traffic leaves from a temporary public address, and the
+# connection to ClearIP made from it dies when the address changes: once the metadata shows the
+# Elastic IP, restart the proxy (no carrier can reach it before that) so it connects from its own.
+for _ in $(seq 300); do
+  if [ "$(imds public-ipv4 || true)" = "$ELASTIC_IP" ]; then
+    systemctl restart clearip-proxy
+    echo "== $(date -u +%FT%TZ) Elastic IP $ELASTIC_IP associated; proxy restarted from it"
     exit 0
   fi
-  sleep 1
+  sleep 2
 done
-journalctl -u clearip-proxy --no-pager -n 50 || true
-fail "clearip-proxy is not listening on 5060 after ${LISTEN_WAIT}s (journalctl -u clearip-proxy)"
+echo "warning: the Elastic IP $ELASTIC_IP did not arrive within 10 minutes" >&2

@@ -1,4 +1,4 @@
-"""Command line: ``clearip-proxy run | check-config | set | simulate | demo | doctor | trace``."""
+"""Command line: ``clearip-proxy run | check-config | set | settings | simulate | demo | doctor | trace``."""
 
 from __future__ import annotations
 
@@ -216,6 +216,55 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings_write(args: argparse.Namespace) -> int:
+    """Write the settings file whole from a site file and flags; print how the proxy takes it.
+
+    The last line on stdout is ``unchanged``, ``reload`` or ``restart``: install.sh reads it to
+    choose between nothing, ``systemctl reload`` (SIGHUP) and a drained ``systemctl restart``."""
+    from proxy_runtime.settings.file import write_settings
+
+    values: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"clearip-proxy: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        values[key.strip()] = value
+    if args.allow:
+        values["allow"] = [c for a in args.allow for c in a.split(",") if c.strip()]
+    try:
+        apply, changed = write_settings(
+            args.config,
+            site=args.site,
+            values=values,
+            clearip_transport=args.clearip_transport,
+            root=args.root,
+            check_files=not args.no_file_checks,
+            dry_run=args.dry_run,
+        )
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+    if changed and not args.dry_run:
+        print(f"settings changed: {', '.join(changed)}", file=sys.stderr)
+    print(apply)
+    return 0
+
+
+def cmd_settings_get(args: argparse.Namespace) -> int:
+    """Print one setting as the proxy reads it (install.sh reads ``allow`` for the host firewall)."""
+    from proxy_runtime.settings.file import read_value
+
+    try:
+        value = read_value(args.config, args.key, root=args.root)
+    except SettingsError as exc:
+        print(f"clearip-proxy: {exc}", file=sys.stderr)
+        return 2
+    for item in value if isinstance(value, tuple) else (value,):
+        print(item)
+    return 0
+
+
 def cmd_simulate(argv: Sequence[str]) -> int:
     from proxy_runtime.tools import simulator
 
@@ -257,6 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("key")
     st.add_argument("value")
     st.add_argument("--config", required=True, metavar="FILE")
+    sw = sub.add_parser("settings", help="write the settings file whole (install.sh, deploys)")
+    ssub = sw.add_subparsers(dest="settings_command", required=True)
+    w = ssub.add_parser(
+        "write",
+        help="validate and write the settings file from a site file and flags; print unchanged, "
+        "reload or restart",
+    )
+    w.add_argument("--config", required=True, metavar="FILE", help="the settings file to write")
+    w.add_argument("--site", metavar="FILE", help="site settings (flat TOML; no host fields)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="one setting (repeatable)")
+    w.add_argument("--allow", action="append", metavar="CIDR[,CIDR]", help="trusted CIDRs (repeatable)")
+    w.add_argument("--clearip-transport", metavar="tls|tcp", help="rewrite the ClearIP URI's transport")
+    w.add_argument("--root", metavar="DIR", help="scratch root: paths are looked up under DIR")
+    w.add_argument("--dry-run", action="store_true", help="validate and report only")
+    w.add_argument("--no-file-checks", action="store_true", help="do not require the TLS files yet")
+    g = ssub.add_parser("get", help="print one setting of the settings file (a list: one item a line)")
+    g.add_argument("key")
+    g.add_argument("--config", required=True, metavar="FILE")
+    g.add_argument("--root", metavar="DIR", help="scratch root: the file is looked up under DIR")
     sub.add_parser("simulate", help="run the ClearIP simulator (see docs/SIMULATOR.md)", add_help=False)
     sub.add_parser("demo", help="the proxy against the simulator, placing calls", add_help=False)
     sub.add_parser("doctor", help="check settings, listeners, ClearIP, DNS, carriers, clock", add_help=False)
@@ -282,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "set":
         return cmd_set(args)
+    if args.command == "settings" and args.settings_command == "get":
+        return cmd_settings_get(args)
+    if args.command == "settings":
+        return cmd_settings_write(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

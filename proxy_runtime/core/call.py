@@ -32,7 +32,7 @@ from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
-from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.grammar import header_key, parse_name_addr
 from proxy_runtime.sip.message import SipRequest, SipResponse
 from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError, parse_uri
@@ -226,8 +226,11 @@ class Call:
         "clearip_sent",
         "deadline",
         "emergency",
+        "final_reason",
         "host",
+        "identity",
         "next_target",
+        "pai",
         "pdd_ms",
         "phase",
         "probe",
@@ -271,6 +274,11 @@ class Call:
         self.probe = False  # sent to ClearIP as the half-open breaker's probe
         self.proxy_failed = False
         self.reason = ""
+        # For the record: ClearIP's Identity / P-Asserted-Identity values (read by metrics/stir.py)
+        # and the reason phrase of the final sent to the caller ("Network Blocked": a 603+).
+        self.identity: tuple[str, ...] = ()
+        self.pai: tuple[str, ...] = ()
+        self.final_reason = ""
 
     # =========================================================================================
     # Events
@@ -362,6 +370,8 @@ class Call:
         self.phase = "fork"
         base = self.request.copy()
         routing.copy_headers(resp, base, host.settings.copy_headers)
+        self.identity = tuple(resp.get_all("identity"))
+        self.pai = tuple(resp.get_all("p-asserted-identity"))
         self.base = base
         self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
         self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
@@ -540,6 +550,7 @@ class Call:
         if self.pdd_ms is None:
             self.pdd_ms = (now - self.received) * 1000.0
         self.reason = reason
+        self.final_reason = resp.reason
         host.call_finished(self, resp.status)
         self._release()
 
@@ -568,16 +579,29 @@ class Call:
         )
 
 
-def call_record(call: Call, status: int, *, with_numbers: bool) -> CallRecord:
-    """The call's metrics record; the numbers are parsed only when they may be logged."""
-    number = caller = ""
+def _stir_headers(call: Call) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ClearIP's Identity and P-Asserted-Identity for the call as it went out: the 302's, or those
+    the last Contact tried carried in its URI (RFC 3261 §19.1.1), which replaced them on its branch."""
+    identity, pai = call.identity, call.pai
+    if 0 < call.next_target <= len(call.targets):
+        own = call.targets[call.next_target - 1].headers
+        if own:
+            keys = [(header_key(n), v) for n, v in own]
+            identity = tuple(v for k, v in keys if k == "identity") or identity
+            pai = tuple(v for k, v in keys if k == "p-asserted-identity") or pai
+    return identity, pai
+
+
+def call_record(call: Call, status: int) -> CallRecord:
+    """The call's metrics record (the per-call line masks the numbers unless ``log_numbers``)."""
     request = call.request
-    if with_numbers:
-        number = routing.dialled_number(request) or ""
-        try:
-            caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
-        except (ParseError, UriError):
-            caller = ""
+    number = routing.dialled_number(request) or ""
+    try:
+        caller = parse_uri(parse_name_addr(request.get("from") or "").uri).user or ""
+    except (ParseError, UriError):
+        caller = ""
+    identity, pai = _stir_headers(call)
+    br = call.branch
     return CallRecord(
         call_id=request.call_id,
         clearip_outcome=call.clearip_outcome,
@@ -592,4 +616,8 @@ def call_record(call: Call, status: int, *, with_numbers: bool) -> CallRecord:
         caller=caller,
         callee=number,
         reason=call.reason,
+        identity=identity,
+        pai=pai,
+        final_reason=call.final_reason,
+        carrier=f"{br.target.host}:{br.target.port}" if br is not None else "",
     )

@@ -15,10 +15,12 @@ Owns: the adapter-facing API, the checks every request passes (allow-list, retra
 Max-Forwards, loops, Proxy-Require, our own Routes, OPTIONS to us), matching each message to its
 transaction and owner — a :class:`~.call.Call`, a :class:`~.relay.Relay` or an owner from
 :mod:`transactions` — and waking what :class:`~.timers.Timers` says is due; the calls table; the
-metrics counters. It implements :class:`~.call.CallHost` for the calls.
+metrics counters. It implements :class:`~.call.CallHost` for the calls, handing their ClearIP
+questions (is the link up, may this call ask, hold it for the link) to :class:`~.gate.ClearIpGate`.
 
 Must not touch: what a call or relay does with a message (their modules decide), the stamps
-(:mod:`stamp`), sockets, the clock, or the transport, operations and tools packages.
+(:mod:`stamp`), the ClearIP link state, held calls and breaker (:mod:`gate`), sockets, the
+clock, or the transport, operations and tools packages.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 from proxy_runtime.core import routing
-from proxy_runtime.core.breaker import Admission, Breaker, BreakerState, breaker_settings
+from proxy_runtime.core.breaker import Admission
 from proxy_runtime.core.call import Branch, Call, call_record
+from proxy_runtime.core.gate import ClearIpGate
 from proxy_runtime.core.relay import Relay, forward_ack
 from proxy_runtime.core.stamp import (
     CLEARIP,
@@ -88,13 +91,9 @@ class ProxyCore:
     ) -> None:
         self.settings = settings
         self._send = send
-        # The core's one action besides sending: "a call needs the ClearIP link, connect now".
-        # The adapter connects and answers with set_clearip_up(True) or clearip_unreachable().
-        # Without it (no adapter that can connect) a call that finds the link down gets 503 at once.
-        self._need_link = need_link
-        self._held: dict[object, Call] = {}  # calls waiting for the link, by server transaction key
-        self.breaker = Breaker(breaker_settings(settings))
-        self._breaker_moves = 0
+        # The link, the calls held for it (need_link: "connect now") and the brownout breaker.
+        self.gate = ClearIpGate(settings, recorder, need_link, advertise=advertise)
+        self.breaker = self.gate.breaker  # for the control socket's status
         self.advertise = advertise
         self.recorder = recorder
         self.timers = timers
@@ -109,13 +108,11 @@ class ProxyCore:
         self._wakeups = Timers()
         self._txns = Transactions(send, self._wakeups, timers, failed=self._client_failed)
         self._calls: dict[object, Call] = {}  # by server transaction key
-        self.clearip_up = False
         self.draining = False
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._trusted = routing.AllowList(settings.allow_networks)
         uri = settings.clearip_uri
         self.clearip_target = Target(CLEARIP, uri.host, uri.port or 5061)
-        self._last_403_log = -1e9
         self._last_ignored_log = -1e9
 
     # =========================================================================================
@@ -131,8 +128,7 @@ class ProxyCore:
         self.settings = settings
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._trusted = routing.AllowList(settings.allow_networks)
-        self.breaker.update(breaker_settings(settings))
-        self._publish_breaker()
+        self.gate.update(settings)
 
     def is_trusted(self, host: str) -> bool:
         return self._trusted.allows(host)
@@ -167,22 +163,14 @@ class ProxyCore:
 
     def set_clearip_up(self, up: bool, now: float) -> None:
         """The ClearIP connection went up or down. Down: every call waiting on ClearIP gets 503 now."""
-        was = self.clearip_up
-        self.clearip_up = up
-        self._gauge(names.CLEARIP_CONNECTED, 1.0 if up else 0.0)
-        if up:
-            held, self._held = self._held, {}
-            for call in held.values():
-                call.ask_clearip(now)  # the calls held for the link go to ClearIP now
-        if was and not up:
+        if self.gate.link_changed(up, now):
             for call in list(self._calls.values()):
                 call.clearip_lost(now)
 
     def clearip_unreachable(self, now: float, error: str = "") -> None:
         """The adapter's connect to ClearIP failed (refused, timed out, TLS): every call held for
         the link gets 503 now, so "ClearIP down" still answers at once."""
-        for call in list(self._held.values()):
-            call.link_failed(now)
+        self.gate.unreachable(now)
 
     def client_alive(self, key: object) -> bool:
         """Whether the client transaction ``key`` still waits for something (the adapter forgets
@@ -410,30 +398,26 @@ class ProxyCore:
     def is_emergency(self, request: SipRequest) -> bool:
         return self._emergency.matches(routing.dialled_number(request))
 
+    # The ClearIP questions are the gate's (core/gate.py).
+    @property
+    def clearip_up(self) -> bool:
+        return self.gate.up
+
     def admit(self, now: float) -> Admission:
-        """The brownout breaker's word on a call that needs ClearIP."""
-        admission = self.breaker.admit(now)
-        self._publish_breaker()  # the cool-off may have ended: half-open
-        if admission is Admission.REJECT:
-            self._incr(names.CLEARIP_BREAKER_REJECTED)
-        return admission
+        return self.gate.admit(now)
 
     @property
     def can_wait_for_link(self) -> bool:
-        return self._need_link is not None
+        return self.gate.can_wait
 
     def hold_for_link(self, call: Call) -> None:
-        self._held[call.st.key] = call
-        if self._need_link is not None:
-            self._need_link()
+        self.gate.hold(call)
 
     def clearip_answered(self, now: float) -> None:
-        self.breaker.on_answer(now)
-        self._publish_breaker()
+        self.gate.answered(now)
 
     def clearip_timed_out(self, now: float, *, probe: bool) -> None:
-        self.breaker.on_timeout(now, probe=probe)
-        self._publish_breaker()
+        self.gate.timed_out(now, probe=probe)
 
     def start_client(
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
@@ -462,22 +446,15 @@ class ProxyCore:
     def call_finished(self, call: Call, status: int) -> None:
         """A call sent its final response: out of the table, into the metrics."""
         self._calls.pop(call.st.key, None)
-        self._held.pop(call.st.key, None)
+        self.gate.forget(call)
         recorder = self.recorder
         if recorder is None:
             return
-        recorder.record_call(call_record(call, status, with_numbers=recorder.log_numbers))
+        recorder.record_call(call_record(call, status))
         self._gauge(names.IN_FLIGHT, float(len(self._calls)))
 
     def clearip_forbidden(self, now: float) -> None:
-        """ClearIP answered 403: this proxy is not whitelisted. Logged loudly, once a minute."""
-        if now - self._last_403_log >= 60:
-            self._last_403_log = now
-            log.error(
-                "ClearIP answered 403 Forbidden: this proxy's public address (%s) is not whitelisted "
-                "in the ClearIP account; calls are being refused",
-                self.advertise,
-            )
+        self.gate.forbidden(now)
 
     def redirect_headers_ignored(self, names_: Sequence[str], now: float) -> None:
         """A redirect's Contact URIs carried headers the proxy never applies: counted each, and
@@ -492,28 +469,6 @@ class ProxyCore:
     # =========================================================================================
     # Metrics
     # =========================================================================================
-    def _publish_breaker(self) -> None:
-        """The breaker's state as the ClearIpBreakerOpen gauge, and a log line, when it moved."""
-        b = self.breaker
-        if b.transitions == self._breaker_moves:
-            return
-        self._breaker_moves = b.transitions
-        self._gauge(names.CLEARIP_BREAKER_OPEN, 1.0 if b.tripped else 0.0)
-        st = b.settings
-        if b.state is BreakerState.OPEN:
-            log.warning(
-                "ClearIP breaker open: ClearIP did not answer %d calls in a row; answering 503 at once "
-                "for %g s",
-                st.threshold,
-                st.cool_off,
-            )
-        elif b.state is BreakerState.HALF_OPEN:
-            log.warning(
-                "ClearIP breaker half-open: one call in %d goes to ClearIP as a probe", st.probe_every
-            )
-        else:
-            log.warning("ClearIP breaker closed: ClearIP answers again")
-
     def _incr(self, spec: names.MetricSpec) -> None:
         if self.recorder is not None:
             self.recorder.incr(spec)

@@ -42,6 +42,11 @@ CALLS_ANSWERED = MetricSpec("CallsAnswered", Unit.COUNT, "Calls that got a 2xx")
 PROXY_FAILED_CALLS = MetricSpec(
     "ProxyFailedCalls", Unit.COUNT, "Calls the proxy itself failed (timeout, unavailable, overload, error)"
 )
+CARRIERS_FAILED_CALLS = MetricSpec(
+    "CarriersFailedCalls",
+    Unit.COUNT,
+    "Routed calls that ended 408 or 5xx: every carrier tried failed (busy, not found, blocks excluded)",
+)
 OVERLOAD_REJECTED = MetricSpec(
     "OverloadRejected", Unit.COUNT, "INVITEs answered 503 past the in-flight limit"
 )
@@ -113,6 +118,40 @@ METRICS_DROPPED_INTERVALS = MetricSpec(
     "MetricsDroppedIntervals", Unit.COUNT, "Metric intervals dropped (CloudWatch down or throttling)"
 )
 
+# STIR/SHAKEN outcomes read from ClearIP's answer (metrics/stir.py). A fixed set: no per-number,
+# per-carrier or per-certificate dimension, so the cost stays 13 metrics a proxy whatever the traffic.
+STIR_ATTESTATION_METRICS: dict[str, MetricSpec] = {
+    "A": MetricSpec("StirAttestationA", Unit.COUNT, "Calls signed with SHAKEN attestation A (full)"),
+    "B": MetricSpec("StirAttestationB", Unit.COUNT, "Calls signed with SHAKEN attestation B (partial)"),
+    "C": MetricSpec("StirAttestationC", Unit.COUNT, "Calls signed with SHAKEN attestation C (gateway)"),
+}
+STIR_DIV_CALLS = MetricSpec(
+    "StirDivCalls", Unit.COUNT, "Calls whose answer carried diversion PASSporTs (ppt=div) besides SHAKEN"
+)
+STIR_UNDECODABLE = MetricSpec(
+    "StirIdentityUndecodable", Unit.COUNT, "Identity values that could not be read (bad JWS, no attest)"
+)
+STIR_VERSTAT_METRICS: dict[str, MetricSpec] = {
+    "TN-Validation-Passed": MetricSpec(
+        "StirVerstatPassed", Unit.COUNT, "Calls verified: verstat=TN-Validation-Passed"
+    ),
+    "TN-Validation-Failed": MetricSpec(
+        "StirVerstatFailed", Unit.COUNT, "Calls that failed verification: verstat=TN-Validation-Failed"
+    ),
+    "No-TN-Validation": MetricSpec(
+        "StirVerstatNoValidation", Unit.COUNT, "Calls not verified: verstat=No-TN-Validation"
+    ),
+    "other": MetricSpec("StirVerstatOther", Unit.COUNT, "Calls with another verstat value"),
+}
+BLOCKED_METRICS: dict[str, MetricSpec] = {
+    "603": MetricSpec("CallsBlocked603", Unit.COUNT, "Calls ended 603 Decline (blocked)"),
+    "603+": MetricSpec(
+        "CallsBlocked603Plus", Unit.COUNT, "Calls ended 603 Network Blocked (603+, robocall/fraud block)"
+    ),
+    "607": MetricSpec("CallsBlocked607", Unit.COUNT, "Calls ended 607 Unwanted (RFC 8688)"),
+    "608": MetricSpec("CallsBlocked608", Unit.COUNT, "Calls ended 608 Rejected (RFC 8688)"),
+}
+
 ALL_METRICS: tuple[MetricSpec, ...] = (
     CALLS,
     CLEARIP_LATENCY,
@@ -122,6 +161,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     EMERGENCY_BYPASS,
     CALLS_ANSWERED,
     PROXY_FAILED_CALLS,
+    CARRIERS_FAILED_CALLS,
     OVERLOAD_REJECTED,
     *CLEARIP_OUTCOME_METRICS.values(),
     MALFORMED_MESSAGES,
@@ -134,4 +174,9 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     IN_FLIGHT,
     HEARTBEAT,
     METRICS_DROPPED_INTERVALS,
+    *STIR_ATTESTATION_METRICS.values(),
+    STIR_DIV_CALLS,
+    STIR_UNDECODABLE,
+    *STIR_VERSTAT_METRICS.values(),
+    *BLOCKED_METRICS.values(),
 )

@@ -13,14 +13,16 @@ import json
 import logging
 import math
 
-from proxy_runtime.metrics import names
+from proxy_runtime.metrics import names, stir
 from proxy_runtime.metrics.names import MetricSpec
+from proxy_runtime.metrics.privacy import mask_digits
 from proxy_runtime.metrics.records import CallRecord, Distribution, GaugeStats, Interval, quantize_ms
 
 CALL_LOGGER = "clearip.calls"
 """Logger of the per-call JSON line (one a finished call, at INFO)."""
 
 _call_log = logging.getLogger(CALL_LOGGER)
+_log = logging.getLogger(__name__)
 
 DISTRIBUTION_METRICS: tuple[MetricSpec, ...] = (
     names.CLEARIP_LATENCY,
@@ -47,11 +49,17 @@ _CALLS = names.CALLS.name
 _ANSWERED = names.CALLS_ANSWERED.name
 _EMERGENCY = names.EMERGENCY_BYPASS.name
 _PROXY_FAILED = names.PROXY_FAILED_CALLS.name
+_CARRIERS_FAILED = names.CARRIERS_FAILED_CALLS.name
 _OVERLOAD = names.OVERLOAD_REJECTED.name
 _LATENCY = names.CLEARIP_LATENCY.name
 _PDD = names.POST_DIAL_DELAY.name
 _ATTEMPTS = names.CARRIER_ATTEMPTS.name
 _ADVANCES = names.ROUTE_ADVANCES.name
+_ATTEST = {stir.Attestation(k): m.name for k, m in names.STIR_ATTESTATION_METRICS.items()}
+_VERSTAT = {stir.Verstat(k): m.name for k, m in names.STIR_VERSTAT_METRICS.items()}
+_BLOCKED = {stir.Block(k): m.name for k, m in names.BLOCKED_METRICS.items()}
+_DIV = names.STIR_DIV_CALLS.name
+_UNDECODABLE = names.STIR_UNDECODABLE.name
 
 
 _js = json.encoder.encode_basestring  # JSON string literal (C implementation)
@@ -69,10 +77,14 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+def _jstr(value: str | None) -> str:
+    return "null" if not value else _js(value)
+
+
 class MetricsRecorder:
     """Folds call records, counters and gauges into the current interval."""
 
-    __slots__ = ("_counts", "_gauges", "_histograms", "_log_numbers", "_proxy_id", "_specs")
+    __slots__ = ("_counts", "_gauges", "_histograms", "_log_numbers", "_proxy_id", "_specs", "_stir_errors")
 
     def __init__(self, *, proxy_id: str, log_numbers: bool = False) -> None:
         self._proxy_id = proxy_id
@@ -83,6 +95,7 @@ class MetricsRecorder:
         # name -> [min, max, last, sum, count]. Gauges start at 0 (not connected, nothing in
         # flight), so they are published from the first interval and an alarm never lacks data.
         self._gauges: dict[str, list[float]] = {m.name: [0.0, 0.0, 0.0, 0.0, 1.0] for m in GAUGE_METRICS}
+        self._stir_errors = 0
 
     @property
     def proxy_id(self) -> str:
@@ -122,6 +135,9 @@ class MetricsRecorder:
             v = quantize_ms(rec.post_dial_delay_ms)
             h[v] = h.get(v, 0) + 1
         if rec.carrier_attempts > 0 or rec.route_advances > 0:
+            status = rec.final_status
+            if status == 408 or 500 <= status < 600:  # the fork ran out: no carrier could take it
+                counts[_CARRIERS_FAILED] += 1
             # Over routed calls only: Average reads "attempts per routed call".
             h = hist[_ATTEMPTS]
             a = float(max(0, rec.carrier_attempts))
@@ -129,23 +145,65 @@ class MetricsRecorder:
             h = hist[_ADVANCES]
             a = float(max(0, rec.route_advances))
             h[a] = h.get(a, 0) + 1
+        st = self._stir(rec)
+        block = stir.blocked(rec.final_status, rec.final_reason)
+        if block is not None:
+            counts[_BLOCKED[block]] += 1
+        if st is not stir.NOTHING:
+            if st.attestation is not None:
+                counts[_ATTEST[st.attestation]] += 1
+            if st.div:
+                counts[_DIV] += 1
+            if st.undecodable:
+                counts[_UNDECODABLE] += st.undecodable
+            if st.verstat is not None:
+                counts[_VERSTAT[st.verstat]] += 1
         if _call_log.isEnabledFor(logging.INFO):
-            _call_log.info(self.call_line(rec))
+            _call_log.info(self.call_line(rec, st, block))
 
-    def call_line(self, rec: CallRecord) -> str:
-        """The per-call JSON line (phone numbers only when ``log_numbers``).
+    def _stir(self, rec: CallRecord) -> stir.StirOutcome:
+        """The call's STIR/SHAKEN outcome. ``read_stir`` catches what header content can cause; this
+        guard is for the unforeseen: reading the headers must never cost a call its final."""
+        if not rec.identity and not rec.pai:
+            return stir.NOTHING
+        try:
+            return stir.read_stir(rec.identity, rec.pai)
+        except Exception:  # never fail a call over a metric
+            self._stir_errors += 1
+            if self._stir_errors == 1 or self._stir_errors % 10_000 == 0:
+                _log.exception("reading STIR/SHAKEN headers failed (%d time(s))", self._stir_errors)
+            return stir.NOTHING
+
+    def call_line(
+        self,
+        rec: CallRecord,
+        st: stir.StirOutcome | None = None,
+        block: stir.Block | None = None,
+    ) -> str:
+        """The per-call JSON line. Phone numbers are masked as SIP traces mask them (all but the
+        last four digits) unless ``log_numbers``.
 
         Formatted directly (one per call, on the call path): the same JSON ``json.dumps`` would
         give for these fixed keys, at a fraction of its cost."""
+        if st is None:
+            st = self._stir(rec)
+            block = stir.blocked(rec.final_status, rec.final_reason)
         outcome = "null" if rec.clearip_outcome is None else f'"{rec.clearip_outcome.value}"'
-        numbers = f',"caller":{_js(rec.caller)},"callee":{_js(rec.callee)}' if self._log_numbers else ""
+        caller, callee = rec.caller, rec.callee
+        if not self._log_numbers:
+            caller, callee = mask_digits(caller), mask_digits(callee)
+        attest = "null" if st.attestation is None else f'"{st.attestation.value}"'
         return (
             f'{{"event":"call","proxy":{_js(self._proxy_id)},"call_id":{_js(rec.call_id)},'
             f'"outcome":{outcome},"clearip_ms":{_jnum(_ms(rec.clearip_latency_ms))},'
             f'"attempts":{int(rec.carrier_attempts)},"advances":{int(rec.route_advances)},'
+            f'"carrier":{_jstr(rec.carrier)},'
             f'"status":{int(rec.final_status)},"pdd_ms":{_jnum(_ms(rec.post_dial_delay_ms))},'
+            f'"attest":{attest},"div":{st.div},"identity_bad":{st.undecodable},'
+            f'"verstat":{_jstr(st.verstat_raw)},"blocked":{_jstr(block.value if block else None)},'
             f'"emergency":{_jbool(rec.emergency)},"proxy_failed":{_jbool(rec.proxy_failed)},'
-            f'"overload":{_jbool(rec.overload_rejected)},"reason":{_js(rec.reason)}{numbers}}}'
+            f'"overload":{_jbool(rec.overload_rejected)},"reason":{_js(rec.reason)},'
+            f'"caller":{_js(caller)},"callee":{_js(callee)}}}'
         )
 
     def incr(self, spec: MetricSpec, n: int = 1) -> None:

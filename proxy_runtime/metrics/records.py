@@ -30,6 +30,11 @@ class CallRecord:
     caller: str = ""  # From user part; logged only when log_numbers
     callee: str = ""  # R-URI user part; logged only when log_numbers
     reason: str = ""  # short text, e.g. "clearip timeout", "302 -> carrier 200"; never a phone number
+    # ClearIP's answer as copied into the INVITE (read by metrics/stir.py, never verified).
+    identity: tuple[str, ...] = ()  # Identity values of the 302 (outbound: ClearIP signed)
+    pai: tuple[str, ...] = ()  # P-Asserted-Identity values of the 302 (inbound: ClearIP verified)
+    final_reason: str = ""  # reason phrase of the final sent to the caller ("Network Blocked": 603+)
+    carrier: str = ""  # host:port of the last carrier tried ("" when none); an address, not a number
 
 
 def quantize_ms(value: float) -> float:

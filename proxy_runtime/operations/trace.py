@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from proxy_runtime.metrics.privacy import mask_digits
+
 FORMATS = ("text", "pcap")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_FILES = 5
@@ -63,26 +65,6 @@ _IDENTITY_HEADERS = frozenset({"identity", "y"})
 # The user part of a sip:/sips:/tel: URI: everything up to '@' (sip) or to ';', '>', ',' or space.
 _URI_USER = re.compile(r"(?i)\b(sips?:|tel:)([^@;>,\s\"]+)")
 _DISPLAY_DIGITS = re.compile(r"\+?\d[\d\-. ()]{4,}\d")
-
-
-def mask_digits(text: str) -> str:
-    """Mask the digits of a phone number, keeping the last four (the last two when it is short).
-
-    Numbers of four digits or fewer (911, 933, service codes) are left as they are.
-    """
-    n = sum(c.isdigit() for c in text)
-    if n <= 4:
-        return text
-    keep = 4 if n >= 10 else 2
-    out = []
-    seen = 0
-    for c in text:
-        if c.isdigit():
-            seen += 1
-            out.append(c if seen > n - keep else "x")
-        else:
-            out.append(c)
-    return "".join(out)
 
 
 def _mask_uri_users(value: str) -> str:

@@ -32,6 +32,30 @@ FOLLOWABLE_REDIRECT_CODES = (300, 301, 302)  # 305 and 380 name no carrier to ca
 DEFAULT_EMERGENCY_NUMBERS = ("911", "933")
 METRICS_SINKS = ("auto", "cloudwatch", "log", "off")
 EMERGENCY_ACTIONS = ("reject", "route")
+CLEARIP_TRANSPORTS = ("tls", "tcp")
+# ClearIP's standard ports per transport: switching transport also switches a standard port.
+TRANSPORT_PORTS = {"tls": 5061, "tcp": 5060}
+
+RESTART_ONLY_FIELDS = (
+    "udp",
+    "tcp",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "advertise",
+    "clearip",
+    "clearip_ca",
+    "clearip_server_name",
+    "max_message_size",
+    "metrics",
+    "proxy_id",
+)
+"""Settings read once when the listeners, the ClearIP link and the metrics sink are made: a change
+needs a (drained) restart. Every other field is applied by a reload (SIGHUP) without dropping calls."""
+
+HOST_FIELDS = ("advertise", "proxy_id", "tls_cert", "tls_key")
+"""Settings that belong to one host, not to the site: a site settings file never carries them, and
+``settings write --site`` keeps the host's values (the Elastic IP, the instance id, its certificate)."""
 
 
 class SettingsError(ValueError):
@@ -211,6 +235,50 @@ def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
+
+
+def with_transport(uri: str, transport: str) -> str:
+    """Set ``;transport=`` of a SIP URI; a standard port of the other transport follows (5061 <-> 5060).
+
+    The one copy of this rule: the CDK settings, ``clearip-proxy set clearip_transport`` (the Session
+    Manager document) and ``install.sh --clearip-transport`` (through ``clearip-proxy settings write``)
+    all call it."""
+    if transport not in CLEARIP_TRANSPORTS:
+        raise SettingsError("clearip_transport", f"must be tls or tcp, got {transport!r}")
+    base, sep, params = uri.partition(";")
+    kept = [p for p in params.split(";") if p and not p.lower().startswith("transport=")] if sep else []
+    other = "tcp" if transport == "tls" else "tls"
+    m = re.match(r"^(sips?:(?:[^@]*@)?(?:\[[^\]]+\]|[^:]+)):(\d+)$", base)
+    if m and int(m.group(2)) == TRANSPORT_PORTS[other]:
+        base = f"{m.group(1)}:{TRANSPORT_PORTS[transport]}"
+    return ";".join([base, *kept, f"transport={transport}"])
+
+
+def trusted_cidr(setting: str, value: str) -> str:
+    """Check one CIDR of trusted sources the way an operator means it; return it unchanged.
+
+    A prefix is required (``203.0.113.10/32``, not ``203.0.113.10``), host bits must be clear, and
+    ``0.0.0.0/0`` / ``::/0`` are refused. The one copy of this rule: the proxy's own ``allow``
+    setting written by ``settings write`` (install.sh, the Session Manager documents) and the CDK
+    settings (``sip_cidrs``, ``ssh_cidr``) call it."""
+    value = value.strip()
+    if "/" not in value:
+        raise SettingsError(
+            setting, f"{value!r} is a bare address; write it as a CIDR with a prefix, e.g. {value}/32"
+        )
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        try:
+            fixed = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise SettingsError(setting, f"{value!r} is not a CIDR ({exc})") from None
+        raise SettingsError(setting, f"{value!r} has host bits set; did you mean {fixed}?") from None
+    if net.prefixlen == 0:
+        raise SettingsError(
+            setting, f"{value} admits the whole internet; list only your trusted switches and carriers"
+        )
+    return value
 
 
 def validate(s: Settings) -> Settings:

@@ -1,5 +1,9 @@
 """What the ClearIP simulator answers: PASSporTs (RFC 8225, 8588 SHAKEN, 8946 div) shaped like real
 ones but signed with no key, and the response a rule gives a request (:func:`build_answer`, pure).
+
+A redirect's signed headers (Identity, P-Asserted-Identity) go as headers of the 3xx, or escaped
+inside each Contact URI (``<sip:+1...@host?Identity=...>``, RFC 3261 §19.1.1) for SBCs that take
+redirect targets verbatim, or both (:func:`uri_with_headers`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from proxy_runtime.sip.build import REASON_PHRASES, make_response
 from proxy_runtime.sip.errors import ParseError
@@ -23,6 +28,7 @@ from proxy_runtime.tools.rules import DEFAULT_X5U, Rule, normalize_number
 SERVER_HEADER = "clearip-simulator"
 
 EXTRA_REASONS: dict[int, str] = {
+    300: "Multiple Choices",
     301: "Moved Permanently",
     401: "Unauthorized",
     410: "Gone",
@@ -112,6 +118,21 @@ def decode_passport(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     return header, payload, d(s)
 
 
+# RFC 3261 §25.1: an hname or hvalue is hnv-unreserved / unreserved / escaped. quote() leaves
+# letters, digits and "_.-~" as they are; these are the other characters the grammar lets through
+# unescaped. Everything else (";", "=", "<", ">", '"', ",", "&", "@", space...) is %XX-escaped, so
+# the proxy's urllib.parse.unquote gives the value back byte for byte ("+" stays "+").
+_HNV_SAFE = "[]/?:+$!*'()"
+
+
+def uri_with_headers(uri: str, headers: Iterable[tuple[str, str]]) -> str:
+    """``uri`` with ``headers`` appended as its ``?name=value&...`` part, escaped."""
+    part = "&".join(f"{quote(n, safe=_HNV_SAFE)}={quote(v, safe=_HNV_SAFE)}" for n, v in headers)
+    if not part:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}{part}"
+
+
 def _fill(template: str, user: str) -> str:
     number = normalize_number(user)
     return template.replace("{user}", user).replace("{number}", number).replace("{e164}", "+" + number)
@@ -132,41 +153,63 @@ def build_answer(
             orig = uri_user(parse_name_addr(from_value).uri) or "0"
         except ParseError:
             orig = "0"
-        if rule.identity:
-            token = make_passport(
-                orig, user, attest=rule.attest, x5u=rule.x5u, iat=now, pad_to=_token_target(rule)
-            )
-            extra.append(("Identity", identity_header(token, x5u=rule.x5u, quote_ppt=rule.quote_ppt)))
-            if rule.div:
-                div_token = make_passport(
-                    orig,
-                    user,
-                    ppt="div",
-                    x5u=rule.x5u,
-                    iat=now,
-                    div=rule.div_from or user,
-                    pad_to=_token_target(rule),
-                )
-                extra.append(("Identity", identity_header(div_token, x5u=rule.x5u, ppt="div")))
-        if rule.pai:
-            num = normalize_number(orig)
-            name = f'"{rule.pai_name}" ' if rule.pai_name else ""
-            pai = f"{name}<sip:+{num}@sip.clearip.example;user=phone;verstat={rule.verstat}>"
-            extra.append(("P-Asserted-Identity", pai))
+        signed = _signed_headers(rule, orig, user, now)
+        if rule.identity_in != "contact":
+            extra.extend(signed)
         qs = rule.q or tuple(round(0.99 - 0.01 * i, 2) for i in range(len(rule.contacts)))
-        contacts = [f"<{_fill(c, user)}>;q={q:g}" for c, q in zip(rule.contacts, qs, strict=True)]
+        contacts = []
+        for i, (template, q) in enumerate(zip(rule.contacts, qs, strict=True)):
+            embedded: list[tuple[str, str]] = []
+            if rule.identity_in != "header":
+                fresh = rule.identity_per_contact and i > 0
+                embedded = _signed_headers(rule, orig, user, now) if fresh else signed
+            uri = uri_with_headers(_fill(template, user), [*embedded, *rule.contact_headers])
+            contacts.append(f"<{uri}>;q={q:g}")
         if rule.contact_lines:
             extra.extend(("Contact", c) for c in contacts)
         else:
             extra.append(("Contact", ", ".join(contacts)))
-    elif rule.action == "block":
-        extra.append(("Reason", rule.reason_header))
-        if rule.call_info:
-            extra.append(("Call-Info", rule.call_info))
+    phrase = "Network Blocked" if rule.action == "block" and status == 603 else reason_phrase(status)
+    if rule.action == "block":
+        reason_header, call_info = rule.block_headers(phrase)
+        if reason_header:
+            extra.append(("Reason", reason_header))
+        if call_info:
+            extra.append(("Call-Info", call_info))
     extra.append(("Server", SERVER_HEADER))
     extra.extend(rule.headers)
-    reason = rule.reason or ("Network Blocked" if rule.action == "block" else reason_phrase(status))
-    return make_response(request, status, reason, to_tag=to_tag, extra=extra)
+    return make_response(request, status, rule.reason or phrase, to_tag=to_tag, extra=extra)
+
+
+def _signed_headers(rule: Rule, orig: str, user: str, now: int | None) -> list[tuple[str, str]]:
+    """What a signing service adds: the SHAKEN Identity (and a div one), P-Asserted-Identity."""
+    out: list[tuple[str, str]] = []
+    if rule.identity:
+        token = make_passport(
+            orig, user, attest=rule.attest, x5u=rule.x5u, iat=now, pad_to=_token_target(rule)
+        )
+        out.append(("Identity", identity_header(token, x5u=rule.x5u, quote_ppt=rule.quote_ppt)))
+        if rule.div:
+            div_token = make_passport(
+                orig,
+                user,
+                ppt="div",
+                x5u=rule.x5u,
+                iat=now,
+                div=rule.div_from or user,
+                pad_to=_token_target(rule),
+            )
+            out.append(("Identity", identity_header(div_token, x5u=rule.x5u, ppt="div")))
+    if rule.pai:
+        num = normalize_number(orig)
+        name = f'"{rule.pai_name}" ' if rule.pai_name else ""
+        out.append(
+            (
+                "P-Asserted-Identity",
+                f"{name}<sip:+{num}@sip.clearip.example;user=phone;verstat={rule.verstat}>",
+            )
+        )
+    return out
 
 
 def _token_target(rule: Rule) -> int:

@@ -3,9 +3,10 @@
 It starts, on free 127.0.0.1 ports, the simulator with a demo rule set, carrier A (UDP; answers 503
 for one number so the proxy must route-advance) and carrier B (TCP), and the proxy itself (in process
 when :class:`proxy_runtime.transport.server.ProxyServer` exists, else ``python -m proxy_runtime run`` as a
-subprocess). A simulated switch then places one call per row of DESIGN §2's table and the demo prints
-what ClearIP said, what each carrier saw and what the switch got. Exit status 0 when every call ended
-as expected, 1 otherwise.
+subprocess). A simulated switch then places one call per row of DESIGN §2's table, and one per answer
+shape seen in the field (the PASSporT and PAI escaped inside each Contact URI, 300 Multiple Choices,
+608 Rejected), and the demo prints what ClearIP said, what each carrier saw and what the switch got.
+Exit status 0 when every call ended as expected, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TextIO
 
+from proxy_runtime.sip.errors import ParseError
+from proxy_runtime.sip.grammar import parse_name_addr
+from proxy_runtime.sip.message import SipResponse
+from proxy_runtime.sip.uri import UriError, parse_uri, parse_uri_headers
 from proxy_runtime.tools.carrier import SimulatedCarrier
 from proxy_runtime.tools.endpoint import Transport, uri_user
 from proxy_runtime.tools.rules import RuleSet, normalize_number, parse_rules
@@ -47,6 +52,9 @@ N_BLOCKED = "+12025550105"
 N_FORBIDDEN = "+12025550106"
 N_SILENT = "+12025550107"
 N_INBOUND = "+12025550108"
+N_IN_CONTACT = "+12025550109"
+N_MULTIPLE = "+12025550110"
+N_REJECTED = "+12025550111"
 N_EMERGENCY = "911"
 
 
@@ -102,6 +110,29 @@ pai = true
 pai_name = "[V] Alice Example"
 contacts = ["{carrier_b}"]
 
+[[rule]]
+name = "302, Identity + PAI in each Contact URI"
+numbers = ["{N_IN_CONTACT}"]
+action = "redirect"
+identity_in = "contact"
+identity_per_contact = true
+pai = true
+pai_name = "[V] Alice Example"
+contacts = ["{carrier_a}", "{carrier_b}"]
+
+[[rule]]
+name = "300 Multiple Choices"
+numbers = ["{N_MULTIPLE}"]
+action = "redirect"
+status = 300
+contacts = ["{carrier_a}", "{carrier_b}"]
+
+[[rule]]
+name = "608 Rejected (RFC 8688)"
+numbers = ["{N_REJECTED}"]
+action = "block"
+status = 608
+
 [default]
 action = "reject"
 status = 404
@@ -118,7 +149,9 @@ class DemoCall:
     expect_carriers: dict[str, list[int]]  # carrier -> INVITE finals it sent
     expect_header: tuple[str, str] | None = None  # (name, text it must contain) in the final
     max_time: float | None = None
-    check_identity: bool = False  # carriers must get ClearIP's Identity headers byte for byte
+    # carriers must get ClearIP's Identity headers byte for byte: those escaped in the URI of the
+    # Contact that reached them, else those of the 3xx
+    check_identity: bool = False
 
 
 @dataclass(slots=True)
@@ -148,6 +181,17 @@ def demo_calls(timeout: float) -> list[DemoCall]:
         DemoCall("ClearIP silent", N_SILENT, "udp", 503, None, {}, ("Reason", ""), max_time=timeout + 2.0),
         DemoCall("emergency 911", N_EMERGENCY, "udp", 503, "not asked", {}, max_time=1.0),
         DemoCall("inbound, PAI [V]", N_INBOUND, "tcp", 200, 302, {"B": [200]}, check_identity=True),
+        DemoCall(
+            "Identity in Contact URI",
+            N_IN_CONTACT,
+            "udp",
+            200,
+            302,
+            {"A": [503], "B": [200]},
+            check_identity=True,
+        ),
+        DemoCall("300 Multiple Choices", N_MULTIPLE, "tcp", 200, 300, {"A": [200]}, check_identity=True),
+        DemoCall("608 Rejected", N_REJECTED, "udp", 608, 608, {}, ("Call-Info", "purpose=jwscallinfo")),
     ]
 
 
@@ -359,9 +403,11 @@ def _summarise(
     elif not answers or answers[-1].status != call.expect_clearip:
         problems.append(f"ClearIP should have said {call.expect_clearip}, said {clearip}")
 
-    clearip_identity = []
+    clearip_identity: list[str] = []
+    in_contacts: dict[tuple[str, int | None], dict[str, list[str]]] = {}
     if answers and answers[-1].response is not None:
         clearip_identity = answers[-1].response.get_all("identity")
+        in_contacts = contact_uri_headers(answers[-1].response)
     seen: list[str] = []
     for name, carrier in carriers.items():
         invites = [
@@ -376,15 +422,28 @@ def _summarise(
             finals.extend(carrier.invite_finals(r.request.call_id))
         finals = sorted(set(finals), key=finals.index)
         if invites:
-            ids = invites[0].request.get_all("identity")
+            first = invites[0].request
+            ids = first.get_all("identity")
             seen.append(f"{name} {'/'.join(map(str, finals)) or '?'}")
-            if call.check_identity and ids != clearip_identity:
+            embedded = in_contacts.get(_host_port(first.uri), {})
+            want_ids = embedded.get("Identity") or clearip_identity
+            plural = "s" if len(ids) > 1 else ""
+            where = f"the one{plural} in its Contact URI" if "Identity" in embedded else "ClearIP's"
+            if "?" in first.uri:
+                problems.append(f"carrier {name} got a Request-URI with a headers part: {first.uri}")
+            if call.check_identity and ids != want_ids:
                 problems.append(f"carrier {name} did not get ClearIP's Identity headers byte for byte")
             elif ids:
                 size = ", ".join(f"{len(v)} B" for v in ids)
-                same = " = ClearIP's, byte for byte" if ids == clearip_identity else ""
+                same = f" = {where}, byte for byte" if ids == want_ids else ""
                 notes.append(f"carrier {name} got INVITE with {len(ids)} Identity ({size}){same}")
-            pai = invites[0].request.get("p-asserted-identity")
+            pai = first.get("p-asserted-identity")
+            if (
+                call.check_identity
+                and "P-Asserted-Identity" in embedded
+                and [pai] != embedded["P-Asserted-Identity"]
+            ):
+                problems.append(f"carrier {name} did not get the P-Asserted-Identity of its Contact URI")
             if pai:
                 notes.append(f"carrier {name} got P-Asserted-Identity: {pai}")
         expected = call.expect_carriers.get(name)
@@ -408,9 +467,36 @@ def _summarise(
         reason = result.header("reason")
         if reason and result.status and result.status >= 300:
             notes.append(f"switch got Reason: {reason}")
+        call_info = result.header("call-info")
+        if call_info and result.status and result.status >= 600:
+            notes.append(f"switch got Call-Info: {call_info}")
     if call.max_time is not None and result.elapsed > call.max_time:
         problems.append(f"took {result.elapsed:.2f} s, expected under {call.max_time:g} s")
     return Outcome(call, result, clearip, carriers_text, problems, notes)
+
+
+def contact_uri_headers(resp: SipResponse) -> dict[tuple[str, int | None], dict[str, list[str]]]:
+    """The headers escaped in each Contact URI of a redirect (RFC 3261 §19.1.1), unescaped, by the
+    Contact's host and port (each demo carrier has its own port)."""
+    out: dict[tuple[str, int | None], dict[str, list[str]]] = {}
+    for value in resp.values("contact"):
+        try:
+            uri = parse_uri(parse_name_addr(value).uri)
+            pairs = parse_uri_headers(uri.headers)
+        except (ParseError, UriError):
+            continue
+        headers = out.setdefault((uri.host, uri.port), {})
+        for hname, hvalue in pairs:
+            headers.setdefault(hname, []).append(hvalue)
+    return out
+
+
+def _host_port(uri_text: str) -> tuple[str, int | None]:
+    try:
+        uri = parse_uri(uri_text)
+    except UriError:
+        return ("", None)
+    return (uri.host, uri.port)
 
 
 def print_table(outcomes: list[Outcome], out: TextIO) -> None:
@@ -460,7 +546,7 @@ async def run_demo(
     t0 = time.monotonic()
     sim: ClearIpSimulator | None = None
     proxy: RunningProxy | None = None
-    carrier_a = SimulatedCarrier("A", numbers={N_ADVANCE: "unavailable"})
+    carrier_a = SimulatedCarrier("A", numbers={N_ADVANCE: "unavailable", N_IN_CONTACT: "unavailable"})
     carrier_b = SimulatedCarrier("B")
     switch = SimulatedSwitch(from_number="+13035550100")
     try:

@@ -1,7 +1,10 @@
 """The ClearIP simulator's rules: which answer each called number gets, read from TOML.
 
 A rule matches exact numbers, then prefixes (first match wins; else the default rule) and names an
-action (redirect, reject, block, silence, delay) with its details. ``parse_rules`` checks every key
+action (redirect, reject, block, silence, delay) with its details: a redirect's status (302, or 300
+Multiple Choices), where its signed headers go (``identity_in``: as headers of the response, escaped
+inside each Contact URI as RFC 3261 §19.1.1 headers, or both), a block's status (603+, 607, 608) and
+its Reason and Call-Info. ``parse_rules`` checks every key
 and value and raises :class:`RulesError` naming the rule. The built-in rules (what ``simulate``
 answers without ``--rules``) are ``DEFAULT_RULES_TOML``, documented in ``docs/SIMULATOR.md``.
 """
@@ -15,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 ACTIONS = ("redirect", "reject", "block", "silence", "delay")
+IDENTITY_IN = ("header", "contact", "both")
 DEFAULT_X5U = "https://certificates.example/cert.pem"
 DEFAULT_BLOCK_REASON = 'SIP;cause=603;text="Network Blocked";location=TN'
 DEFAULT_BLOCK_CALL_INFO = "<https://redress.example/clearip>;purpose=info"
+# RFC 8688 §5: a 608's Call-Info with purpose "jwscallinfo" points at a signed jCard saying who
+# rejected the call and how to seek redress (here a placeholder address, never fetched).
+DEFAULT_608_CALL_INFO = "<https://redress.example/clearip/608>;purpose=jwscallinfo"
 
 
 class RulesError(ValueError):
@@ -46,6 +53,11 @@ class Rule:
     q: tuple[float, ...] = ()  # explicit q per contact; default 0.99, 0.98, ...
     contact_lines: bool = False  # one Contact header per URI instead of one comma-separated list
     identity: bool = True
+    # where the Identity (and P-Asserted-Identity) headers go: "header" (of the 3xx), "contact"
+    # (escaped inside each Contact URI, RFC 3261 §19.1.1) or "both"
+    identity_in: str = "header"
+    identity_per_contact: bool = False  # each Contact URI carries its own PASSporT (fresh origid)
+    contact_headers: tuple[tuple[str, str], ...] = ()  # more headers escaped into each Contact URI
     attest: str = "A"
     x5u: str = DEFAULT_X5U
     quote_ppt: bool = False  # write ppt="shaken" instead of ppt=shaken
@@ -55,15 +67,26 @@ class Rule:
     pai: bool = False  # add P-Asserted-Identity with verstat (inbound calls)
     pai_name: str = ""  # display name, e.g. "[V] Alice Smith"
     verstat: str = "TN-Validation-Passed"
-    # block
-    reason_header: str = DEFAULT_BLOCK_REASON
-    call_info: str = DEFAULT_BLOCK_CALL_INFO
+    # block (None: the status's own, see :meth:`block_headers`)
+    reason_header: str | None = None
+    call_info: str | None = None
     # any action
     headers: tuple[tuple[str, str], ...] = ()
     trying: bool | None = None  # send 100 Trying first; default: when delay_ms > 0
 
     def matches(self, number: str) -> bool:
         return number in self.numbers or any(number.startswith(p) for p in self.prefixes)
+
+    def block_headers(self, phrase: str) -> tuple[str, str]:
+        """A block's ``Reason`` and ``Call-Info`` (``""``: none): the rule's, else the status's own:
+        603 the ATIS-1000099 "603+" pair, 608 RFC 8688's jwscallinfo, any other 6xx its cause."""
+        status = self.final_status or 603
+        reason = DEFAULT_BLOCK_REASON if status == 603 else f'SIP;cause={status};text="{phrase}"'
+        call_info = DEFAULT_608_CALL_INFO if status == 608 else DEFAULT_BLOCK_CALL_INFO
+        return (
+            self.reason_header if self.reason_header is not None else reason,
+            self.call_info if self.call_info is not None else call_info,
+        )
 
     @property
     def final_status(self) -> int | None:
@@ -99,6 +122,9 @@ _RULE_KEYS = {
     "q",
     "contact_lines",
     "identity",
+    "identity_in",
+    "identity_per_contact",
+    "contact_headers",
     "attest",
     "x5u",
     "quote_ppt",
@@ -151,7 +177,7 @@ def parse_rule(data: Mapping[str, Any], where: str, *, default: bool = False) ->
     if not default and not numbers and not prefixes:
         raise RulesError(f"{where}: a rule needs numbers or prefixes (use [default] for the rest)")
     kw["numbers"], kw["prefixes"] = numbers, prefixes
-    for key in ("contact_lines", "identity", "quote_ppt", "div", "pai"):
+    for key in ("contact_lines", "identity", "identity_per_contact", "quote_ppt", "div", "pai"):
         if key in data:
             kw[key] = _bool(where, key, data[key])
     if "trying" in data:
@@ -159,7 +185,17 @@ def parse_rule(data: Mapping[str, Any], where: str, *, default: bool = False) ->
     for key in ("status", "delay_ms", "identity_size"):
         if key in data:
             kw[key] = _int(where, key, data[key])
-    for key in ("reason", "attest", "x5u", "div_from", "pai_name", "verstat", "reason_header", "call_info"):
+    for key in (
+        "reason",
+        "attest",
+        "x5u",
+        "div_from",
+        "pai_name",
+        "verstat",
+        "reason_header",
+        "call_info",
+        "identity_in",
+    ):
         if key in data:
             if not isinstance(data[key], str):
                 raise RulesError(f"{where}: {key} must be a string")
@@ -171,11 +207,12 @@ def parse_rule(data: Mapping[str, Any], where: str, *, default: bool = False) ->
         if not isinstance(q, list) or not all(isinstance(x, int | float) and 0 <= x <= 1 for x in q):
             raise RulesError(f"{where}: q must be a list of numbers between 0 and 1")
         kw["q"] = tuple(float(x) for x in q)
-    if "headers" in data:
-        h = data["headers"]
-        if not isinstance(h, dict) or not all(isinstance(v, str) for v in h.values()):
-            raise RulesError(f'{where}: headers must be a table of name = "value"')
-        kw["headers"] = tuple((str(k), v) for k, v in h.items())
+    for key in ("headers", "contact_headers"):
+        if key in data:
+            h = data[key]
+            if not isinstance(h, dict) or not all(isinstance(v, str) for v in h.values()):
+                raise RulesError(f'{where}: {key} must be a table of name = "value"')
+            kw[key] = tuple((str(k), v) for k, v in h.items())
     rule = Rule(**kw)
     if rule.delay_ms < 0:
         raise RulesError(f"{where}: delay_ms must not be negative")
@@ -190,6 +227,10 @@ def parse_rule(data: Mapping[str, Any], where: str, *, default: bool = False) ->
             raise RulesError(f"{where}: q needs one value per contact")
     if action == "block" and rule.status and not 600 <= rule.status <= 699:
         raise RulesError(f"{where}: a block's status must be 6xx")
+    if rule.identity_in not in IDENTITY_IN:
+        raise RulesError(f"{where}: identity_in must be one of {', '.join(IDENTITY_IN)}")
+    if rule.identity_per_contact and rule.identity_in == "header":
+        raise RulesError(f'{where}: identity_per_contact needs identity_in = "contact" or "both"')
     if action == "delay" and rule.delay_ms <= 0:
         raise RulesError(f"{where}: a delay rule needs delay_ms > 0")
     if rule.attest not in ("A", "B", "C"):

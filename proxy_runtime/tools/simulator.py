@@ -5,11 +5,13 @@ rules.toml``. Each INVITE's Request-URI user part (an E.164 number, with or with
 against the rules in order (exact numbers, then prefixes, first match wins; else the default) and the
 rule says what to answer:
 
-- ``redirect``: ``302 Moved Temporarily`` with one or more ``Identity`` headers (a syntactically real
-  SHAKEN PASSporT, optionally a second ``ppt="div"`` one), optionally a ``P-Asserted-Identity`` with
-  ``verstat``, and a Contact list with descending q;
+- ``redirect``: ``302 Moved Temporarily`` (or ``300 Multiple Choices``) with one or more ``Identity``
+  headers (a syntactically real SHAKEN PASSporT, optionally a second ``ppt="div"`` one), optionally a
+  ``P-Asserted-Identity`` with ``verstat``, and a Contact list with descending q; the signed headers
+  go in the response, escaped inside each Contact URI (RFC 3261 §19.1.1), or both;
 - ``reject``: any status with its reason phrase (503, 404, 403, 480...);
-- ``block``: ``603 Network Blocked`` with the ATIS-1000099 ("603+") ``Reason`` header and a Call-Info;
+- ``block``: ``603 Network Blocked`` with the ATIS-1000099 ("603+") ``Reason`` header and a Call-Info,
+  or ``607 Unwanted`` / ``608 Rejected`` (RFC 8688, ``purpose=jwscallinfo``) with theirs;
 - ``silence``: no answer at all (not even 100 Trying, nor to a CANCEL), like a hung server;
 - ``delay``: a redirect after ``delay_ms`` (every action also takes ``delay_ms``).
 

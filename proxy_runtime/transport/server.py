@@ -21,7 +21,7 @@ from typing import Protocol
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
-from proxy_runtime.settings import HostPort, Settings
+from proxy_runtime.settings import RESTART_ONLY_FIELDS, HostPort, Settings
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError
 from proxy_runtime.transport import tls
@@ -267,20 +267,7 @@ class ProxyServer:
         self.stopped.set()
 
     # Settings read once when listeners, the ClearIP link and the metrics sink are made.
-    RESTART_ONLY = (
-        "udp",
-        "tcp",
-        "tls",
-        "tls_cert",
-        "tls_key",
-        "advertise",
-        "clearip",
-        "clearip_ca",
-        "clearip_server_name",
-        "max_message_size",
-        "metrics",
-        "proxy_id",
-    )
+    RESTART_ONLY = RESTART_ONLY_FIELDS
 
     def reload(self, settings: Settings) -> list[str]:
         """Apply what can change without dropping calls; return what needs a restart.

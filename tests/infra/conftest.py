@@ -22,8 +22,17 @@ CDK = REPO / "node_modules" / ".bin" / "cdk"
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "1")
 
-DEFAULT_CONTEXT: dict[str, Any] = {"sip_cidrs": "203.0.113.10/32,198.51.100.0/28"}
+AMI = "ami-03cf127a"  # one of moto's built-in images, so the moto deploy can run it too
+DEFAULT_CONTEXT: dict[str, Any] = {
+    "sip_cidrs": "203.0.113.10/32,198.51.100.0/28",
+    "ami": AMI,
+    "alarm_email": "",
+}
+ADOPTED = ("eipalloc-0a1b2c3d4e5f60718", "198.51.100.7")
 FULL_CONTEXT: dict[str, Any] = {
+    "ami": "ami-0123456789abcdef0",
+    "eip_allocations": [{"allocation_id": ADOPTED[0], "address": ADOPTED[1]}],
+    "proxy": {"ring_timeout": 90, "copy_headers": ["Identity"]},
     "sip_cidrs": ["203.0.113.10/32", "198.51.100.0/28", "2001:db8::/48"],
     "ssh_cidr": "192.0.2.0/29",
     "alarm_email": "noc@example.net",
@@ -56,7 +65,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def synth_stack(context: Mapping[str, Any]) -> ClearIpProxyStack:
     app = cdk.App(context=dict(context))
-    settings = DeploymentSettings.from_context(app.node.try_get_context)
+    settings = DeploymentSettings.from_mapping(dict(context))
     return ClearIpProxyStack(app, settings.stack_name, settings=settings)
 
 

@@ -32,6 +32,8 @@ def cli_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "sip_cidrs=203.0.113.10/32,198.51.100.0/28",
             "-c",
             "alarm_email=noc@example.net",
+            "-c",
+            "ami=ami-0123456789abcdef0",
         ],
         cwd=REPO,
         env=cli_env(),
@@ -53,7 +55,19 @@ def test_cdk_synth_offline(cli_synth: Path) -> None:
 
 def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [cdk_cli(), "synth", "--quiet", "--output", str(tmp_path), "-c", "sip_cidrs=0.0.0.0/0"],
+        [
+            cdk_cli(),
+            "synth",
+            "--quiet",
+            "--output",
+            str(tmp_path),
+            "-c",
+            "sip_cidrs=0.0.0.0/0",
+            "-c",
+            "ami=ami-0123456789abcdef0",
+            "-c",
+            "alarm_email=noc@example.net",
+        ],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
@@ -117,6 +131,8 @@ NAG_CONTEXT = {
     "ssh_cidr": "192.0.2.0/29",
     "alarm_email": "noc@example.net",
     "key_pair": "k",
+    "ami": "ami-0123456789abcdef0",
+    "eip_allocations": "eipalloc-0a1b2c3d4e5f60718=198.51.100.7",
 }
 
 
@@ -142,7 +158,9 @@ def test_cdk_nag_fails_synth_on_an_unacknowledged_finding() -> None:
 
 
 def test_every_acknowledgment_has_a_reason() -> None:
-    app = cdk_app.build_app({"sip_cidrs": "203.0.113.10/32"})
+    app = cdk_app.build_app(
+        {"sip_cidrs": "203.0.113.10/32", "ami": "ami-0123456789abcdef0", "alarm_email": ""}
+    )
     ours: dict[str, str] = {}
     for c in app.node.find_all():
         for m in c.node.metadata:
@@ -152,7 +170,9 @@ def test_every_acknowledgment_has_a_reason() -> None:
         "AwsSolutions::AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
         "AwsSolutions::AwsSolutions-IAM5[Resource::*]",
         "AwsSolutions::AwsSolutions-IAM5[Resource::<OperationsTraceBucketAE416723.Arn>/traces/*]",
+        "AwsSolutions::AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:*]",
         "AwsSolutions::AwsSolutions-S1",
+        "AwsSolutions::AwsSolutions-EC29",
     }
     for rule, reason in ours.items():
         assert len(reason.split()) >= 12, (rule, reason)

@@ -1,7 +1,9 @@
-"""Deployment settings are validated once, at synth, with messages that name the context key."""
+"""Deployment settings: the site's settings file (named by cdk.json), explicit -c overrides, and
+validation once, at synth, with messages that name the key."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,9 @@ from infra.settings import DeploymentSettings, DeploymentSettingsError, with_tra
 
 
 def settings(**context: Any) -> DeploymentSettings:
-    return DeploymentSettings.from_mapping({"sip_cidrs": "203.0.113.10/32", **context})
+    return DeploymentSettings.from_mapping(
+        {"sip_cidrs": "203.0.113.10/32", "ami": "ami-0123456789abcdef0", "alarm_email": "", **context}
+    )
 
 
 def test_defaults() -> None:
@@ -58,6 +62,19 @@ def test_sip_cidrs_as_string_or_list() -> None:
         ({"timeout": "soon"}, "timeout", "number"),
         ({"stack_name": "1bad"}, "stack_name", "letters"),
         ({"alarm_failed_call_percent": 0}, "alarm_failed_call_percent", "(0, 100]"),
+        ({"ami": "latest"}, "ami", "not an AMI id"),
+        ({"eip_allocations": "eipalloc-1"}, "eip_allocations", "allocation_id and address"),
+        ({"eip_allocations": "eipalloc-zz=198.51.100.7"}, "eip_allocations", "not an Elastic IP allocation"),
+        ({"eip_allocations": "eipalloc-0a1b2c3d4e5f60718=2001:db8::1"}, "eip_allocations", "not an IPv4"),
+        (
+            {"eip_allocations": ",".join(f"eipalloc-0a1b2c3d4e5f6071{i}=198.51.100.{i}" for i in range(3))},
+            "eip_allocations",
+            "3 allocations for 2 proxies",
+        ),
+        ({"proxy": {"ring_timeout": 0}}, "proxy.ring_timeout", "greater than 0"),
+        ({"proxy": {"timeout": 3}}, "proxy.timeout", "set by the stack from 'timeout'"),
+        ({"proxy": {"advertise": "192.0.2.1"}}, "proxy.advertise", "belongs to one host"),
+        ({"proxy": {"bogus": 1}}, "proxy.bogus", "unknown setting"),
     ],
 )
 def test_invalid_settings_name_the_setting(context: dict[str, Any], setting: str, fragment: str) -> None:
@@ -71,6 +88,67 @@ def test_invalid_settings_name_the_setting(context: dict[str, Any], setting: str
 def test_sip_cidrs_is_required() -> None:
     with pytest.raises(DeploymentSettingsError, match="'sip_cidrs': required"):
         DeploymentSettings.from_mapping({})
+
+
+def test_ami_and_alarm_email_must_be_said() -> None:
+    """The image is recorded, and dropping the e-mail subscription is a decision, never an omission."""
+    with pytest.raises(DeploymentSettingsError, match=r"'ami': required.*ami-amazon-linux-latest"):
+        DeploymentSettings.from_mapping({"sip_cidrs": "203.0.113.10/32", "alarm_email": ""})
+    with pytest.raises(DeploymentSettingsError, match=r"'alarm_email': required.*silently delete"):
+        DeploymentSettings.from_mapping({"sip_cidrs": "203.0.113.10/32", "ami": "ami-0123456789abcdef0"})
+    assert settings(alarm_email="").alarm_email is None
+    assert settings(alarm_email="none").alarm_email is None
+    assert settings(alarm_email="noc@example.net").alarm_email == "noc@example.net"
+
+
+SITE = """
+sip_cidrs = ["203.0.113.10/32", "198.51.100.0/28"]
+alarm_email = "noc@example.net"
+ami = "ami-0123456789abcdef0"
+timeout = 4
+
+[[eip_allocations]]
+allocation_id = "eipalloc-0a1b2c3d4e5f60718"
+address = "198.51.100.7"
+
+[proxy]
+ring_timeout = 120
+"""
+
+
+def test_the_settings_file_is_the_deployment(tmp_path: Path) -> None:
+    (tmp_path / "site.toml").write_text(SITE)
+    context: dict[str, Any] = {"settings_file": "site.toml"}
+    s = DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+    assert s.sip_cidrs == ("203.0.113.10/32", "198.51.100.0/28")
+    assert s.alarm_email == "noc@example.net" and s.ami == "ami-0123456789abcdef0" and s.timeout == 4.0
+    assert s.eip_allocations == (("eipalloc-0a1b2c3d4e5f60718", "198.51.100.7"),)
+    assert "ring_timeout = 120.0" in s.site_settings_toml()
+    # -c overrides one key, explicitly; the rest still comes from the file.
+    context["timeout"] = "2.5"
+    s2 = DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+    assert s2.timeout == 2.5 and s2.alarm_email == "noc@example.net"
+    assert "timeout = 2.5" in s2.site_settings_toml()
+
+
+def test_settings_file_errors_name_the_key(tmp_path: Path) -> None:
+    context: dict[str, Any] = {"settings_file": "site.toml"}
+    with pytest.raises(DeploymentSettingsError, match=r"no such file.*site.example.toml"):
+        DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+    (tmp_path / "site.toml").write_text("timout = 3\n" + SITE)
+    with pytest.raises(DeploymentSettingsError, match=r"'timout': unknown setting in site.toml"):
+        DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+    (tmp_path / "site.toml").write_text(SITE.replace('alarm_email = "noc@example.net"', ""))
+    with pytest.raises(DeploymentSettingsError, match=r"'alarm_email': required in site.toml"):
+        DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+
+
+def test_the_example_settings_file_is_valid(tmp_path: Path) -> None:
+    from .conftest import REPO
+
+    context: dict[str, Any] = {"settings_file": str(REPO / "site.example.toml")}
+    s = DeploymentSettings.from_context(context.get, base_dir=tmp_path)
+    assert s.sip_cidrs and s.alarm_email == "noc@example.net"
 
 
 def test_transport_rewrites_the_uri() -> None:
@@ -97,6 +175,27 @@ def test_the_runtime_accepts_the_rewritten_uri() -> None:
 def test_app_stops_at_synth_with_the_settings_error() -> None:
     """The CDK entry point validates before building anything (the CLI test checks the exit code)."""
     with pytest.raises(DeploymentSettingsError, match="sip_cidrs"):
-        cdk_app.build_app({"sip_cidrs": "0.0.0.0/0"})
+        cdk_app.build_app({"sip_cidrs": "0.0.0.0/0", "ami": "ami-0123456789abcdef0", "alarm_email": ""})
     with pytest.raises(DeploymentSettingsError, match="proxy_count"):
-        cdk_app.build_app({"sip_cidrs": "203.0.113.10/32", "proxy_count": 1})
+        cdk_app.build_app(
+            {
+                "sip_cidrs": "203.0.113.10/32",
+                "ami": "ami-0123456789abcdef0",
+                "alarm_email": "",
+                "proxy_count": 1,
+            }
+        )
+
+
+def test_one_copy_of_each_rule(tmp_path: Path) -> None:
+    """The CDK settings use the proxy's own rules, and the installed CLI's `set` gives the same URI."""
+    import proxy_runtime.settings as runtime
+    from infra import settings as infra_settings
+    from proxy_runtime.settings.file import set_value
+
+    assert infra_settings.with_transport is runtime.with_transport
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text('clearip = "sip:acme.sip.clearip.com:5061;transport=tls"\n')
+    set_value(cfg, "clearip_transport", "tcp")
+    uri = settings(clearip_uri="sip:acme.sip.clearip.com:5061;transport=tls", clearip_transport="tcp")
+    assert runtime.load(cfg, environ={}).clearip == uri.proxy_clearip_uri

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import subprocess
-import tomllib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,15 @@ import pytest
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk.assertions import Capture, Match, Template
 
-from infra.fleet import ASSET_EXCLUDE
 from infra.monitoring import MonitoredProxy, ProxyMonitoring
 from infra.network import ProxyNetwork
+from infra.release import ASSET_EXCLUDE
 from infra.settings import AlarmThresholds
 from infra.stack import ClearIpProxyStack
+from infra.wheels import ARCHES, complete
 from proxy_runtime.metrics import names
 
-from .conftest import REPO, flatten, resources
+from .conftest import ADOPTED, AMI, flatten, resources
 
 
 # ---- 1. network ------------------------------------------------------------------------------
@@ -97,12 +97,11 @@ def test_two_proxies_in_different_azs_by_default(template: Template) -> None:
     instances = template.find_resources("AWS::EC2::Instance")
     zones = [json.dumps(i["Properties"]["AvailabilityZone"], sort_keys=True) for i in instances.values()]
     assert len(set(zones)) == 2
-    # Each instance's network interface sits in a different subnet.
-    subnets = {
-        json.dumps(n["Properties"]["SubnetId"])
-        for n in resources(template.to_json(), "AWS::EC2::NetworkInterface").values()
-    }
+    # Each instance sits in a different subnet, on its own primary interface (no pre-made one that a
+    # replacement could not take over).
+    subnets = {json.dumps(i["Properties"]["SubnetId"]) for i in instances.values()}
     assert len(subnets) == 2
+    template.resource_count_is("AWS::EC2::NetworkInterface", 0)
 
 
 def test_instance_hardening_and_defaults(template: Template) -> None:
@@ -110,7 +109,8 @@ def test_instance_hardening_and_defaults(template: Template) -> None:
         "AWS::EC2::Instance",
         {
             "InstanceType": "t3.medium",
-            "DisableApiTermination": True,
+            # No termination protection: a replaced instance can be deleted, and `cdk destroy` works.
+            "DisableApiTermination": Match.absent(),
             "Monitoring": True,
             "MetadataOptions": Match.object_like({"HttpTokens": "required"}),
             "BlockDeviceMappings": [
@@ -122,12 +122,12 @@ def test_instance_hardening_and_defaults(template: Template) -> None:
                 }
             ],
             "KeyName": Match.absent(),
-            "ImageId": {"Ref": Match.string_like_regexp("al2023")},
+            # The recorded image, not one resolved at deploy time.
+            "ImageId": AMI,
         },
     )
-    params = template.to_json()["Parameters"]
-    al2023 = [p for p in params.values() if "al2023-ami" in str(p.get("Default", ""))]
-    assert al2023 and al2023[0]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    params = template.to_json().get("Parameters", {})
+    assert not [p for p in params.values() if "ami" in str(p.get("Default", ""))]
 
 
 def test_count_type_and_key_pair_from_settings(full_template: Template) -> None:
@@ -137,27 +137,51 @@ def test_count_type_and_key_pair_from_settings(full_template: Template) -> None:
     )
 
 
-def test_each_proxy_has_an_elastic_ip_on_its_interface(template: Template) -> None:
+def test_each_proxy_has_a_retained_elastic_ip(template: Template) -> None:
     tpl = template.to_json()
     eips = resources(tpl, "AWS::EC2::EIP")
     assocs = resources(tpl, "AWS::EC2::EIPAssociation")
-    enis = resources(tpl, "AWS::EC2::NetworkInterface")
-    assert len(eips) == len(assocs) == len(enis) == 2
+    instances = resources(tpl, "AWS::EC2::Instance")
+    assert len(eips) == len(assocs) == 2
     template.all_resources_properties("AWS::EC2::EIP", {"Domain": "vpc"})
+    # Whitelisted by ClearIP and carriers: kept when the stack is deleted or the resource replaced.
+    template.all_resources("AWS::EC2::EIP", {"DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"})
+    paired = set()
     for assoc in assocs.values():
         alloc = assoc["Properties"]["AllocationId"]["Fn::GetAtt"][0]
-        eni = assoc["Properties"]["NetworkInterfaceId"]["Ref"]
-        assert alloc in eips and eni in enis
-    for logical_id, inst in resources(tpl, "AWS::EC2::Instance").items():
-        (nic,) = inst["Properties"]["NetworkInterfaces"]
-        assert nic["DeviceIndex"] == "0" and nic["NetworkInterfaceId"]["Ref"] in enis
-        assert "SubnetId" not in inst["Properties"] and "SecurityGroupIds" not in inst["Properties"]
-        # The EIP is attached before the instance boots, so the user data can read it from IMDS.
-        assert any(d in assocs for d in inst.get("DependsOn", [])), logical_id
-    group = next(iter(resources(tpl, "AWS::EC2::SecurityGroup")))
-    template.all_resources_properties(
-        "AWS::EC2::NetworkInterface", {"GroupSet": [{"Fn::GetAtt": [group, "GroupId"]}]}
-    )
+        inst = assoc["Properties"]["InstanceId"]["Ref"]
+        assert alloc in eips and inst in instances
+        paired.add((alloc, inst))
+    assert len(paired) == 2
+
+
+def test_proxies_are_replaced_one_at_a_time(template: Template, full_template: Template) -> None:
+    """Each proxy waits for the previous one's instance and address: CloudFormation creates or replaces
+    them in sequence, and a new proxy that does not signal stops the deploy before the next."""
+    for tpl in (template.to_json(), full_template.to_json()):
+        instances = resources(tpl, "AWS::EC2::Instance")
+        assocs = resources(tpl, "AWS::EC2::EIPAssociation")
+        by_instance = {a["Properties"]["InstanceId"]["Ref"]: k for k, a in assocs.items()}
+        waits = {
+            k: set(v.get("DependsOn", [])) & (set(instances) | set(assocs)) for k, v in instances.items()
+        }
+        order = sorted(instances, key=lambda k: len(waits[k]))
+        assert waits[order[0]] == set()
+        for prev, nxt in itertools.pairwise(order):
+            assert {prev, by_instance[prev]} <= waits[nxt], nxt
+
+
+def test_adopted_allocations_keep_their_address(full_template: Template) -> None:
+    """eip_allocations: Proxy1 takes the existing address (no new EIP); the others get new ones."""
+    tpl = full_template.to_json()
+    assert len(resources(tpl, "AWS::EC2::EIP")) == 2  # 3 proxies, one adopted
+    full_template.has_resource_properties("AWS::EC2::EIPAssociation", {"AllocationId": ADOPTED[0]})
+    outputs = tpl["Outputs"]
+    assert outputs["Proxy1PublicIp"]["Value"] == ADOPTED[1]
+    assert outputs["Proxy1AllocationId"]["Value"] == ADOPTED[0]
+    assert "Fn::GetAtt" in outputs["Proxy2AllocationId"]["Value"]
+    proxy1 = next(v for k, v in resources(tpl, "AWS::EC2::Instance").items() if "Proxy1" in k)
+    assert f"ELASTIC_IP='{ADOPTED[1]}'" in flatten(proxy1["Properties"]["UserData"])
 
 
 # ---- 4. the software on them -----------------------------------------------------------------
@@ -176,23 +200,19 @@ def _user_data(tpl: Mapping[str, Any]) -> list[str]:
     return [flatten(i["Properties"]["UserData"]) for i in resources(tpl, "AWS::EC2::Instance").values()]
 
 
-def test_user_data_installs_the_asset_with_the_stack_settings(
-    template: Template, full_template: Template
-) -> None:
+def test_user_data_holds_only_what_never_changes(template: Template, full_template: Template) -> None:
+    """User data runs at first boot only, and a change to it stops and starts the instance: it names
+    the parameters to read, never the release or the settings themselves."""
     for text in _user_data(template.to_json()):
         assert text.startswith("#!/bin/bash\n")
-        assert "SIP_CIDRS='203.0.113.10/32,198.51.100.0/28'" in text
-        assert "CLEARIP_URI='sip:sip.clearip.com:5061;transport=tls'" in text
-        assert "TIMEOUT='5'" in text
-        assert 'bash "$WORK/src/deploy/install.sh"' in text
-        assert "--metrics cloudwatch" in text
+        assert "RELEASE_PARAMETER='/ClearIpProxy/clearip-proxy/release'" in text
+        assert "SETTINGS_PARAMETER='/ClearIpProxy/clearip-proxy/settings'" in text
+        assert 'bash "$WORK/src/deploy/install.sh"' in text and "--offline" in text
+        assert "203.0.113.10/32" not in text and "s3://" not in text and "TIMEOUT" not in text
         assert "tcpdump" in text
         assert "cfn-signal" in text and "signal 0" in text and "signal 1" in text
-        assert "public-ipv4" in text and "X-aws-ec2-metadata-token" in text
     for text in _user_data(full_template.to_json()):
-        assert "CLEARIP_URI='sip:sip.clearip.com:5060;transport=tcp'" in text
-        assert "TIMEOUT='3'" in text
-        assert "SIP_CIDRS='203.0.113.10/32,198.51.100.0/28,2001:db8::/48'" in text
+        assert "RELEASE_PARAMETER='/SiteB/clearip-proxy/release'" in text
 
 
 def test_user_data_signals_its_own_instance(template: Template) -> None:
@@ -209,13 +229,105 @@ def test_user_data_signals_its_own_instance(template: Template) -> None:
         assert len([r for r in refs if r in eips]) == 1  # its own Elastic IP (Ref = the address)
 
 
+def test_release_and_settings_parameters(template: Template, full_template: Template) -> None:
+    release = Capture()
+    template.has_resource_properties(
+        "AWS::SSM::Parameter",
+        {"Name": "/ClearIpProxy/clearip-proxy/release", "Type": "String", "Value": release},
+    )
+    refs = {"AWS::AccountId": "123456789012", "AWS::Region": "us-east-1"}
+    assert re.fullmatch(
+        r"s3://cdk-hnb659fds-assets-123456789012-us-east-1/[0-9a-f]{64}\.zip [0-9a-f]{64}",
+        flatten(release.as_object(), refs),
+    )
+    settings = Capture()
+    template.has_resource_properties(
+        "AWS::SSM::Parameter", {"Name": "/ClearIpProxy/clearip-proxy/settings", "Value": settings}
+    )
+    text = settings.as_string()
+    assert 'allow = ["203.0.113.10/32", "198.51.100.0/28"]' in text
+    assert 'clearip = "sip:sip.clearip.com:5061;transport=tls"' in text
+    assert "timeout = 5.0" in text and 'metrics = "cloudwatch"' in text
+    assert "advertise" not in text and "proxy_id" not in text  # host fields stay on the host
+    full = Capture()
+    full_template.has_resource_properties(
+        "AWS::SSM::Parameter", {"Name": "/SiteB/clearip-proxy/settings", "Value": full}
+    )
+    assert 'clearip = "sip:sip.clearip.com:5060;transport=tcp"' in full.as_string()
+    assert "ring_timeout = 90.0" in full.as_string() and 'copy_headers = ["Identity"]' in full.as_string()
+
+
+def test_release_association_rolls_out_one_proxy_at_a_time(template: Template) -> None:
+    import base64
+
+    tpl = template.to_json()
+    instances = sorted(resources(tpl, "AWS::EC2::Instance"))
+    params = Capture()
+    template.has_resource_properties(
+        "AWS::SSM::Association",
+        {
+            "Name": "ClearIpProxy-ApplyRelease",
+            "MaxConcurrency": "1",
+            "MaxErrors": "0",
+            "WaitForSuccessTimeoutSeconds": Match.any_value(),
+            "Targets": [{"Key": "InstanceIds", "Values": [{"Ref": i} for i in instances]}],
+            "Parameters": params,
+        },
+    )
+    p = params.as_object()
+    assert set(p) == {"AssetUrl", "ReleaseId", "Settings", "Region"}
+    refs = {"AWS::AccountId": "123456789012", "AWS::Region": "us-east-1"}
+    release = next(
+        flatten(v["Properties"]["Value"], refs)
+        for v in resources(tpl, "AWS::SSM::Parameter").values()
+        if v["Properties"]["Name"].endswith("/release")
+    )
+    assert [flatten(p["AssetUrl"][0], refs), p["ReleaseId"][0]] == release.split()
+    settings = next(
+        v["Properties"]["Value"]
+        for v in resources(tpl, "AWS::SSM::Parameter").values()
+        if v["Properties"]["Name"].endswith("/settings")
+    )
+    assert base64.b64decode(p["Settings"][0]).decode() == settings
+    template.has_resource_properties(
+        "AWS::SSM::Document",
+        {
+            "Name": "ClearIpProxy-ApplyRelease",
+            "DocumentType": "Command",
+            "Content": Match.object_like(
+                {
+                    "mainSteps": [
+                        Match.object_like(
+                            {
+                                "inputs": Match.object_like(
+                                    {"runCommand": Match.array_with([Match.string_like_regexp("install.sh")])}
+                                )
+                            }
+                        )
+                    ]
+                }
+            ),
+        },
+    )
+
+
 def test_asset_holds_only_the_runtime(default_stack: ClearIpProxyStack, template: Template) -> None:
     app = default_stack.node.root
     assert isinstance(app, cdk.App)
-    asset = default_stack.fleet.asset
+    asset = default_stack.release.asset
     root = Path(app.outdir) / asset.asset_path
     top = sorted(p.name for p in root.iterdir())
-    assert top == ["deploy", "proxy_runtime", "pyproject.toml", "requirements-runtime.txt"]
+    want = [
+        "deploy",
+        "proxy_runtime",
+        "pyproject.toml",
+        "requirements-runtime.lock",
+        "requirements-runtime.txt",
+    ]
+    assert top in (want, sorted([*want, "wheels"]))
+    if complete():  # after `make wheels`: every wheel for both architectures travels in the asset
+        assert complete(root / "wheels", root / "requirements-runtime.lock")
+        assert sorted(p.name for p in (root / "wheels").iterdir()) == sorted(ARCHES)
     assert (root / "deploy" / "install.sh").is_file()
     assert (root / "deploy" / "clearip-proxy.service").is_file()
     assert (root / "proxy_runtime" / "metrics" / "names.py").is_file()
@@ -249,7 +361,7 @@ def test_instance_role(template: Template) -> None:
             "PolicyDocument": {"Statement": statements, "Version": Match.any_value()},
         },
     )
-    by_sid = {s["Sid"]: s for s in statements.as_array()}
+    by_sid = {s["Sid"]: s for s in statements.as_array() if "Sid" in s}
     metrics = by_sid["PublishProxyMetrics"]
     assert metrics["Action"] == "cloudwatch:PutMetricData"
     assert metrics["Condition"] == {"StringEquals": {"cloudwatch:namespace": names.NAMESPACE}}
@@ -258,7 +370,17 @@ def test_instance_role(template: Template) -> None:
     resource = json.dumps(asset["Resource"])
     assert "cdk-hnb659fds-assets" in resource and resource.count(".zip") == 1  # one object, not the bucket
     assert by_sid["PutTraces"]["Action"] == "s3:PutObject"
-    assert set(by_sid) == {"PublishProxyMetrics", "ReadOwnCodeAsset", "PutTraces"}
+    reads = [s for s in statements.as_array() if "Sid" not in s]
+    assert reads and all("ssm:GetParameter" in s["Action"] for s in reads)  # release and settings
+    assert set(by_sid) == {
+        "PublishProxyMetrics",
+        "ReadOwnCodeAsset",
+        "PutTraces",
+        # infra/logs.py (tests/infra/test_observability.py)
+        "ShipProxyLogs",
+        "FindSessionLogGroup",
+        "PublishHostMetrics",
+    }
 
 
 # ---- 6. alerting -----------------------------------------------------------------------------
@@ -295,7 +417,7 @@ def _alarms(tpl: Template) -> dict[str, dict[str, Any]]:
 
 def test_every_alarm_is_explicit_and_notifies(template: Template) -> None:
     alarms = _alarms(template)
-    assert len(alarms) == 2 * 7
+    assert len(alarms) == 2 * 12
     for alarm in alarms.values():
         props = alarm["Properties"]
         assert props["TreatMissingData"] in ("breaching", "notBreaching", "missing")
@@ -497,10 +619,13 @@ def _script(props: dict[str, Any]) -> str:
 
 def test_ssm_documents(template: Template) -> None:
     docs = _documents(template)
-    assert set(docs) == {
+    ours = {
         f"ClearIpProxy-{k}"
-        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout")
+        for k in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout", "ApplyRelease")
     }
+    # infra/logs.py adds the agent's and the logged session's documents (tests/infra/test_observability.py).
+    assert set(docs) == ours | {"ClearIpProxy-CloudWatchAgent", "ClearIpProxy-ProxySession"}
+    docs = {k: v for k, v in docs.items() if k in ours}
     for props in docs.values():
         assert props["DocumentType"] == "Command"
         assert props["Content"]["schemaVersion"] == "2.2"
@@ -515,16 +640,19 @@ def test_ssm_documents(template: Template) -> None:
     assert "systemctl restart clearip-proxy" in _script(docs["ClearIpProxy-Restart"])
     transport = docs["ClearIpProxy-SetClearIpTransport"]
     assert transport["Content"]["parameters"]["Transport"]["allowedValues"] == ["tls", "tcp"]
-    assert 'clearip-proxy set clearip "$URI" --config /etc/clearip-proxy/settings.toml' in _script(transport)
-    assert "systemctl restart clearip-proxy" in _script(transport)
+    script = _script(transport)
+    assert (
+        "clearip-proxy set clearip_transport {{ Transport }} --config /etc/clearip-proxy/settings.toml"
+        in script
+    )
+    assert "systemctl restart clearip-proxy" in script  # clearip is read when the link is made
+    assert "python" not in script and "transport=" not in script  # no copy of the rewrite rule
     timeout = _script(docs["ClearIpProxy-SetTimeout"])
     assert "clearip-proxy set timeout {{ Timeout }} --config /etc/clearip-proxy/settings.toml" in timeout
-    assert "systemctl restart clearip-proxy" in timeout
+    assert "systemctl reload clearip-proxy" in timeout and "restart" not in timeout  # reloadable
 
 
 def test_set_timeout_pattern(template: Template) -> None:
-    import re
-
     pattern = _documents(template)["ClearIpProxy-SetTimeout"]["Content"]["parameters"]["Timeout"][
         "allowedPattern"
     ]
@@ -534,44 +662,21 @@ def test_set_timeout_pattern(template: Template) -> None:
         assert not re.match(pattern, bad), bad
 
 
-@pytest.mark.parametrize(
-    ("before", "transport", "after"),
-    [
-        ("sip:acme.sip.clearip.com:5061;transport=tls", "tcp", "sip:acme.sip.clearip.com:5060;transport=tcp"),
-        ("sip:acme.sip.clearip.com:5060;transport=tcp", "tls", "sip:acme.sip.clearip.com:5061;transport=tls"),
-        ("sip:10.1.2.3:7000;transport=tls;lr", "tcp", "sip:10.1.2.3:7000;lr;transport=tcp"),
-    ],
-)
-def test_transport_document_as_synthesized_rewrites_the_settings(
-    template: Template, tmp_path: Path, before: str, transport: str, after: str
-) -> None:
-    """Run the SetClearIpTransport document's commands as they stand in the synthesized template
-    (bash, with its parameter filled in) against a scratch settings file: the installed paths point
-    at this checkout's venv, systemctl and sleep are stubs that log. Whatever the document does to
-    rewrite the URI, the settings file must end up with the other transport and port, and the
-    proxy must be restarted and checked."""
-    script = _script(_documents(template)["ClearIpProxy-SetClearIpTransport"])
+def test_transport_rewrite_in_the_document(template: Template, tmp_path: Any) -> None:
+    """Run the document's own command with the proxy's CLI against a settings file."""
+    import subprocess
+    import sys
+
+    from infra import operations
+
     cfg = tmp_path / "settings.toml"
-    cfg.write_text(f'clearip = "{before}"\n')
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    log = tmp_path / "calls.log"
-    for name, body in (("systemctl", 'echo "systemctl $*" >> "$LOG"; [ "$1" != is-active ] || echo active'),
-                       ("sleep", 'echo "sleep $*" >> "$LOG"')):  # fmt: skip
-        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
-        (stubs / name).chmod(0o755)
-    assert "{{ Transport }}" in script and "/etc/clearip-proxy/settings.toml" in script
-    script = (
-        script.replace("{{ Transport }}", transport)
-        .replace("/etc/clearip-proxy/settings.toml", str(cfg))
-        .replace("/opt/clearip-proxy/venv/bin/", f"{REPO / '.venv' / 'bin'}/")
-    )
-    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", LOG=str(log))
-    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert tomllib.loads(cfg.read_text())["clearip"] == after
-    calls = [c for c in log.read_text().splitlines() if c.startswith("systemctl")]
-    assert calls == ["systemctl restart clearip-proxy", "systemctl is-active clearip-proxy"], calls
+    cfg.write_text('clearip = "sip:acme.sip.clearip.com:5061;transport=tls"\n')
+    (line,) = [c for c in _documents(template)["ClearIpProxy-SetClearIpTransport"]["Content"]["mainSteps"][0][
+        "inputs"]["runCommand"] if "set clearip_transport" in c]  # fmt: skip
+    argv = line.replace("{{ Transport }}", "tcp").replace(operations.CONFIG, str(cfg)).split()
+    assert argv[0] == operations.CLI
+    subprocess.run([sys.executable, "-m", "proxy_runtime", *argv[1:]], check=True, capture_output=True)
+    assert 'clearip = "sip:acme.sip.clearip.com:5060;transport=tcp"' in cfg.read_text()
 
 
 # ---- constructs in isolation ---------------------------------------------------------------
@@ -592,7 +697,7 @@ def test_monitoring_construct_alone() -> None:
         alarm_email="ops@example.org",
         dashboard_name="Lab",
     )
-    assert len(mon.alarms) == 7 and mon.dashboard_name == "Lab"
+    assert len(mon.alarms) == 12 and mon.dashboard_name == "Lab"
     t = Template.from_stack(stack)
     t.has_resource_properties(
         "AWS::CloudWatch::Alarm",

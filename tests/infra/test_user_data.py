@@ -1,11 +1,16 @@
-"""The instance software path: the rendered user data, deploy/install.sh and the systemd unit.
+"""The instance software path: the rendered user data, deploy/install.sh, the release association's
+on-instance step and the systemd unit.
 
-install.sh runs for real into a scratch root (``--root``): no systemctl, users or firewall changes.
+install.sh runs for real into a scratch root (``--root``): no users or firewall changes, and
+systemctl, ss, aws and cfn-signal are stubs that record how they were called.
 """
 
 from __future__ import annotations
 
+import base64
 import configparser
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +19,7 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Template
 
+from infra import wheels
 from infra.fleet import USER_DATA_TEMPLATE, render_user_data
 from proxy_runtime.settings import load
 from tests.conftest import in_ci, require_tool
@@ -42,7 +48,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("proxy_runtime", "deploy"):
         shutil.copytree(REPO / name, RELEASE / name, ignore=ignore)
-    for name in ("pyproject.toml", "requirements-runtime.txt"):
+    for name in ("pyproject.toml", "requirements-runtime.txt", "requirements-runtime.lock"):
         shutil.copy2(REPO / name, RELEASE / name)
     return RELEASE
 
@@ -77,7 +83,7 @@ def test_rendered_user_data_is_valid_bash(template: Template, tmp_path: Path) ->
         script.write_text(text)
         subprocess.run(["bash", "-n", str(script)], check=True)
         assert "ELASTIC_IP='198.51.100.7'" in text
-        assert "ASSET_URL='s3://cdk-hnb659fds-assets-123456789012-us-east-1/" in text
+        assert "RELEASE_PARAMETER='/ClearIpProxy/clearip-proxy/release'" in text
 
 
 def test_shellcheck_clean(template: Template, tmp_path: Path) -> None:
@@ -99,32 +105,54 @@ def test_render_refuses_quotes_and_missing_values() -> None:
         render_user_data({"STACK": "x"})
 
 
-def test_user_data_flow_with_stubbed_commands(template: Template, tmp_path: Path) -> None:
-    """Run the user data with dnf, curl, aws, systemctl, ss and cfn-signal stubbed: it must call
-    install.sh with the stack's settings and signal success once 5060 listens."""
-    text = rendered_user_data(template)[0]
+def make_stubs(tmp_path: Path, calls: Path, extra: dict[str, str] | None = None) -> Path:
+    """systemctl, ss, journalctl, sleep (and ``extra``) that record their arguments in ``calls``."""
     stubs = tmp_path / "bin"
-    stubs.mkdir()
-    calls = tmp_path / "calls.log"
-    # A release zip with an install.sh that records its arguments.
-    src = tmp_path / "release"
-    (src / "deploy").mkdir(parents=True)
-    (src / "deploy" / "install.sh").write_text(f'#!/bin/bash\necho "install.sh $*" >> {calls}\n')
-    shutil.make_archive(str(tmp_path / "proxy"), "zip", root_dir=src)
+    stubs.mkdir(exist_ok=True)
     stub = {
-        "dnf": f'echo "dnf $*" >> {calls}',
-        "curl": 'case "$*" in *api/token*) echo token;; *public-ipv4*) echo 198.51.100.7;; '
-        "*instance-id*) echo i-0abc;; esac",
-        "aws": f'cp {tmp_path / "proxy.zip"} "${{@: -1}}"',
-        "systemctl": "exit 0",
+        "systemctl": f'echo "systemctl $*" >> {calls}',
         "ss": "echo 'UNCONN 0 0 0.0.0.0:5060 0.0.0.0:*'",
         "journalctl": "exit 0",
-        "cfn-signal": f'echo "cfn-signal $*" >> {calls}',
         "sleep": "exit 0",
+        **(extra or {}),
     }
     for name, body in stub.items():
         (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
         (stubs / name).chmod(0o755)
+    return stubs
+
+
+def test_user_data_flow_with_stubbed_commands(template: Template, tmp_path: Path) -> None:
+    """Run the user data with dnf, curl, aws, systemctl, ss and cfn-signal stubbed: it must read the
+    release and settings from the parameters, run that release's install.sh with them and the host's
+    own values, signal success, and restart the proxy once the Elastic IP has arrived."""
+    text = rendered_user_data(template)[0]
+    calls = tmp_path / "calls.log"
+    # A release zip with an install.sh that records its arguments and the settings it was given.
+    src = tmp_path / "release"
+    (src / "deploy").mkdir(parents=True)
+    (src / "deploy" / "install.sh").write_text(
+        f'#!/bin/bash\necho "install.sh $*" >> {calls}\n'
+        "while [ $# -gt 0 ]; do\n"
+        f'  [ "$1" = --settings ] && cp "$2" {tmp_path / "site-given.toml"}; shift\ndone\n'
+    )
+    shutil.make_archive(str(tmp_path / "proxy"), "zip", root_dir=src)
+    site = 'allow = ["203.0.113.10/32"]\ntimeout = 5.0\n'
+    (tmp_path / "site.toml").write_text(site)
+    stubs = make_stubs(
+        tmp_path,
+        calls,
+        {
+            "dnf": f'echo "dnf $*" >> {calls}',
+            "curl": 'case "$*" in *api/token*) echo token;; *public-ipv4*) echo 198.51.100.7;; '
+            "*instance-id*) echo i-0abc;; esac",
+            "aws": f'echo "aws $*" >> {calls}\n'
+            'case "$*" in *"ssm get-parameter"*/release*) echo "s3://assets/abc.zip 0123abcd";;\n'
+            f'  *"ssm get-parameter"*/settings*) cat {tmp_path / "site.toml"};;\n'
+            f'  *"s3 cp"*) cp {tmp_path / "proxy.zip"} "${{@: -1}}";; esac',
+            "cfn-signal": f'echo "cfn-signal $*" >> {calls}',
+        },
+    )
     script = tmp_path / "ud.sh"
     script.write_text(
         text.replace("/var/log/clearip-proxy-bootstrap.log", str(tmp_path / "boot.log")).replace(
@@ -136,20 +164,26 @@ def test_user_data_flow_with_stubbed_commands(template: Template, tmp_path: Path
     log = calls.read_text()
     assert proc.returncode == 0, (tmp_path / "boot.log").read_text() + log
     assert "dnf install -y -q python3.11 tcpdump" in log
+    assert "aws ssm get-parameter --region us-east-1 --name /ClearIpProxy/clearip-proxy/release" in log
+    assert "aws s3 cp --only-show-errors --region us-east-1 s3://assets/abc.zip" in log
     install_line = next(line for line in log.splitlines() if line.startswith("install.sh "))
     for expected in (
-        "--allow 203.0.113.10/32 --allow 198.51.100.0/28",
+        "--settings ",
+        "--release-id 0123abcd",
+        "--offline",
         "--advertise 198.51.100.7",
         "--proxy-id i-0abc",
-        "--clearip-uri sip:sip.clearip.com:5061;transport=tls",
-        "--timeout 5",
-        "--metrics cloudwatch",
+        "--aws-region us-east-1",
+        "--wait 120",
     ):
         assert expected in install_line
-    signal = next(line for line in log.splitlines() if line.startswith("cfn-signal"))
-    assert (
-        "--exit-code 0" in signal and "--stack ClearIpProxy" in signal and "--resource FleetProxy1" in signal
-    )
+    assert (tmp_path / "site-given.toml").read_text() == site  # the settings parameter, as it is
+    lines = log.splitlines()
+    signal = next(i for i, line in enumerate(lines) if line.startswith("cfn-signal"))
+    assert "--exit-code 0" in lines[signal] and "--stack ClearIpProxy" in lines[signal]
+    assert "--resource FleetProxy1" in lines[signal]
+    # After the signal, the Elastic IP arrives: the proxy reconnects to ClearIP from it.
+    assert "systemctl restart clearip-proxy" in lines[signal + 1 :]
 
 
 # ---- install.sh in a scratch root ----------------------------------------------------------
@@ -273,10 +307,12 @@ def test_uninstall(tmp_path: Path) -> None:
         (["--allow", "0.0.0.0/0"], "whole internet"),
         (["--allow", "::/0"], "whole internet"),
         ([], "--allow CIDR is required"),
-        (["--allow", "10.0.0.0/8", "--timeout", "0"], "must be > 0"),
-        (["--allow", "10.0.0.0/8", "--timeout", "90"], "must be > 0 and <= 60"),
-        (["--allow", "10.0.0.0/8", "--clearip-transport", "udp"], "tls or tcp"),
-        (["--allow", "10.0.0.0/8", "--metrics", "graphite"], "--metrics"),
+        (["--allow", "203.0.113.10/24"], "did you mean 203.0.113.0/24"),
+        (["--allow", "10.0.0.0/8", "--timeout", "0"], "'timeout': must be greater than 0"),
+        (["--allow", "10.0.0.0/8", "--timeout", "90"], "'timeout': must be at most 60"),
+        (["--allow", "10.0.0.0/8", "--timeout", "soon"], "'timeout': expected a number"),
+        (["--allow", "10.0.0.0/8", "--clearip-transport", "udp"], "must be tls or tcp"),
+        (["--allow", "10.0.0.0/8", "--metrics", "graphite"], "'metrics': must be one of"),
         (["--allow", "10.0.0.0/8", "--bogus"], "unknown argument"),
     ],
 )
@@ -290,6 +326,135 @@ def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message:
 def test_help() -> None:
     proc = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, check=True)
     assert "--skip-venv" in proc.stdout and "--uninstall" in proc.stdout
+
+
+# ---- the release association's on-instance step -----------------------------------------------
+SITE_1 = 'allow = ["203.0.113.10/32"]\nclearip = "sip:sip.clearip.com:5061;transport=tls"\ntimeout = 5.0\n'
+SITE_2 = SITE_1.replace('["203.0.113.10/32"]', '["203.0.113.10/32", "192.0.2.0/24"]').replace("5.0", "3.0")
+
+
+def apply_release_script(template: Template, root: Path, zip_path: Path, release_id: str, site: str) -> str:
+    """The ApplyRelease document's commands as Run Command would run them, into a scratch root."""
+    (doc,) = [
+        d["Properties"]
+        for d in resources(template.to_json(), "AWS::SSM::Document").values()
+        if d["Properties"]["Name"] == "ClearIpProxy-ApplyRelease"
+    ]
+    script = "\n".join(doc["Content"]["mainSteps"][0]["inputs"]["runCommand"])
+    for key, value in {
+        "AssetUrl": f"s3://assets/{zip_path.name}",
+        "ReleaseId": release_id,
+        "Settings": base64.b64encode(site.encode()).decode(),
+        "Region": "us-east-1",
+    }.items():
+        script = script.replace("{{ " + key + " }}", value)
+    # The only change: a scratch root (no venv, packages or firewall), systemctl as a stub.
+    return script.replace(
+        "--offline --no-packages", f"--offline --no-packages --root {root} --service systemctl --skip-venv"
+    )
+
+
+def run_apply(template: Template, tmp_path: Path, root: Path, release: Path, release_id: str, site: str,
+              listening: bool = True) -> tuple[subprocess.CompletedProcess[str], list[str]]:  # fmt: skip
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    zip_path = Path(shutil.make_archive(str(tmp_path / f"release-{release_id}"), "zip", root_dir=release))
+    stubs = make_stubs(
+        tmp_path,
+        calls,
+        {
+            "aws": f'case "$*" in *"s3 cp"*) cp {zip_path} "${{@: -1}}";; *) exit 1;; esac',
+            "ss": "echo 'UNCONN 0 0 0.0.0.0:5060 0.0.0.0:*'" if listening else "exit 0",
+        },
+    )
+    script = apply_release_script(template, root, zip_path, release_id, site)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return proc, calls.read_text().splitlines()
+
+
+@pytest.fixture
+def first_boot(tmp_path: Path) -> Path:
+    """A proxy as the user data leaves it: release 1, the site settings and its host values."""
+    root = tmp_path / "root"
+    site = tmp_path / "site.toml"
+    site.write_text(SITE_1)
+    calls = tmp_path / "calls.log"
+    stubs = make_stubs(tmp_path, calls)
+    proc = subprocess.run(
+        ["bash", str(RELEASE / "deploy/install.sh"), "--root", str(root), "--service", "systemctl",
+         "--skip-venv", "--settings", str(site), "--release-id", "r1", "--advertise", "198.51.100.7",
+         "--proxy-id", "i-0abc"],
+        env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def test_changed_settings_reach_the_proxy_by_reload(
+    template: Template, tmp_path: Path, first_boot: Path
+) -> None:
+    """A deploy that changes reloadable settings (a carrier network, the timeout): the new release's
+    install.sh writes them, keeps the host's values, opens the firewall, and reloads (SIGHUP) the
+    proxy: no restart, no dropped call."""
+    proc, calls = run_apply(template, tmp_path, first_boot, RELEASE, "r1", SITE_2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "systemctl reload clearip-proxy.service" in calls
+    assert not [c for c in calls if "restart" in c or " start " in c]
+    cfg = first_boot / "etc/clearip-proxy/settings.toml"
+    tls = first_boot / "etc/clearip-proxy/tls"
+    s = load(cfg, environ={}, overrides={"tls_cert": str(tls / "cert.pem"), "tls_key": str(tls / "key.pem")})
+    assert s.allow == ("203.0.113.10/32", "192.0.2.0/24") and s.timeout == 3.0
+    assert s.advertise == "198.51.100.7" and s.proxy_id == "i-0abc"  # the host's own, kept
+    assert "192.0.2.0/24" in (first_boot / "etc/clearip-proxy/firewall.nft").read_text()
+    assert "reloaded clearip-proxy.service" in proc.stdout and "listening on 5060" in proc.stdout
+    # The same deploy again (the association re-runs when a target changes): nothing happens.
+    proc, calls = run_apply(template, tmp_path, first_boot, RELEASE, "r1", SITE_2)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("unchanged")
+    assert not [c for c in calls if "reload" in c or "restart" in c]
+
+
+def test_a_new_release_reaches_the_proxy_by_drained_restart(
+    template: Template, tmp_path: Path, first_boot: Path
+) -> None:
+    """A deploy that changes a file of the proxy: installed, recorded, and the proxy restarted (systemd
+    stops it with SIGTERM, which answers new INVITEs 503 and drains calls in flight)."""
+    release2 = tmp_path / "release2"
+    shutil.copytree(RELEASE, release2)
+    routing = release2 / "proxy_runtime/core/routing.py"
+    routing.write_text(routing.read_text() + "\n# release 2\n")
+    proc, calls = run_apply(template, tmp_path, first_boot, release2, "r2", SITE_1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "systemctl restart clearip-proxy.service" in calls
+    assert not [c for c in calls if "reload" in c]
+    assert "# release 2" in (first_boot / "opt/clearip-proxy/src/proxy_runtime/core/routing.py").read_text()
+    assert (first_boot / "opt/clearip-proxy/release-id").read_text() == "r2\n"
+    assert "restarting clearip-proxy.service (SIGTERM: calls in flight drain first)" in proc.stdout
+    unit = UNIT.read_text()
+    assert "KillSignal=SIGTERM" in unit and "TimeoutStopSec=45" in unit
+
+
+def test_a_proxy_that_does_not_come_up_fails_the_step(
+    template: Template, tmp_path: Path, first_boot: Path
+) -> None:
+    """Not listening after the restart: the step fails (so MaxErrors=0 stops the roll-out there)."""
+    release2 = tmp_path / "release2"
+    shutil.copytree(RELEASE, release2)
+    (release2 / "proxy_runtime/core/routing.py").write_text(
+        (release2 / "proxy_runtime/core/routing.py").read_text() + "\n# broken\n"
+    )
+    proc, calls = run_apply(template, tmp_path, first_boot, release2, "r2", SITE_1, listening=False)
+    assert proc.returncode != 0
+    assert "not active and listening on 5060" in proc.stderr
+    assert "systemctl restart clearip-proxy.service" in calls
+
+
+def test_refused_settings_change_nothing(template: Template, tmp_path: Path, first_boot: Path) -> None:
+    cfg = first_boot / "etc/clearip-proxy/settings.toml"
+    before = cfg.read_text()
+    proc, calls = run_apply(template, tmp_path, first_boot, RELEASE, "r1", SITE_1.replace("/32", ""))
+    assert proc.returncode != 0 and "bare address" in proc.stderr
+    assert cfg.read_text() == before and not [c for c in calls if "reload" in c or "restart" in c]
 
 
 # ---- the systemd unit ------------------------------------------------------------------------
@@ -320,28 +485,51 @@ def test_systemd_unit() -> None:
 
 # ---- a real virtual environment ------------------------------------------------------------
 @pytest.mark.slow
-def test_real_venv_install_in_scratch_root(tmp_path: Path) -> None:
-    """Create the venv and pip install requirements-runtime.txt + the proxy (~20 s with PyPI)."""
+def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None:
+    """Create the venv and install the runtime and the proxy from the release's hash-pinned wheels,
+    with every package index made unreachable: boot needs nothing but the asset."""
     python = require_tool("python3.11", "Debian package python3.11")
-    run_install(tmp_path, "--python", python, *ARGS)
+    wheels.download()  # make wheels: cached, checked against requirements-runtime.lock
+    shutil.copytree(REPO / "wheels", RELEASE / "wheels", dirs_exist_ok=True)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on the discard port
+        "PIP_NO_CACHE_DIR": "1",
+    }
+    cmd = [
+        "bash",
+        str(RELEASE / "deploy/install.sh"),
+        "--root",
+        str(tmp_path),
+        "--offline",
+        "--python",
+        python,
+        *ARGS,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hash-pinned, no index" in proc.stdout
     venv = tmp_path / "opt/clearip-proxy/venv"
     assert (venv / "bin/clearip-proxy").is_file()
     frozen = subprocess.run(
-        [str(venv / "bin/python"), "-m", "pip", "freeze", "--disable-pip-version-check"],
-        capture_output=True, text=True, check=True,
+        [str(venv / "bin/python"), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True, env=env,
     ).stdout  # fmt: skip
-    pins = {
-        line.split("==")[0].lower()
-        for line in (REPO / "requirements-runtime.txt").read_text().splitlines()
-        if line and not line.startswith("#")
+    pins = set(wheels.locked_hashes())
+    installed = {
+        re.sub(r"[-_.]+", "-", line.replace(" @ ", "==").split("==")[0]).lower()
+        for line in frozen.splitlines()
+        if line
     }
-    installed = {line.replace(" @ ", "==").split("==")[0].lower() for line in frozen.splitlines() if line}
-    assert installed == pins | {"clearip-proxy"}  # only the runtime's dependencies
+    assert installed - {"pip"} == pins | {"clearip-proxy"}  # only the runtime's dependencies
     assert not any(name in installed for name in ("aws-cdk-lib", "pytest", "moto", "boto3"))
     out = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import proxy_runtime.settings, proxy_runtime.metrics.names"],
-        capture_output=True, text=True,
+        [str(venv / "bin/clearip-proxy"), "check-config", "--allow", "203.0.113.10/32"],
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "usr/local/bin/clearip-proxy").is_symlink()
-    assert run_install(tmp_path, "--python", python, *ARGS).stdout.strip().endswith("unchanged")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.stdout.strip().endswith("unchanged")

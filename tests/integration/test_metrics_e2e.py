@@ -20,6 +20,7 @@ import pytest
 from proxy_runtime.metrics import names
 from tests.integration.flows import CALLED, CLEARIP_KEYS
 from tests.integration.harness import Lab, ProxyProcess, Sipp, contact_list, free_port
+from tests.metrics.helpers import passport
 from tests.metrics.moto_fixtures import REGION, MotoEndpoint, metric_statistics, start_moto
 
 pytestmark = [pytest.mark.sipp, pytest.mark.timeout(120)]
@@ -132,6 +133,10 @@ def test_sipp_calls_read_back_exactly_from_cloudwatch(lab: Lab, monkeypatch: pyt
         assert stats(names.POST_DIAL_DELAY)["SampleCount"] == total
         assert stats(names.CLEARIP_CONNECTED)["Maximum"] == 1.0
         assert stats(names.HEARTBEAT)["Sum"] >= 3
+        # STIR/SHAKEN: the 302s carry SHAKEN PASSporTs (attestation A); the blocks are 603+.
+        assert stats(names.STIR_ATTESTATION_METRICS["A"])["Sum"] == ROUTED
+        assert stats(names.BLOCKED_METRICS["603+"])["Sum"] == BLOCKED
+        assert stats(names.CARRIERS_FAILED_CALLS)["Sum"] == 0  # carrier A failed, B answered
     finally:
         lab.close()
         with contextlib.suppress(Exception):
@@ -165,6 +170,94 @@ def test_calls_complete_with_the_endpoint_down_and_metrics_follow_when_it_return
     try:
         calls = _wait_for_sum(moto.client(), names.CALLS.name, proxy_id, routed + blocked, timeout=40)
         assert calls["Sum"] == routed + blocked, f"{calls}\n{proxy.output()}"
+    finally:
+        lab.close()
+        with contextlib.suppress(Exception):
+            moto.server.stop()
+
+
+# ---- STIR/SHAKEN outcomes ----------------------------------------------------------------------
+# Callee number -> (calls, what clearip_302_stir.xml answers). Outbound calls get ClearIP's Identity
+# headers, inbound ones its P-Asserted-Identity with verstat.
+STIR_CALLS: dict[str, int] = {
+    "+15550001001": 3,  # attestation A
+    "+15550001002": 2,  # attestation B, plus a ppt=div PASSporT
+    "+15550001003": 1,  # attestation C
+    "+15550001004": 2,  # verstat=TN-Validation-Passed
+    "+15550001005": 1,  # verstat=TN-Validation-Failed
+    "+15550001006": 1,  # verstat=No-TN-Validation
+}
+STIR_BLOCKED = 2  # +1900...: 603 Network Blocked (603+)
+STIR_KEYS = {
+    "id_a": passport("A"),
+    "id_b": passport("B", param='"shaken"'),  # carriers quote ppt too
+    "id_c": passport("C"),
+    "id_div": passport(None, ppt="div"),
+    "pai_passed": '"[V] Alice" <sip:+12025550100;verstat=TN-Validation-Passed@clearip.example;user=phone>',
+    "pai_failed": "<sip:+12025550100;verstat=TN-Validation-Failed@clearip.example;user=phone>",
+    "pai_noval": "<tel:+12025550100;verstat=No-TN-Validation>",
+}
+
+
+def test_stir_shaken_outcomes_read_back_exactly_from_cloudwatch(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIPp calls whose ClearIP 302s carry attestations A, B and C (one with a diversion PASSporT)
+    and verstat values, plus 603+ blocks: each count read back exactly from the moto server."""
+    moto: MotoEndpoint = start_moto()
+    try:
+        _aws_env(monkeypatch, moto.url)
+        proxy_id = f"e2e-stir-{uuid.uuid4().hex[:8]}"
+        routed = sum(STIR_CALLS.values())
+        carrier = lab.carrier("carrier", "carrier_answer.xml", "udp", calls=routed)
+        contacts = contact_list([(CALLED, carrier, 0.9)])
+        clearip = lab.clearip(
+            "clearip_302_stir.xml", dict(STIR_KEYS, contacts=contacts), calls=routed + STIR_BLOCKED
+        )
+        proxy = lab.proxy(
+            clearip.port,
+            extra=[
+                "--metrics", "cloudwatch", "--metrics-interval", "1", "--proxy-id", proxy_id,
+                "--control-socket", "off",
+            ],
+        )  # fmt: skip
+        switches = [
+            lab.switch(
+                "uac_call.xml", proxy, "udp", number=number, calls=n, rate=20, name=f"switch{number[-1]}"
+            )
+            for number, n in STIR_CALLS.items()
+        ]
+        refused = lab.switch(
+            "uac_expect_final.xml", proxy, "udp", number=BLOCKED_NUMBER, calls=STIR_BLOCKED, rate=20,
+            name="switch-blocked",
+        )  # fmt: skip
+        lab.settle(clearip, carrier)
+        d = lab.describe
+        for sw, n in zip(switches, STIR_CALLS.values(), strict=True):
+            assert sw.exit_code == 0 and [m.status for m in sw.final_responses()] == [200] * n, d()
+        assert [m.status for m in refused.final_responses()] == [603] * STIR_BLOCKED, d()
+        # The carrier got ClearIP's headers (what the metrics read is what went out).
+        invites = carrier.received("INVITE")
+        assert sum(b"ppt=div" in m.raw for m in invites) == STIR_CALLS["+15550001002"], d()
+
+        cw = moto.client()
+        total = routed + STIR_BLOCKED
+        calls = _wait_for_sum(cw, names.CALLS.name, proxy_id, total, timeout=30)
+        assert calls["Sum"] == total, f"{calls}\n{proxy.output()}"
+        time.sleep(2.5)  # two more intervals: nothing is counted twice
+
+        def count(spec: names.MetricSpec) -> float:
+            return metric_statistics(cw, spec.name, proxy_id)["Sum"]
+
+        attest = names.STIR_ATTESTATION_METRICS
+        assert [count(attest[k]) for k in "ABC"] == [3, 2, 1]
+        assert count(names.STIR_DIV_CALLS) == 2
+        assert count(names.STIR_UNDECODABLE) == 0
+        verstat = names.STIR_VERSTAT_METRICS
+        assert [count(m) for m in verstat.values()] == [2, 1, 1, 0]
+        blocked = names.BLOCKED_METRICS
+        assert [count(blocked[k]) for k in ("603", "603+", "607", "608")] == [0, STIR_BLOCKED, 0, 0]
+        assert count(names.CALLS_ANSWERED) == routed
     finally:
         lab.close()
         with contextlib.suppress(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import socket
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ import pytest
 from proxy_runtime.sip.grammar import parse_name_addr
 from proxy_runtime.sip.message import SipResponse
 from proxy_runtime.sip.parse import parse_message
+from proxy_runtime.sip.uri import parse_uri, parse_uri_headers
 from proxy_runtime.tools.answers import decode_passport
 from proxy_runtime.tools.carrier import SimulatedCarrier
 from proxy_runtime.tools.endpoint import Transport
@@ -50,6 +52,28 @@ name = "gone"
 prefixes = ["1555"]
 action = "reject"
 status = 404
+
+[[rule]]
+name = "signed in the Contact URIs"
+numbers = ["+12125550777"]
+action = "redirect"
+identity_in = "contact"
+identity_per_contact = true
+pai = true
+contacts = ["sip:{user}@192.0.2.10", "sip:{user}@198.51.100.20;transport=tcp"]
+
+[[rule]]
+name = "multiple choices"
+numbers = ["+12125550300"]
+action = "redirect"
+status = 300
+contacts = ["sip:{user}@192.0.2.10"]
+
+[[rule]]
+name = "rejected"
+numbers = ["+12125550608"]
+action = "block"
+status = 608
 
 [default]
 action = "redirect"
@@ -117,6 +141,42 @@ def test_redirect_with_identity_and_contacts(transport: Transport) -> None:
             assert [m for m, _ in methods] == ["INVITE", "ACK"]
             assert methods[0][1] == methods[1][1]
             assert [a.status for a in sim.answers_for(r.call_id)] == [302]
+
+    run(body)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_identity_escaped_in_each_contact_uri(transport: Transport) -> None:
+    async def body() -> None:
+        async with simulator() as sim, switch() as sw:
+            r = await sw.call("+12125550777", addr(sim, transport), transport, time_limit=3)
+            assert r.status == 302 and r.final is not None
+            assert not r.final.has("identity") and not r.final.has("p-asserted-identity")
+            uris = [parse_uri(parse_name_addr(c).uri) for c in r.final.values("contact")]
+            assert [(u.host, u.transport) for u in uris] == [("192.0.2.10", "udp"), ("198.51.100.20", "tcp")]
+            embedded = [parse_uri_headers(u.headers) for u in uris]
+            assert [[n for n, _ in h] for h in embedded] == [["Identity", "P-Asserted-Identity"]] * 2
+            first, second = (h[0][1] for h in embedded)
+            assert first != second  # identity_per_contact: a PASSporT of its own in each
+            for ident in (first, second):
+                assert ident.endswith(";info=<https://certificates.example/cert.pem>;alg=ES256;ppt=shaken")
+                assert decode_passport(ident)[1]["dest"] == {"tn": ["12125550777"]}
+            assert "%3Binfo%3D%3Chttps" in (r.final.get("contact") or "")  # escaped on the wire
+
+    run(body)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_300_and_608_over_the_wire(transport: Transport) -> None:
+    async def body() -> None:
+        async with simulator() as sim, switch() as sw:
+            r = await sw.call("+12125550300", addr(sim, transport), transport, time_limit=3)
+            assert (r.status, r.reason) == (300, "Multiple Choices") and r.final is not None
+            assert r.final.get("identity") and r.final.get("contact")
+            r = await sw.call("+12125550608", addr(sim, transport), transport, time_limit=3)
+            assert (r.status, r.reason) == (608, "Rejected")
+            assert r.header("reason") == 'SIP;cause=608;text="Rejected"'
+            assert (r.header("call-info") or "").endswith(";purpose=jwscallinfo")
 
     run(body)
 
@@ -321,7 +381,13 @@ def test_demo_passes(mode: Any) -> None:
     out = io.StringIO()
     status = asyncio.run(asyncio.wait_for(run_demo(out=out, mode=mode), 60))
     assert status == 0, out.getvalue()
-    assert "9/9 calls ended as expected" in out.getvalue()
+    text = out.getvalue()
+    assert "12/12 calls ended as expected" in text
+    # The field's answer shapes, through the real proxy: the PASSporT escaped in each Contact URI
+    # reached each carrier as a real header, byte for byte (the demo compares them), 300 followed.
+    assert "carrier B got INVITE with 1 Identity (" in text
+    assert text.count("= the one in its Contact URI, byte for byte") == 2
+    assert re.search(r"300 Multiple Choices +A 200 +200 OK, BYE ok", text)
 
 
 def test_redirect_over_tls(tmp_path: Any) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -33,3 +35,32 @@ async def until(cond: Callable[[], bool], limit: float = 20.0) -> None:
     async with asyncio.timeout(limit):
         while not cond():  # noqa: ASYNC110 - polling another task's counters is the point
             await asyncio.sleep(0.01)
+
+
+# An ES256 signature is 64 bytes: 86 base64url characters. Its value does not matter (never verified).
+SIGNATURE = base64.urlsafe_b64encode(bytes(range(64))).rstrip(b"=").decode()
+CERT = "https://cert.clearip.example/shaken/2f7a.pem"
+
+
+def b64(obj: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+
+def passport(
+    attest: str | None = "A", *, ppt: str = "shaken", param: str | None = None, **claims: Any
+) -> str:
+    """An RFC 8224 Identity value as ClearIP sends it: compact JWS;info=<...>;alg=ES256;ppt=..."""
+    header = {"alg": "ES256", "ppt": ppt, "typ": "passport", "x5u": CERT}
+    payload: dict[str, Any] = {
+        "dest": {"tn": ["13105559876"]},
+        "iat": 1_764_700_000,
+        "orig": {"tn": "12125551234"},
+        "origid": "0b2c1c3e-5b43-4c1a-9d3a-1f2a2b3c4d5e",
+    }
+    if attest is not None:
+        payload["attest"] = attest
+    if ppt == "div":
+        payload.pop("origid")
+        payload["div"] = {"tn": "13105550000"}
+    payload.update(claims)
+    return f"{b64(header)}.{b64(payload)}.{SIGNATURE};info=<{CERT}>;alg=ES256;ppt={param or ppt}"

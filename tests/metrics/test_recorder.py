@@ -158,14 +158,23 @@ def test_call_log_line_masks_numbers(caplog: pytest.LogCaptureFixture) -> None:
         "clearip_ms": 12.3,
         "attempts": 2,
         "advances": 1,
+        "carrier": None,
         "status": 200,
         "pdd_ms": 250.0,
+        "attest": None,
+        "div": 0,
+        "identity_bad": 0,
+        "verstat": None,
+        "blocked": None,
         "emergency": False,
         "proxy_failed": False,
         "overload": False,
         "reason": "302 -> carrier 200",
+        # Masked as SIP traces mask them: all digits but the last four.
+        "caller": "+xxxxxxx1234",
+        "callee": "+xxxxxxx9876",
     }
-    for digits in ("5551234", "1234", "5559876", "9876"):
+    for digits in ("5551234", "2125551", "5559876", "3105559"):
         assert digits not in text
 
 
@@ -184,3 +193,14 @@ def test_no_log_work_when_disabled(caplog: pytest.LogCaptureFixture) -> None:
         r.record_call(call())
     assert not [x for x in caplog.records if x.name == CALL_LOGGER]
     assert r.close_interval(0).count(names.CALLS) == 1
+
+
+def test_carriers_failed_counts_routed_calls_that_ran_out_of_carriers() -> None:
+    r = MetricsRecorder(proxy_id="p")
+    r.record_call(call(1, carrier_attempts=2, route_advances=1, final_status=503))  # all failed
+    r.record_call(call(2, carrier_attempts=1, final_status=408))  # the only carrier timed out
+    r.record_call(call(3, carrier_attempts=1, final_status=486))  # callee busy: not a carrier failure
+    r.record_call(call(4, carrier_attempts=1, final_status=603))  # a block
+    r.record_call(call(5, carrier_attempts=2, route_advances=1, final_status=200))  # advanced, answered
+    r.record_call(call(6, carrier_attempts=0, final_status=503, proxy_failed=True))  # never routed
+    assert r.close_interval(0).count(names.CARRIERS_FAILED_CALLS) == 2

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from proxy_runtime.core.routing import redirect_targets
 from proxy_runtime.sip.grammar import parse_name_addr
 from proxy_runtime.sip.message import SipRequest
 from proxy_runtime.sip.parse import parse_message
-from proxy_runtime.tools.answers import build_answer, decode_passport, make_passport
+from proxy_runtime.sip.uri import parse_uri, parse_uri_headers
+from proxy_runtime.tools.answers import build_answer, decode_passport, make_passport, uri_with_headers
 from proxy_runtime.tools.rules import (
     DEFAULT_RULES,
     DEFAULT_X5U,
@@ -135,6 +137,18 @@ def test_normalize_number() -> None:
             "one value per contact",
         ),
         ({"rules": []}, "unknown top-level"),
+        (
+            {"rule": [{"numbers": ["1"], "contacts": ["sip:a@b"], "identity_in": "body"}]},
+            "identity_in must be one of header, contact, both",
+        ),
+        (
+            {"rule": [{"numbers": ["1"], "contacts": ["sip:a@b"], "identity_per_contact": True}]},
+            "identity_per_contact needs identity_in",
+        ),
+        (
+            {"rule": [{"numbers": ["1"], "contacts": ["sip:a@b"], "contact_headers": ["X"]}]},
+            "contact_headers must be a table",
+        ),
     ],
 )
 def test_bad_rules_are_refused_with_the_reason(data: dict[str, object], message: str) -> None:
@@ -284,3 +298,111 @@ def test_reject_and_silence() -> None:
     resp = build_answer(custom, invite(), "t")
     assert resp is not None and (resp.status, resp.reason) == (480, "Try Later")
     assert build_answer(RULES.match("18005550000"), invite("18005550000"), "t") is None
+
+
+# --- answer shapes of the field: headers in the Contact URI, 300, 607/608 ---------------------
+
+
+def test_uri_headers_are_escaped_so_the_proxy_unescapes_them_byte_for_byte() -> None:
+    nasty = 'a;b=c <d> "e", f&g=h @i +1 %41 ?j é'
+    uri = uri_with_headers("sip:+15551234567@198.51.100.7;transport=tcp", [("Identity", nasty), ("X-A", "")])
+    head, _, part = uri.partition("?")
+    assert head == "sip:+15551234567@198.51.100.7;transport=tcp"
+    assert not set(part) & set(';<>" ,@é') and part.count("&") == 1  # delimiters escaped
+    assert parse_uri(uri).headers == part
+    assert parse_uri_headers(part) == [("Identity", nasty), ("X-A", "")]
+    # A template that already has a headers part gets the new ones after it.
+    assert uri_with_headers("sip:a@b?X=1", [("Y", "2")]) == "sip:a@b?X=1&Y=2"
+    assert uri_with_headers("sip:a@b", []) == "sip:a@b"
+
+
+def _contact_rule(**kw: object) -> Rule:
+    base: dict[str, object] = {
+        "contacts": ("sip:{e164}@198.51.100.7", "sip:{e164}@198.51.100.8;transport=tcp"),
+        "identity_in": "contact",
+        "div": True,
+        "pai": True,
+        "pai_name": "[V] Alice",
+    }
+    base.update(kw)
+    return Rule("in-uri", "redirect", numbers=("1",), **base)  # type: ignore[arg-type]
+
+
+def test_identity_in_contact_uri_reaches_the_proxy_parser_as_headers() -> None:
+    rule = _contact_rule(contact_headers=(("Max-Forwards", "3"),))
+    resp = build_answer(rule, invite("+15551234567"), "t", now=1_700_000_000)
+    assert resp is not None and resp.status == 302
+    assert not resp.has("identity") and not resp.has("p-asserted-identity")  # only in the URIs
+    raw = resp.get("contact") or ""
+    assert "?Identity=eyJ" in raw and "%3Binfo%3D%3Chttps" in raw  # the field's shape, escaped
+    redirect = redirect_targets(resp)  # the proxy's own reading of the 302
+    assert [str(t.uri) for t in redirect.targets] == [
+        "sip:+15551234567@198.51.100.7",
+        "sip:+15551234567@198.51.100.8;transport=tcp",
+    ]
+    first, second = (dict_all(t.headers) for t in redirect.targets)
+    assert first == second  # one signature, repeated in each Contact (identity_per_contact off)
+    shaken, div = first["Identity"]
+    assert shaken.endswith(f";info=<{DEFAULT_X5U}>;alg=ES256;ppt=shaken")
+    assert decode_passport(shaken)[1]["dest"] == {"tn": ["15551234567"]}
+    assert decode_passport(div)[0]["ppt"] == "div"
+    assert first["P-Asserted-Identity"][0].startswith('"[V] Alice" <sip:+13035550100@')
+    assert [t.ignored for t in redirect.targets] == [("Max-Forwards",), ("Max-Forwards",)]
+
+
+def dict_all(pairs: tuple[tuple[str, str], ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in pairs:
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def test_identity_per_contact_and_both() -> None:
+    resp = build_answer(_contact_rule(identity_per_contact=True, div=False), invite(), "t")
+    assert resp is not None
+    ids = [dict_all(t.headers)["Identity"] for t in redirect_targets(resp).targets]
+    assert len(ids) == 2 and ids[0] != ids[1]  # a PASSporT of its own in each Contact
+    origids = {decode_passport(i[0])[1]["origid"] for i in ids}
+    assert len(origids) == 2
+    both = build_answer(_contact_rule(identity_in="both"), invite(), "t")
+    assert both is not None
+    in_uri = dict_all(redirect_targets(both).targets[0].headers)
+    assert both.get_all("identity") == in_uri["Identity"]
+    assert both.get_all("p-asserted-identity") == in_uri["P-Asserted-Identity"]
+
+
+def test_300_multiple_choices() -> None:
+    rules = parse_rules(
+        tomllib.loads(
+            '[default]\nstatus = 300\ncontacts = ["sip:{user}@192.0.2.10", "sip:{user}@192.0.2.11"]'
+        )
+    )
+    resp = build_answer(rules.default, invite(), "t")
+    assert resp is not None and (resp.status, resp.reason) == (300, "Multiple Choices")
+    assert len(resp.values("contact")) == 2 and resp.get("identity")
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase", "purpose"),
+    [(603, "Network Blocked", "info"), (607, "Unwanted", "info"), (608, "Rejected", "jwscallinfo")],
+)
+def test_block_statuses_carry_their_own_reason_and_call_info(status: int, phrase: str, purpose: str) -> None:
+    rule = parse_rules({"rule": [{"numbers": ["1"], "action": "block", "status": status}]}).rules[0]
+    resp = build_answer(rule, invite(), "t")
+    assert resp is not None and (resp.status, resp.reason) == (status, phrase)
+    assert (resp.get("reason") or "").startswith(f'SIP;cause={status};text="{phrase}"')
+    assert (resp.get("call-info") or "").endswith(f";purpose={purpose}")
+    assert not resp.has("contact")
+
+
+def test_block_headers_can_be_set_or_left_out() -> None:
+    data = {
+        "numbers": ["1"],
+        "action": "block",
+        "status": 608,
+        "call_info": "",
+        "reason_header": "Q.850;cause=21",
+    }
+    resp = build_answer(parse_rules({"rule": [data]}).rules[0], invite(), "t")
+    assert resp is not None
+    assert resp.get("reason") == "Q.850;cause=21" and not resp.has("call-info")
