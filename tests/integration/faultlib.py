@@ -880,3 +880,21 @@ def wait_closed(sock: socket.socket, timeout: float) -> float | None:
         if not chunk:
             return time.monotonic() - t0
     return None
+
+
+# Lab-scoped peers: each is closed by the Lab when the test ends (its errors fail the test).
+def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
+    ua = UdpUa(name, uas_mode=mode)
+    lab.add_closer(ua)
+    return ua
+
+
+def stub(lab: Lab, **kw: object) -> ClearIpStub:
+    s = ClearIpStub(**kw)  # type: ignore[arg-type]
+    lab.add_closer(s)
+    return s
+
+
+def reason_of(msg: SipMessage | None) -> str:
+    assert msg is not None
+    return msg.get("Reason") or ""

@@ -28,7 +28,7 @@ import pytest
 
 from proxy_runtime.settings import load
 from proxy_runtime.transport.server import ProxyServer
-from tests.integration.faultlib import ClearIpStub, UdpUa, response_for, start_proxy
+from tests.integration.faultlib import ClearIpStub, peer, reason_of, response_for, start_proxy, stub
 from tests.integration.harness import HOST, Lab, Pki, SipMessage, split_stream
 
 NUMBER = "+15555550100"
@@ -46,23 +46,6 @@ def clearip_uri(stub: ClearIpStub) -> str:
 
 def contact(port: int, q: float, params: str = "") -> str:
     return f"<sip:{NUMBER}@{HOST}:{port}{params}>;q={q:g}"
-
-
-def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
-    ua = UdpUa(name, uas_mode=mode)
-    lab.add_closer(ua)
-    return ua
-
-
-def stub(lab: Lab, **kw: object) -> ClearIpStub:
-    s = ClearIpStub(**kw)  # type: ignore[arg-type]
-    lab.add_closer(s)
-    return s
-
-
-def reason_of(msg: SipMessage | None) -> str:
-    assert msg is not None
-    return msg.get("Reason") or ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,11 @@ from tests.integration.faultlib import (
     UdpUa,
     closed_port,
     invite_bytes,
+    peer,
+    reason_of,
     simple_request,
     start_proxy,
+    stub,
 )
 from tests.integration.harness import HOST, REPO, Lab, SipMessage, split_stream
 
@@ -50,23 +53,6 @@ def contact(ua: UdpUa | int, q: float, *, tcp: bool = False) -> str:
     port = ua if isinstance(ua, int) else ua.port
     tp = ";transport=tcp" if tcp else ""
     return f"<sip:{NUMBER}@{HOST}:{port}{tp}>;q={q:g}"
-
-
-def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
-    ua = UdpUa(name, uas_mode=mode)
-    lab.add_closer(ua)
-    return ua
-
-
-def stub(lab: Lab, **kw: object) -> ClearIpStub:
-    s = ClearIpStub(**kw)  # type: ignore[arg-type]
-    lab.add_closer(s)
-    return s
-
-
-def reason_of(msg: SipMessage | None) -> str:
-    assert msg is not None
-    return msg.get("Reason") or ""
 
 
 # ---------------------------------------------------------------------------------------------
