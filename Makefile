@@ -27,8 +27,12 @@ node_modules/.bin/cdk: package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Debian packages the tests need: SIPp (sip-tester) as the real SIP peer, shellcheck for deploy/.
-APT_TEST := sip-tester shellcheck
+# Debian packages the tests run (tests/conftest.py's require_tool skips a test without its tool,
+# and fails it under CI=true): SIPp (sip-tester) as the real SIP peer, shellcheck for deploy/,
+# nft (nftables) to check the firewall rules install.sh writes, tcpdump to read back the pcap
+# files the proxy's trace writes, openssl for test certificates, systemd-analyze (systemd) to
+# verify the unit, python3.11 for the scratch install of the runtime venv (the EC2 image's Python).
+APT_TEST := sip-tester shellcheck nftables tcpdump openssl systemd python3.11
 APT_BENCH := kamailio
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -39,7 +43,7 @@ define apt_install
 	fi
 endef
 
-.sysdeps:
+.sysdeps: Makefile
 	$(call apt_install,$(APT_TEST))
 	@touch $@
 
@@ -82,19 +86,19 @@ typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: setup lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -q
 
 unit: $(BIN)/.installed
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest -q tests/unit
 
 integration: setup
-	$(BIN)/pytest tests/integration
+	$(BIN)/pytest -q tests/integration
 
 infra: setup
-	$(BIN)/pytest tests/infra
+	$(BIN)/pytest -q tests/infra
 
 metrics: setup
-	$(BIN)/pytest tests/metrics
+	$(BIN)/pytest -q tests/metrics
 
 bench: setup .benchdeps
 	$(BIN)/python -m bench

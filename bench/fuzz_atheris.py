@@ -5,8 +5,9 @@
 Each input goes through ``parse_message`` (datagram and stream modes; a parsed message must
 serialise and parse again), ``try_parse_for_reply`` and a ``StreamFramer`` fed in two chunks.
 Any exception other than ParseError is a crash; libFuzzer's -timeout and -rss_limit_mb catch hangs
-and unbounded memory. The corpus starts from ../shared/rfc4475/*.dat. atheris is pinned in
-requirements-fuzz.txt (not needed by the proxy or the test suite).
+and unbounded memory. The corpus starts from the RFC 4475 messages kept in the repository,
+tests/data/rfc4475/*.dat. atheris is pinned in requirements-fuzz.txt (not needed by the proxy or
+the test suite).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ with atheris.instrument_imports():
     from proxy_runtime.sip.framing import StreamFramer
     from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "rfc4475"
+SEEDS = Path(__file__).resolve().parents[1] / "tests" / "data" / "rfc4475"
 
 
 def one_input(data: bytes) -> None:
@@ -53,7 +54,10 @@ def one_input(data: bytes) -> None:
 def main() -> None:
     args = list(sys.argv)
     corpus = tempfile.mkdtemp(prefix="sip-corpus-")
-    for seed in sorted(SEEDS.glob("*.dat")):
+    seeds = sorted(SEEDS.glob("*.dat"))
+    if not seeds:
+        sys.exit(f"no seed corpus: {SEEDS} holds no .dat files (the RFC 4475 messages)")
+    for seed in seeds:
         shutil.copy(seed, corpus)
     if not any(a.startswith("-timeout") for a in args):
         args.append("-timeout=5")

@@ -27,7 +27,7 @@ from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import StreamFramer
 from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 
-TORTURE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "rfc4475"
+TORTURE_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "rfc4475"
 
 
 def realistic_invite() -> bytes:
@@ -74,6 +74,8 @@ def realistic_invite() -> bytes:
 
 def seeds() -> list[bytes]:
     out = [p.read_bytes() for p in sorted(TORTURE_DIR.glob("*.dat"))]
+    if not out:
+        raise SystemExit(f"no seed corpus: {TORTURE_DIR} holds no .dat files (the RFC 4475 messages)")
     out.append(realistic_invite())
     return out
 

@@ -14,6 +14,7 @@ from aws_cdk.assertions import Template
 
 from infra.settings import DeploymentSettings
 from infra.stack import ClearIpProxyStack
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CDK = REPO / "node_modules" / ".bin" / "cdk"
@@ -43,6 +44,11 @@ FULL_CONTEXT: dict[str, Any] = {
     "stack_name": "SiteB",
     "alarm_clearip_timeouts": 25,
 }
+
+
+def cdk_cli() -> str:
+    """The CDK CLI pinned in package.json (skipped without it; an error under CI=true)."""
+    return require_tool("cdk", "the CDK CLI pinned in package.json (npm install)", path=CDK)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

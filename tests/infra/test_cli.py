@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
+import aws_cdk.aws_s3 as s3
 import pytest
 
 import app as cdk_app
 
-from .conftest import CDK, REPO, cli_env
+from .conftest import REPO, cdk_cli, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def cli_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cdk-out")
     proc = subprocess.run(
         [
-            str(CDK),
+            cdk_cli(),
             "synth",
             "--quiet",
             "--output",
@@ -55,7 +56,7 @@ def test_cdk_synth_offline(cli_synth: Path) -> None:
 def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
-            str(CDK),
+            cdk_cli(),
             "synth",
             "--quiet",
             "--output",
@@ -77,7 +78,10 @@ def test_cdk_synth_refuses_bad_settings(tmp_path: Path) -> None:
     assert "sip_cidrs" in proc.stderr and "whole internet" in proc.stderr
 
 
-def test_cfn_lint_reports_no_error(cli_synth: Path) -> None:
+def cfn_lint(template: Path) -> tuple[int, list[dict[str, Any]]]:
+    """cfn-lint's exit code and its findings. Its exit code is a bit mask (2 error, 4 warning,
+    8 informational); 1, or output that is not a JSON list, means cfn-lint itself failed, which
+    must never read as "no findings"."""
     proc = subprocess.run(
         [
             str(REPO / ".venv" / "bin" / "cfn-lint"),
@@ -87,35 +91,70 @@ def test_cfn_lint_reports_no_error(cli_synth: Path) -> None:
             "us-east-1",
             "eu-west-1",
             "--",
-            str(cli_synth / "ClearIpProxy.template.json"),
+            str(template),
         ],
         capture_output=True,
         text=True,
         timeout=180,
     )
-    findings: list[dict[str, Any]] = json.loads(proc.stdout or "[]")
+    assert proc.returncode in (0, 2, 4, 6, 8, 10, 12, 14), (
+        f"cfn-lint failed ({proc.returncode}): {proc.stderr}"
+    )
+    findings = json.loads(proc.stdout)  # empty output is a failure too, not "[]"
+    assert isinstance(findings, list), proc.stdout[:1000]
+    assert bool(findings) == (proc.returncode != 0), (proc.returncode, proc.stdout[:1000])
+    return proc.returncode, findings
+
+
+def test_cfn_lint_reports_no_error(cli_synth: Path) -> None:
+    code, findings = cfn_lint(cli_synth / "ClearIpProxy.template.json")
     errors = [f for f in findings if f["Level"] == "Error"]
     assert errors == [], json.dumps(errors, indent=1)[:4000]
+    assert not code & 2, code
 
 
-def test_cdk_nag_has_no_unacknowledged_findings(tmp_path: Path) -> None:
-    app = cdk_app.build_app(
-        {
-            "sip_cidrs": "203.0.113.10/32",
-            "ssh_cidr": "192.0.2.0/29",
-            "alarm_email": "noc@example.net",
-            "key_pair": "k",
-            "ami": "ami-0123456789abcdef0",
-            "eip_allocations": "eipalloc-0a1b2c3d4e5f60718=198.51.100.7",
-        }
-    )
+def test_cfn_lint_finds_an_error_it_is_shown(tmp_path: Path, cli_synth: Path) -> None:
+    """The check above can fail: the same template with one bad property is an error (exit bit 2)."""
+    template = json.loads((cli_synth / "ClearIpProxy.template.json").read_text())
+    instance = next(r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance")
+    instance["Properties"]["InstanceType"] = 42
+    instance["Properties"]["NoSuchProperty"] = "x"
+    broken = tmp_path / "broken.template.json"
+    broken.write_text(json.dumps(template))
+    code, findings = cfn_lint(broken)
+    assert code & 2, code
+    assert any(f["Level"] == "Error" and "NoSuchProperty" in f["Message"] for f in findings), findings[:3]
+
+
+NAG_CONTEXT = {
+    "sip_cidrs": "203.0.113.10/32",
+    "ssh_cidr": "192.0.2.0/29",
+    "alarm_email": "noc@example.net",
+    "key_pair": "k",
+    "ami": "ami-0123456789abcdef0",
+    "eip_allocations": "eipalloc-0a1b2c3d4e5f60718=198.51.100.7",
+}
+
+
+def test_cdk_nag_has_no_unacknowledged_findings() -> None:
+    app = cdk_app.build_app(dict(NAG_CONTEXT))
     assert isinstance(app, cdk.App)
-    app.synth()  # raises ValidationFailed when a finding is not acknowledged
-    report_file = Path(app.outdir) / "validation-report.json"
-    if report_file.exists():
-        report = json.loads(report_file.read_text())
-        failures = [r for p in report.get("pluginReports", []) for r in p.get("violations", [])]
-        assert failures == []
+    app.synth()  # raises when a finding is not acknowledged
+    report = json.loads((Path(app.outdir) / "validation-report.json").read_text())
+    plugins = {r["pluginName"]: r for r in report["pluginReports"]}
+    nag = plugins["AwsSolutions"]  # the report must exist and hold cdk-nag's AwsSolutions pack
+    for name, plugin in plugins.items():  # every validation plugin passed
+        assert (plugin["conclusion"], plugin["violations"]) == ("success", []), name
+    suppressed = {v["acknowledgedId"] for v in nag["suppressedViolations"]}
+    assert suppressed and all(s.startswith("AwsSolutions::") for s in suppressed), suppressed
+
+
+def test_cdk_nag_fails_synth_on_an_unacknowledged_finding() -> None:
+    """The check above can fail: a bucket without SSL enforcement (AwsSolutions-S10) stops synth."""
+    app = cdk_app.build_app(dict(NAG_CONTEXT))
+    s3.Bucket(cdk.Stack(app, "Unacknowledged"), "Plain")
+    with pytest.raises(Exception, match="AwsSolutions-S10"):
+        app.synth()
 
 
 def test_every_acknowledgment_has_a_reason() -> None:

@@ -31,7 +31,7 @@ from moto.server import ThreadedMotoServer
 
 from infra import wheels
 
-from .conftest import AMI, CDK, REPO, cli_env
+from .conftest import AMI, REPO, cdk_cli, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ class Site:
         )
 
     def cdk(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [str(CDK), *args, "--output", str(self.root / "cdk.out")]
+        cmd = [cdk_cli(), *args, "--output", str(self.root / "cdk.out")]
         proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=420)
         if check:
             assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

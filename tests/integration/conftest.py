@@ -3,22 +3,33 @@ and prints every peer's trace summary and the proxy's output when the test fails
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+from tests.integration.faultlib import PeerErrors
 from tests.integration.harness import SIPP, Lab, Pki, make_test_pki
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if shutil.which("sipp") or Path(SIPP).exists():
-        return
-    skip = pytest.mark.skip(reason="SIPp (Debian sip-tester) is not installed")
-    for item in items:
-        if "sipp" in item.keywords:
-            item.add_marker(skip)
+@pytest.fixture(autouse=True)
+def _peer_errors_fail_the_test() -> Iterator[None]:
+    """Fails the test when a Python peer it created (faultlib's UA, ClearIP stub, relay) recorded
+    an error in its own thread. Autouse, so set up first and torn down last: after the ``lab``
+    fixture has closed (and joined) every peer."""
+    PeerErrors.take_created()  # peers a previous test leaked are not this test's
+    yield
+    errors = [e for peer in PeerErrors.take_created() for e in peer.errors]
+    if errors:
+        pytest.fail(f"{len(errors)} error(s) in the test's own peers:\n" + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _sipp_is_installed(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``sipp`` need SIPp: skipped without it, an error under CI=true."""
+    if request.node.get_closest_marker("sipp") is not None:
+        require_tool("sipp", "Debian package sip-tester", path=Path(SIPP))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

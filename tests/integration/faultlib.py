@@ -9,6 +9,9 @@
 - :func:`make_bad_certs`: a wrong-name and a self-signed certificate for the ClearIP TLS checks.
 
 Every peer is a thread with bounded waits and a ``close()``; register them with ``lab.add_closer``.
+A peer never swallows its own failures: an exception in its thread (a message it cannot parse, a
+bug in its state machine) is recorded in ``peer.errors`` with its traceback, and the integration
+conftest fails the test that created the peer (see :class:`PeerErrors`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,47 @@ import ssl
 import struct
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.integration.harness import HOST, Lab, ProxyProcess, SipMessage, free_port, split_stream
+
+# ---------------------------------------------------------------------------------------------
+# Peer errors
+# ---------------------------------------------------------------------------------------------
+
+
+class PeerErrors:
+    """What every peer here inherits: its own failures, kept instead of swallowed.
+
+    A peer's thread catches what it raises (so one bad message does not kill the peer and hang the
+    test), records it with :meth:`_record`, and carries on. Every peer created is listed in
+    ``PeerErrors.created``; the integration conftest's autouse fixture takes that list after each
+    test and fails the test with every recorded error, traceback included.
+    """
+
+    created: ClassVar[list[PeerErrors]] = []
+
+    def _init_errors(self, name: str) -> None:
+        self.errors: list[str] = []
+        self.peer_name = name
+        PeerErrors.created.append(self)
+
+    def _record(self, where: str) -> None:
+        """Record the exception being handled (call from an ``except`` block)."""
+        self.errors.append(
+            f"{type(self).__name__} {self.peer_name!r} failed in {where}:\n{traceback.format_exc()}"
+        )
+
+    @classmethod
+    def take_created(cls) -> list[PeerErrors]:
+        out, cls.created = cls.created, []
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # Message helpers
@@ -187,7 +224,7 @@ def start_proxy(
 # ---------------------------------------------------------------------------------------------
 
 
-class ClearIpStub:
+class ClearIpStub(PeerErrors):
     """ClearIP over TCP (or TLS with ``tls_ctx``). ``mode``: "answer" (``status`` after ``delay``,
     302 with ``contacts``), "silent" (never answers). Counts INVITEs per Call-ID."""
 
@@ -202,6 +239,7 @@ class ClearIpStub:
         port: int | None = None,
         listen: bool = True,
     ) -> None:
+        self._init_errors(f"clearip:{port or 'auto'}")
         self.port = port or free_port()
         self.contacts = contacts
         self.status = status
@@ -330,9 +368,13 @@ class ClearIpStub:
             buf += chunk
             if buf.startswith(b"\r\n\r\n"):
                 send(b"\r\n")  # RFC 5626 pong
-            msgs, buf = split_stream(buf)
-            for raw in msgs:
-                self._on_message(SipMessage(raw), send)
+            try:
+                msgs, buf = split_stream(buf)
+                for raw in msgs:
+                    self._on_message(SipMessage(raw), send)
+            except Exception:
+                self._record("handling what the proxy sent")
+                buf = b""
         with self._lock:
             if conn in self._conns:
                 self._conns.remove(conn)
@@ -397,7 +439,7 @@ class UacCall:
         return True
 
 
-class UdpUa:
+class UdpUa(PeerErrors):
     """A UDP SIP UA in a thread. As UAC: :meth:`call` sends an INVITE (Timer A retransmissions
     until a response), ACKs every final (2xx end to end along Record-Route), then BYE (Timer E)
     when ``complete_dialog``. As UAS (``uas_mode`` = "answer" | "503" | "silent" | "ring"): answers
@@ -406,6 +448,7 @@ class UdpUa:
     T1 = 0.5
 
     def __init__(self, name: str, *, uas_mode: str | None = None, port: int | None = None) -> None:
+        self._init_errors(name)
         self.name = name
         self.uas_mode = uas_mode
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -501,12 +544,12 @@ class UdpUa:
                 if self._closing.is_set():
                     return
                 data = b""
-            if data:
-                try:
+            try:
+                if data:
                     self._on_datagram(data, (str(addr[0]), int(addr[1])))
-                except Exception:
-                    pass
-            self._run_timers()
+                self._run_timers()
+            except Exception:
+                self._record(f"handling {data[:60]!r}" if data else "its timers")
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -666,12 +709,13 @@ def _as_invite(cancel: SipMessage) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-class LossyUdpRelay:
+class LossyUdpRelay(PeerErrors):
     """Listens on ``port``; forwards each client's datagrams to ``backend_port`` from a socket of
     its own (one per client address) and the answers back, dropping ``loss`` of them in each
     direction (``random.Random(seed)``). Counts what it dropped and forwarded."""
 
     def __init__(self, backend_port: int, *, loss: float = 0.05, seed: int = 1) -> None:
+        self._init_errors(f"lossy-relay->{backend_port}")
         self.backend = (HOST, backend_port)
         self.loss = loss
         self.rng = random.Random(seed)
@@ -694,6 +738,12 @@ class LossyUdpRelay:
         return False
 
     def _loop(self) -> None:
+        try:
+            self._relay()
+        except Exception:
+            self._record("relaying")
+
+    def _relay(self) -> None:
         import selectors
 
         sel = selectors.DefaultSelector()
@@ -830,3 +880,21 @@ def wait_closed(sock: socket.socket, timeout: float) -> float | None:
         if not chunk:
             return time.monotonic() - t0
     return None
+
+
+# Lab-scoped peers: each is closed by the Lab when the test ends (its errors fail the test).
+def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
+    ua = UdpUa(name, uas_mode=mode)
+    lab.add_closer(ua)
+    return ua
+
+
+def stub(lab: Lab, **kw: object) -> ClearIpStub:
+    s = ClearIpStub(**kw)  # type: ignore[arg-type]
+    lab.add_closer(s)
+    return s
+
+
+def reason_of(msg: SipMessage | None) -> str:
+    assert msg is not None
+    return msg.get("Reason") or ""

@@ -29,11 +29,13 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import free_port as free_port  # one implementation for the tests and the benchmark
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -448,7 +450,8 @@ class Sipp:
         self.trace_path = workdir / f"{name}.msg"
         self.err_path = workdir / f"{name}.err"
         self.out_path = workdir / f"{name}.out"
-        args = [SIPP]
+        # Skips naming the package to install, or fails under CI=true, when SIPp is missing.
+        args = [require_tool("sipp", "Debian package sip-tester", path=Path(SIPP))]
         if remote:
             args.append(remote)
         args += ["-sf", str(self.scenario), "-i", HOST, "-p", str(self.port)]
@@ -638,16 +641,34 @@ def make_test_pki(directory: Path) -> Pki:
     return pki
 
 
+TLS_1_2 = ssl.TLSVersion.TLSv1_2
+
+
 class TlsRelay:
     """A TLS server on 127.0.0.1 (test CA certificate) that relays each connection, byte for byte,
     to a plain TCP backend (the SIPp ClearIP UAS). Lets the proxy's TLS ClearIP connection be tested
     with the same SIPp scenarios. Threads; stopped by :meth:`close`."""
 
-    def __init__(self, pki: Pki, backend_port: int) -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        backend_port: int,
+        *,
+        versions: tuple[ssl.TLSVersion, ssl.TLSVersion] = (
+            ssl.TLSVersion.TLSv1_2,
+            ssl.TLSVersion.MAXIMUM_SUPPORTED,
+        ),
+    ) -> None:
+        """``versions``: the (minimum, maximum) TLS version this server speaks; an old-only server
+        (TLS 1.0-1.1, with SECLEVEL 0 so OpenSSL 3 agrees to speak them) tests the proxy's client."""
         self.backend_port = backend_port
         self.port = free_port()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with warnings.catch_warnings():  # deprecated versions are the point of an old-only server
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.ctx.minimum_version, self.ctx.maximum_version = versions
+        if versions[1] < TLS_1_2:
+            self.ctx.set_ciphers("ALL:@SECLEVEL=0")
         self.ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
         self.listener = socket.create_server((HOST, self.port))
         self.listener.settimeout(0.2)

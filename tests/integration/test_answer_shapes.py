@@ -239,7 +239,8 @@ def test_redirect_without_a_usable_contact_ends_with_503_naming_the_cause(
         finals[0].get("Reason") == f'SIP;cause=503;text="ClearIP 302 without a usable Contact ({cause})"'
     ), d()
     assert finals[0].get("Contact") is None, d()
-    assert elapsed_to_final(switch) < 1.0, d()
+    # At once, not after the 5 s timeout: half of it is the slack a loaded machine gets.
+    assert elapsed_to_final(switch) < 5.0 / 2, d()
     assert acked(clearip, clearip.sent(302)[0]), d()
     assert carrier.received() == [], d()
     assert re.search(r'"outcome":"redirect_unusable".*"status":503.*"proxy_failed":true', proxy.output()), d()

@@ -137,7 +137,11 @@ def test_302_first_contact_silent_then_second_within_timeout(lab: Lab, transport
     silent, answering = call.carriers
     assert call.switch_final().status == 200, d()
     gap = first_invite(answering).time - first_invite(silent).time
-    assert 0.5 <= gap <= 1.5, f"advanced after {gap:.2f} s, expected about the 1 s timeout\n" + d()
+    # Not before the 1 s timeout (the proxy's timer never fires early; 0.1 s for the trace clocks of
+    # two SIPp processes). The upper limit only shows the silent Contact did not hold the call past
+    # its timeout: anything beyond 1 s is scheduling delay, of which a loaded 2-core machine may add
+    # a few seconds; a proxy that never advanced would leave the call to SIPp's 15 s timeout.
+    assert 0.9 <= gap <= 1.0 + 3.0, f"advanced after {gap:.2f} s, expected about the 1 s timeout\n" + d()
     assert answering.received("BYE"), d()
 
 
@@ -218,7 +222,9 @@ def test_clearip_silent_gives_503_with_reason_within_timeout(lab: Lab, transport
     assert [m.status for m in finals] == [503], d()
     assert finals[0].get("Reason"), "the 503 must say why in a Reason header\n" + d()
     took = elapsed_to_final(call.switch)
-    assert took <= 1.5, f"503 after {took:.2f} s; timeout is 1 s\n" + d()
+    # The 503 comes from the 1 s timeout (not before it), and not from anything much later: the
+    # switch's own 15 s SIPp timeout, or the 32 s of Timer B. Load may add a few seconds to 1 s.
+    assert 0.9 <= took <= 1.0 + 3.0, f"503 after {took:.2f} s; timeout is 1 s\n" + d()
     assert call.clearip.received("INVITE"), d()
     assert call.carrier.received() == [], d()
 
@@ -233,7 +239,11 @@ def test_clearip_not_running_gives_503_at_once(lab: Lab, transport: str) -> None
     assert [m.status for m in finals] == [503], d()
     assert finals[0].get("Reason"), d()
     took = elapsed_to_final(switch)
-    assert took <= 1.0, f"503 after {took:.2f} s; must not wait the 5 s timeout when ClearIP is down\n" + d()
+    # A proxy that waited for its 5 s timeout would take >= 5 s; half of it leaves a loaded machine
+    # 2.5 s of slack and still proves the 503 did not wait for the timeout.
+    assert took <= 5.0 / 2, (
+        f"503 after {took:.2f} s; must not wait the 5 s timeout when ClearIP is down\n" + d()
+    )
 
 
 # --- emergency numbers -------------------------------------------------------------------------
@@ -251,7 +261,9 @@ def test_emergency_number_gets_503_at_once_without_clearip(lab: Lab, transport: 
     )
     d = lab.describe
     assert [m.status for m in call.switch.final_responses()] == [503], d()
-    assert elapsed_to_final(call.switch) <= 0.5, d()
+    # Never waits on ClearIP: a proxy that asked it would take up to its 5 s timeout; half of that
+    # is the slack a loaded machine gets.
+    assert elapsed_to_final(call.switch) <= 5.0 / 2, d()
     assert call.clearip.received() == [], "ClearIP must not be asked for an emergency number\n" + d()
     assert call.carrier.received() == [], d()
 
@@ -265,5 +277,7 @@ def test_configured_emergency_number_gets_503_at_once(lab: Lab) -> None:
     )
     d = lab.describe
     assert [m.status for m in call.switch.final_responses()] == [503], d()
-    assert elapsed_to_final(call.switch) <= 0.5, d()
+    # Never waits on ClearIP: a proxy that asked it would take up to its 5 s timeout; half of that
+    # is the slack a loaded machine gets.
+    assert elapsed_to_final(call.switch) <= 5.0 / 2, d()
     assert call.clearip.received() == [], d()

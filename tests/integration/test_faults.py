@@ -11,24 +11,37 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
 from tests.integration.faultlib import (
     ClearIpStub,
     LossyUdpRelay,
     UdpUa,
     closed_port,
     invite_bytes,
+    peer,
+    reason_of,
     simple_request,
     start_proxy,
+    stub,
 )
 from tests.integration.harness import HOST, REPO, Lab, SipMessage, split_stream
 
 TIMEOUT = 1.0
+# Wall-clock limits here must hold on a loaded 2-core machine (other engineers' tests, a CPU burn),
+# where any one process may be kept off the CPU for a second or more. Each limit is the behaviour's
+# own time plus LOAD_SLACK, and each test is set up so that the wrong behaviour (waiting for a
+# timeout, a backoff, a ring timeout) takes clearly longer than that; the comments say by how much.
+LOAD_SLACK = 2.0
+# Where a test proves "at once, not after the timeout", the proxy's timeout is this long, so that
+# half of it is both generous to a loaded machine and far from what a waiting proxy would take.
+LONG_TIMEOUT = 5.0
 NUMBER = "+15555550100"
 
 
@@ -42,23 +55,6 @@ def contact(ua: UdpUa | int, q: float, *, tcp: bool = False) -> str:
     return f"<sip:{NUMBER}@{HOST}:{port}{tp}>;q={q:g}"
 
 
-def peer(lab: Lab, name: str, mode: str | None = None) -> UdpUa:
-    ua = UdpUa(name, uas_mode=mode)
-    lab.add_closer(ua)
-    return ua
-
-
-def stub(lab: Lab, **kw: object) -> ClearIpStub:
-    s = ClearIpStub(**kw)  # type: ignore[arg-type]
-    lab.add_closer(s)
-    return s
-
-
-def reason_of(msg: SipMessage | None) -> str:
-    assert msg is not None
-    return msg.get("Reason") or ""
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. ClearIP silent
 # ---------------------------------------------------------------------------------------------
@@ -69,11 +65,13 @@ def test_clearip_silent_every_waiting_caller_gets_503_within_timeout(lab: Lab) -
     proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
     switch = peer(lab, "switch")
     calls = [switch.call(proxy.port) for _ in range(8)]
-    assert switch.wait_final(calls, TIMEOUT + 2)
-    assert clearip.wait_invites(8, 1)
+    assert switch.wait_final(calls, TIMEOUT + LOAD_SLACK + 1)
+    assert clearip.wait_invites(8, 1 + LOAD_SLACK)
     for c in calls:
         assert c.final is not None and c.final.status == 503, c.final
-        assert c.final_after <= TIMEOUT + 0.5, c.final_after
+        # The 503 is the timeout's (not sooner); without it the caller would wait for its own
+        # Timer B (32 s). Load may delay the timer's firing, never advance it.
+        assert TIMEOUT - 0.1 <= c.final_after <= TIMEOUT + LOAD_SLACK, c.final_after
         assert "ClearIP" in reason_of(c.final)
     assert all(n == 1 for n in clearip.invites.values())
 
@@ -103,43 +101,49 @@ def _first_success(switch: UdpUa, proxy_port: int, within: float) -> float | Non
 def test_clearip_reset_mid_load_fails_waiting_calls_at_once_and_recovers(lab: Lab) -> None:
     carrier = peer(lab, "carrier", "answer")
     clearip = stub(lab, mode="silent", contacts=contact(carrier, 0.9))
-    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    # A 10 s timeout: a proxy that let the callers wait for it after the reset would answer them
+    # >= 8 s after the reset, far beyond the LOAD_SLACK allowed for "at once".
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=2 * LONG_TIMEOUT, wait_port=clearip.port)
     switch = peer(lab, "switch")
     calls = [switch.call(proxy.port) for _ in range(6)]
-    assert clearip.wait_invites(6, 2)
+    assert clearip.wait_invites(6, 2 + LOAD_SLACK)
     t_reset = time.monotonic()
     assert clearip.reset_connections() == 1
-    assert switch.wait_final(calls, 1.0), "waiting callers were not answered at once"
+    assert switch.wait_final(calls, LOAD_SLACK), "waiting callers were not answered at once"
     for c in calls:
         assert c.final is not None and c.final.status == 503
-        assert c.finals[0][0] - t_reset < 0.5, c.finals[0][0] - t_reset
+        assert c.finals[0][0] - t_reset < LOAD_SLACK, c.finals[0][0] - t_reset
         assert "connection lost" in reason_of(c.final)
-    # ClearIP answers again: the proxy reconnects and calls go through.
+    # ClearIP answers again: the proxy reconnects at once (the stub still listens) and calls go
+    # through; 2 s is the design's figure, LOAD_SLACK what a loaded machine adds to it.
     clearip.mode = "answer"
-    took = _first_success(switch, proxy.port, 3.0)
-    assert took is not None and took <= 2.0, took
+    took = _first_success(switch, proxy.port, 2.0 + LOAD_SLACK + 1)
+    assert took is not None and took <= 2.0 + LOAD_SLACK, took
     assert proxy.proc is not None and proxy.proc.poll() is None
 
 
 def test_clearip_down_at_start_calls_get_503_at_once_then_succeed_within_2s_of_return(lab: Lab) -> None:
     carrier = peer(lab, "carrier", "answer")
     clearip = stub(lab, contacts=contact(carrier, 0.9), listen=False)
-    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=LONG_TIMEOUT)
     switch = peer(lab, "switch")
-    # Down for long enough that the reconnect backoff has grown past 2 s.
-    deadline = time.monotonic() + 4.0
+    # Down for 8 s: the reconnect backoff (0.5, 1, 2, 4, 8 s, +-20 %) is then in its 8 s step, so
+    # a proxy that slept it out would first succeed >= 6 s after ClearIP's return.
+    deadline = time.monotonic() + 8.0
     down_calls = []
     while time.monotonic() < deadline:
         down_calls.append(switch.call(proxy.port, complete_dialog=False))
         time.sleep(0.5)
-    assert switch.wait_final(down_calls, 1.0)
+    assert switch.wait_final(down_calls, LOAD_SLACK)
     for c in down_calls:
         assert c.final is not None and c.final.status == 503
-        assert c.final_after < 0.3, c.final_after  # at once, not after `timeout`
+        # At once: a proxy that waited for its 5 s timeout would take >= 5 s.
+        assert c.final_after < LONG_TIMEOUT / 2, c.final_after
         assert "unreachable" in reason_of(c.final)
     clearip.start_listening()
-    took = _first_success(switch, proxy.port, 4.0)
-    assert took is not None and took <= 2.0, f"first success {took} s after ClearIP returned"
+    took = _first_success(switch, proxy.port, 2.0 + LOAD_SLACK + 1)
+    # The design's 2 s (a call pokes the reconnect), plus what load adds; the backoff alone: >= 6 s.
+    assert took is not None and took <= 2.0 + LOAD_SLACK, f"first success {took} s after ClearIP returned"
 
 
 def test_no_call_is_left_without_a_final_response_across_a_reset(lab: Lab) -> None:
@@ -275,15 +279,18 @@ def test_carrier_failures_advance_to_the_next_contact_within_timeout(lab: Lab) -
         [contact(silent, 0.9), contact(refused, 0.8, tcp=True), contact(failing, 0.7), contact(good, 0.6)]
     )
     clearip = stub(lab, contacts=contacts)
-    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=LONG_TIMEOUT, wait_port=clearip.port)
     switch = peer(lab, "switch")
     c = switch.call(proxy.port)
-    assert switch.wait_done([c], 3 * TIMEOUT + 3)
+    assert switch.wait_done([c], LONG_TIMEOUT + 2 * LOAD_SLACK + 3)
     assert c.final is not None and c.final.status == 200
     assert silent.invite_times and failing.invite_times and good.invite_times
-    # Silent: the next Contact (refused at once) and the one after within `timeout` (+ slack).
-    assert failing.invite_times[0] - silent.invite_times[0] <= TIMEOUT + 0.3
-    assert good.invite_times[0] - failing.invite_times[0] <= 0.3
+    # Silent: after its 5 s timeout (never sooner) the next Contact, refused at once, then the one
+    # after. Waiting a second timeout on the refused Contact would make this >= 10 s.
+    gap = failing.invite_times[0] - silent.invite_times[0]
+    assert LONG_TIMEOUT - 0.1 <= gap <= LONG_TIMEOUT + LOAD_SLACK, gap
+    # A 503 moves on at once; waiting for the timeout instead would take >= 5 s.
+    assert good.invite_times[0] - failing.invite_times[0] <= LONG_TIMEOUT / 2
     # One INVITE transaction per carrier (retransmissions share the branch).
     for ua in (silent, failing, good):
         assert all(len(b) == 1 for b in ua.invites_seen.values())
@@ -297,14 +304,16 @@ def test_each_carrier_failure_alone_moves_the_call_on(lab: Lab, first: str) -> N
     else:
         bad = contact(peer(lab, "bad", first), 0.9)
     clearip = stub(lab, contacts=f"{bad}, {contact(good, 0.5)}")
-    proxy = start_proxy(lab, clearip_uri(clearip), timeout=TIMEOUT, wait_port=clearip.port)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=LONG_TIMEOUT, wait_port=clearip.port)
     switch = peer(lab, "switch")
     c = switch.call(proxy.port)
-    assert good.wait_invites(1, TIMEOUT + 1.5)
+    assert good.wait_invites(1, LONG_TIMEOUT + LOAD_SLACK + 1)
     took = good.invite_times[0] - c.sent_at
-    limit = TIMEOUT + 0.4 if first == "silent" else 0.5
-    assert took <= limit, took
-    assert switch.wait_done([c], 3)
+    if first == "silent":  # after the 5 s timeout, never before it
+        assert LONG_TIMEOUT - 0.1 <= took <= LONG_TIMEOUT + LOAD_SLACK, took
+    else:  # at once: waiting for the 5 s timeout instead would take >= 5 s
+        assert took <= LONG_TIMEOUT / 2, took
+    assert switch.wait_done([c], 3 + LOAD_SLACK)
     assert c.final is not None and c.final.status == 200
 
 
@@ -322,12 +331,13 @@ def test_contacts_the_proxy_cannot_send_to_fail_at_once_and_keep_the_clearip_lin
         f"<sip:{NUMBER}@{label}.example;transport=tcp>;q=0.7",
     ]
     clearip = stub(lab, contacts=", ".join([*bad, contact(good, 0.5)]))
-    proxy = start_proxy(lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port)
+    proxy = start_proxy(lab, clearip_uri(clearip), timeout=LONG_TIMEOUT, wait_port=clearip.port)
     switch = peer(lab, "switch")
     calls = [switch.call(proxy.port) for _ in range(3)]
-    assert switch.wait_done(calls, 5), [c.final for c in calls]
+    assert switch.wait_done(calls, LONG_TIMEOUT + LOAD_SLACK), [c.final for c in calls]
     assert [c.final.status for c in calls if c.final] == [200, 200, 200]
-    assert max(c.final_after for c in calls) < 1.0  # no Contact waited out the 3 s timeout
+    # No Contact waited out the 5 s timeout (one that did would make this >= 5 s).
+    assert max(c.final_after for c in calls) < LONG_TIMEOUT / 2
     assert clearip.accepted == 1  # the ClearIP connection was never dropped
     assert "Traceback" not in proxy.log_text()
 
@@ -371,25 +381,30 @@ def test_udp_loss_every_call_completes_and_nothing_is_forwarded_twice(lab: Lab, 
 
 def test_overload_new_invites_get_503_retry_after_at_once_and_in_flight_calls_finish(lab: Lab) -> None:
     carrier = peer(lab, "carrier", "answer")
-    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=1.0)
+    # ClearIP holds the first 3 calls for 5 s: an INVITE queued behind them would wait >= 4 s.
+    clearip = stub(lab, contacts=contact(carrier, 0.9), delay=LONG_TIMEOUT)
     proxy = start_proxy(
-        lab, clearip_uri(clearip), timeout=3.0, wait_port=clearip.port, extra=["--max-in-flight", "3"]
+        lab,
+        clearip_uri(clearip),
+        timeout=2 * LONG_TIMEOUT,
+        wait_port=clearip.port,
+        extra=["--max-in-flight", "3"],
     )
     switch = peer(lab, "switch")
     first = [switch.call(proxy.port) for _ in range(3)]
-    assert clearip.wait_invites(3, 1)
+    assert clearip.wait_invites(3, 1 + LOAD_SLACK)
     extra = [switch.call(proxy.port) for _ in range(4)]
-    assert switch.wait_final(extra, 1)
+    assert switch.wait_final(extra, LOAD_SLACK)
     for c in extra:
         assert c.final is not None and c.final.status == 503
-        assert c.final_after < 0.3, c.final_after  # at once, not queued
+        assert c.final_after < LOAD_SLACK, c.final_after  # at once, not queued
         assert c.final.get("Retry-After"), "503 for overload must carry Retry-After"
     assert clearip.total_invites() == 3  # the rejected calls never reached ClearIP
-    assert switch.wait_done(first, 4)
+    assert switch.wait_done(first, LONG_TIMEOUT + LOAD_SLACK + 1)
     assert [c.final.status for c in first if c.final] == [200, 200, 200]
     # Load back under the limit: new calls are accepted again.
     again = switch.call(proxy.port)
-    assert switch.wait_done([again], 4)
+    assert switch.wait_done([again], LONG_TIMEOUT + LOAD_SLACK + 1)
     assert again.final is not None and again.final.status == 200
 
 
@@ -410,7 +425,7 @@ def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_0(lab: Lab) -
     )
     switch = peer(lab, "switch")
     in_flight = [switch.call(proxy.port, complete_dialog=False) for _ in range(3)]
-    assert clearip.wait_invites(3, 1)
+    assert clearip.wait_invites(3, 1 + LOAD_SLACK)
     assert proxy.proc is not None
     t_term = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
@@ -419,9 +434,9 @@ def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_0(lab: Lab) -
     options = simple_request("OPTIONS", local_port=switch.port, ruri=f"sip:{HOST}:{proxy.port}")
     switch.send(options, proxy.port)
     late = switch.call(proxy.port, complete_dialog=False)
-    assert switch.wait_final([late], 1)
+    assert switch.wait_final([late], LOAD_SLACK)
     assert late.final is not None and late.final.status == 503
-    deadline = time.monotonic() + 1
+    deadline = time.monotonic() + LOAD_SLACK
     opt_status = None
     while time.monotonic() < deadline and opt_status is None:
         for _, m in list(switch.received):
@@ -430,11 +445,13 @@ def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_0(lab: Lab) -
         time.sleep(0.02)
     assert opt_status == 503
     # The calls in flight finish normally.
-    assert switch.wait_final(in_flight, 3)
+    assert switch.wait_final(in_flight, 3 + LOAD_SLACK)
     assert [c.final.status for c in in_flight if c.final] == [200, 200, 200]
-    code = proxy.proc.wait(6)
+    # Exits 0 within the 5 s drain timeout (once its calls are done), plus what load adds; a proxy
+    # that did not exit would fail proc.wait.
+    code = proxy.proc.wait(5 + LOAD_SLACK)
     assert code == 0
-    assert time.monotonic() - t_term < 5 + 1
+    assert time.monotonic() - t_term < 5 + LOAD_SLACK
 
 
 def test_sigterm_drain_is_bounded_by_drain_timeout_and_answers_leftovers(lab: Lab) -> None:
@@ -450,31 +467,52 @@ def test_sigterm_drain_is_bounded_by_drain_timeout_and_answers_leftovers(lab: La
     )
     switch = peer(lab, "switch")
     c = switch.call(proxy.port, complete_dialog=False)
-    assert ringing.wait_invites(1, 2)
+    assert ringing.wait_invites(1, 2 + LOAD_SLACK)
     time.sleep(0.2)
     assert proxy.proc is not None
     t_term = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
-    code = proxy.proc.wait(5)
+    code = proxy.proc.wait(10)
     took = time.monotonic() - t_term
     assert code == 0
-    assert took < 1 + 1.5, took
+    # The 1 s drain timeout bounds the exit, plus what load adds; a drain that waited for the
+    # ringing call would last its 60 s ring timeout.
+    assert took < 1 + LOAD_SLACK, took
     # The ringing call was not left hanging: the switch got a final response.
-    assert switch.wait_final([c], 1)
+    assert switch.wait_final([c], LOAD_SLACK)
     assert c.final is not None and c.final.status >= 400
 
 
-def test_systemd_unit_restarts_the_proxy() -> None:
+def test_systemd_unit_passes_systemd_analyze_and_asks_for_restart_and_sigterm(tmp_path: Path) -> None:
+    """What this checks is the unit file, not a restart: that systemd parses every line of
+    deploy/clearip-proxy.service without a complaint (``systemd-analyze verify`` warns and carries
+    on at a misspelled value, so any output fails), that it restarts the proxy whenever it exits
+    (Restart=always), and that it stops it with SIGTERM, which drains calls. Watching systemd
+    restart a killed proxy needs a booted systemd, which a test container does not have; the
+    install on a real host is covered by deploy/install.sh's checks in tests/infra."""
     unit = REPO / "deploy" / "clearip-proxy.service"
-    if not unit.exists():
-        pytest.skip("no systemd unit in deploy/")
     text = unit.read_text()
-    lines = [ln.strip() for ln in text.splitlines()]
-    restart = [ln.split("=", 1)[1] for ln in lines if ln.startswith("Restart=")]
-    assert restart and restart[0] in ("always", "on-failure", "on-abnormal"), restart
-    assert any(ln.startswith("KillSignal=SIGTERM") for ln in lines) or not any(
-        ln.startswith("KillSignal=") for ln in lines
-    ), "systemd must stop the proxy with SIGTERM so it drains"
+    # The installed binary does not exist here: point ExecStart at a stub, leave every other line.
+    installed = "/opt/clearip-proxy/venv/bin/clearip-proxy"
+    assert installed in text
+    stub = tmp_path / "clearip-proxy"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    copy = tmp_path / "clearip-proxy.service"
+    copy.write_text(text.replace(installed, str(stub)))
+    analyze = require_tool("systemd-analyze", "Debian package systemd")
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr + proc.stdout
+    settings = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key.strip()] = value.strip()
+    assert settings["Restart"] == "always"
+    assert settings.get("KillSignal", "SIGTERM") == "SIGTERM", "systemd must stop the proxy with SIGTERM"
+    assert settings["StartLimitIntervalSec"] == "0"  # never give up restarting
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +531,11 @@ def test_memory_is_reused_after_transactions_drain(tmp_path: Path) -> None:
     from bench.soak import run
 
     res = run(3000, 1500, 150, tmp_path, pause=33.0)
-    assert res.failed_calls <= 30, res  # SIPp-side failures only appear when the machine is starved
+    # The RSS figures need the calls to have run. SIPp-side failures (retransmission timeouts) only
+    # appear when the machine is starved: 0 when quiet, 184 of 3,000 (6 %) under a two-core CPU
+    # burn (2026-12-03), where RSS still grew 4.4 %. A tenth of the calls failing still leaves
+    # 2,700 calls' worth of allocations for a leak to show in.
+    assert res.failed_calls <= res.calls // 10, res
     first, second = res.rss_kb
     # Measured 2026-12-02: +1.1 % (35.8 -> 36.2 MiB; +12 % before finished calls were freed at
     # once and the call timers left no stale entries). A leak of calls or transactions doubles it.

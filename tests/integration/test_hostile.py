@@ -9,6 +9,7 @@ TLS policy (versions, ciphers, ClearIP certificate checks). After each, a valid 
 from __future__ import annotations
 
 import re
+import select
 import socket
 import ssl
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.data import rfc4475_message
+from tests.integration import tlsprobe
 from tests.integration.faultlib import (
     ClearIpStub,
     EnvProxy,
@@ -29,11 +32,15 @@ from tests.integration.faultlib import (
     wait_closed,
 )
 from tests.integration.harness import HOST, Lab, Pki, SipMessage, split_stream
-from tests.unit.test_torture import EXPECTED, TORTURE, UNANSWERABLE
+from tests.unit.test_torture import ALL, EXPECTED, UNANSWERABLE
 
 NUMBER = "+15555550100"
 IDLE = 2.0  # CLEARIP_PROXY_IDLE_TIMEOUT for these tests (also bounds the partial-message timeout)
 ENV = {"CLEARIP_PROXY_IDLE_TIMEOUT": str(IDLE), "CLEARIP_PROXY_MAX_MESSAGE_SIZE": "8000"}
+# What a loaded 2-core machine may add to any wall-clock interval here. The close-by-timeout tests
+# bound the close at IDLE + LOAD_SLACK: a proxy that never closed would keep the connection for the
+# whole 18 s the test trickles (or waits) for.
+LOAD_SLACK = 3.0
 
 
 def setup(
@@ -69,7 +76,10 @@ class Udp:
         self.sock.bind((HOST, 0))
         self.port = self.sock.getsockname()[1]
 
-    def exchange(self, data: bytes, port: int, wait: float = 0.6) -> list[SipMessage]:
+    def exchange(self, data: bytes, port: int, wait: float = LOAD_SLACK) -> list[SipMessage]:
+        """Send ``data``; what comes back until the first final response, or for ``wait`` seconds.
+        An expected answer may take the full LOAD_SLACK on a loaded machine (the default); checks
+        for silence pass a short ``wait`` (load can only make them pass, never fail)."""
         self.sock.sendto(data, (HOST, port))
         out = []
         deadline = time.monotonic() + wait
@@ -79,15 +89,21 @@ class Udp:
                 got, _ = self.sock.recvfrom(65536)
             except TimeoutError:
                 break
-            out.append(SipMessage(got))
+            msg = SipMessage(got)
+            out.append(msg)
+            if not msg.is_request and msg.status >= 200:
+                break
         return out
 
     def close(self) -> None:
         self.sock.close()
 
 
-def tcp_exchange(port: int, data: bytes, wait: float = 0.6) -> tuple[list[SipMessage], bool]:
-    """Send on a fresh TCP connection; (messages received, whether the proxy closed it)."""
+def tcp_exchange(
+    port: int, data: bytes, wait: float = LOAD_SLACK, *, until_closed: bool = False
+) -> tuple[list[SipMessage], bool]:
+    """Send on a fresh TCP connection; (messages received, whether the proxy closed it). Returns at
+    the first final response (unless ``until_closed``), when the proxy closes, or after ``wait``."""
     s = socket.create_connection((HOST, port), timeout=2)
     try:
         s.sendall(data)
@@ -107,6 +123,11 @@ def tcp_exchange(port: int, data: bytes, wait: float = 0.6) -> tuple[list[SipMes
                 closed = True
                 break
             buf += chunk
+            done, _ = split_stream(buf)
+            if not until_closed and any(
+                not (m := SipMessage(d)).is_request and m.status >= 200 for d in done
+            ):
+                break
         msgs, _ = split_stream(buf)
         return [SipMessage(m) for m in msgs], closed
     finally:
@@ -120,7 +141,9 @@ def with_rport(data: bytes) -> bytes:
     )
 
 
-INVALID = sorted(n for n, (_, exp) in EXPECTED.items() if exp != "ok" and (TORTURE / f"{n}.dat").exists())
+# ALL is every file of tests/data/rfc4475 (its loader raises when one is missing), so this list is
+# never silently short.
+INVALID = sorted(n for n in ALL if EXPECTED[n][1] != "ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,17 +156,20 @@ def test_rfc4475_invalid_messages_get_400_over_udp_and_tcp_and_the_proxy_keeps_s
     udp = Udp()
     try:
         for name in INVALID:
-            data = (TORTURE / f"{name}.dat").read_bytes()
+            data = rfc4475_message(name)
             expected = EXPECTED[name][1]
-            got_udp = udp.exchange(with_rport(data), proxy.port)
-            got_tcp, _ = tcp_exchange(proxy.port, data)
+            # Silence is checked for 0.6 s; an expected answer may take up to LOAD_SLACK.
+            wait = 0.6 if expected == "drop" or name in UNANSWERABLE else LOAD_SLACK
+            got_udp = udp.exchange(with_rport(data), proxy.port, wait)
+            got_tcp, _ = tcp_exchange(proxy.port, data, wait)
             for transport, got in (("udp", got_udp), ("tcp", got_tcp)):
                 if expected == "drop" or name in UNANSWERABLE:
                     assert got == [], f"{name}/{transport}: unanswerable input was answered {got}"
                 elif name == "clerr" and transport == "tcp":
-                    # Content-Length beyond the data: on a stream the message is just incomplete
-                    # (the partial-message timeout closes it) or over the size cap (513).
-                    assert {m.status for m in got} <= {400, 513}, f"{name}/{transport}: {got}"
+                    # Content-Length 9999 beyond the data: on a stream the framer cannot know the
+                    # body is short, but 9999 octets exceed max_message_size (8000 here), so the
+                    # head alone earns a 513 (RFC 3261 §21.5.14) before the connection closes.
+                    assert [m.status for m in got] == [513], f"{name}/{transport}: {got}"
                 else:
                     assert {m.status for m in got} == {expected}, f"{name}/{transport}: {got}"
     finally:
@@ -168,9 +194,10 @@ def test_garbage_is_dropped_on_udp_and_closes_a_stream(lab: Lab) -> None:
     bad_cl = simple_request("OPTIONS", local_port=1, ruri=f"sip:{HOST}", transport="TCP").replace(
         b"Content-Length: 0", b"Content-Length: banana"
     )
-    got, closed = tcp_exchange(proxy.port, bad_cl, 1.0)
+    got, closed = tcp_exchange(proxy.port, bad_cl, until_closed=True)
     assert closed
-    assert [m.status for m in got] in ([], [400])
+    # The head is readable (it has a Via), so the proxy answers 400 before it closes.
+    assert [m.status for m in got] == [400], got
     still_serving(lab, proxy)
 
 
@@ -184,7 +211,7 @@ def test_repeated_malformed_messages_on_one_connection_close_it(lab: Lab) -> Non
             with __import__("contextlib").suppress(OSError):
                 s.sendall(bad)
             time.sleep(0.02)
-        assert wait_closed(s, 2.0) is not None, "connection kept open after a stream of errors"
+        assert wait_closed(s, 2.0 + LOAD_SLACK) is not None, "connection kept open after a stream of errors"
     finally:
         s.close()
     still_serving(lab, proxy)
@@ -228,41 +255,41 @@ def test_oversized_messages_get_513_or_are_dropped_and_streams_closed(lab: Lab) 
     big = invite_bytes(
         call_id="big", local_port=1, proxy_port=proxy.port, extra="X-Pad: " + "a" * 9000, transport="TCP"
     )
-    got, closed = tcp_exchange(proxy.port, big, 1.0)
+    got, closed = tcp_exchange(proxy.port, big, until_closed=True)
     assert closed
-    assert [m.status for m in got] in ([], [513])
+    assert [m.status for m in got] == [513], got  # answered from the head, then closed
     udp = Udp()
     try:
         big_udp = invite_bytes(
             call_id="bigu", local_port=udp.port, proxy_port=proxy.port, extra="X-Pad: " + "a" * 9000
         )
         got_udp = udp.exchange(big_udp, proxy.port)
-        assert {m.status for m in got_udp} <= {513}
+        assert [m.status for m in got_udp] == [513], got_udp
     finally:
         udp.close()
     assert clearip.total_invites() == 0
     still_serving(lab, proxy)
 
 
-def test_header_flood_is_answered_quickly_and_does_not_stall_the_proxy(lab: Lab) -> None:
-    proxy, _, _ = setup(lab, env={"CLEARIP_PROXY_MAX_MESSAGE_SIZE": "65535"})
+def test_header_flood_is_answered_with_400_and_does_not_stall_the_proxy(lab: Lab) -> None:
+    proxy, _, clearip = setup(lab, env={"CLEARIP_PROXY_MAX_MESSAGE_SIZE": "65535"})
     udp = Udp()
     try:
-        flood = "".join(f"X-H{i}: v\r\n" for i in range(5000))  # ~50 KB of headers
+        # 5,000 header fields (~50 KB): more than the parser's 256-field cap, so 400, never 100.
+        flood = "".join(f"X-H{i}: v\r\n" for i in range(5000))
         data = invite_bytes(call_id="flood", local_port=udp.port, proxy_port=proxy.port, extra=flood.strip())
-        t0 = time.monotonic()
-        got = udp.exchange(data, proxy.port, 1.0)
-        assert got, "no answer to a header flood"
-        assert got[0].status in (100, 400, 413, 513)
-        assert got[0].time == 0.0 or True
-        assert time.monotonic() - t0 < 1.5
+        got = udp.exchange(data, proxy.port)
+        assert [m.status for m in got] == [400], got
+        # 1,000 Vias (~55 KB): also over the cap; the answer goes to the top Via (ours, rport).
         vias = "".join(f"Via: SIP/2.0/UDP 10.0.0.{i % 250}:5060;branch=z9hG4bK{i}\r\n" for i in range(1000))
         many_vias = simple_request(
             "OPTIONS", local_port=udp.port, ruri=f"sip:{HOST}:{proxy.port}", extra=vias.strip()
         )
-        udp.exchange(many_vias, proxy.port, 0.5)  # any answer or none; must not crash or stall
+        got = udp.exchange(many_vias, proxy.port)
+        assert [m.status for m in got] == [400], got
     finally:
         udp.close()
+    assert clearip.total_invites() == 0
     still_serving(lab, proxy)
 
 
@@ -289,7 +316,7 @@ def test_slow_loris_tcp_partial_message_is_closed_after_the_partial_timeout(lab:
                 closed_after = time.monotonic() - t0
                 break
         assert closed_after is not None, "slow-loris connection never closed"
-        assert closed_after <= IDLE + 1.5, closed_after
+        assert closed_after <= IDLE + LOAD_SLACK, closed_after
     finally:
         s.close()
     still_serving(lab, proxy)
@@ -299,18 +326,38 @@ def test_idle_tcp_connection_is_closed_after_idle_timeout(lab: Lab) -> None:
     proxy, _, _ = setup(lab)
     s = socket.create_connection((HOST, proxy.port), timeout=2)
     try:
-        took = wait_closed(s, IDLE + 3)
-        assert took is not None and IDLE - 0.2 <= took <= IDLE + 1.5, took
+        took = wait_closed(s, IDLE + 2 * LOAD_SLACK)
+        # Not before the idle timeout (load cannot make it early), and soon after it.
+        assert took is not None and IDLE - 0.2 <= took <= IDLE + LOAD_SLACK, took
     finally:
         s.close()
+
+
+def closed_among(socks: list[socket.socket], want: int, wait: float) -> list[socket.socket]:
+    """The sockets the peer closed (EOF or reset), watching all at once until ``want`` of them have
+    closed or ``wait`` seconds have passed."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + wait
+    while len(closed) < want and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([s for s in socks if s not in closed], [], [], min(left, 0.1))
+        for s in readable:
+            try:
+                eof = s.recv(65536) == b""
+            except OSError:
+                eof = True
+            if eof:
+                closed.append(s)
+    return closed
 
 
 def test_connections_per_source_are_capped(lab: Lab) -> None:
     proxy, _, _ = setup(lab, env={"CLEARIP_PROXY_MAX_CONNECTIONS_PER_SOURCE": "3"})
     socks = [socket.create_connection((HOST, proxy.port), timeout=2) for _ in range(5)]
     try:
-        time.sleep(0.3)
-        refused = [s for s in socks if wait_closed(s, 0.3) is not None]
+        # The extra connections are closed at accept: wait (up to LOAD_SLACK) for closes on all five
+        # at once, then make sure no third one follows. Well inside the 2 s idle timeout when quiet.
+        refused = closed_among(socks, 2, LOAD_SLACK)
+        refused += closed_among([s for s in socks if s not in refused], 1, 0.3)
         assert len(refused) == 2, f"{len(refused)} of 5 connections refused (cap 3)"
         # The connections under the cap still carry SIP.
         live = next(s for s in socks if s not in refused)
@@ -330,8 +377,8 @@ def test_slow_loris_tls_no_handshake_and_partial_message_are_closed(lab: Lab, pk
     # TCP connect to the TLS port and never start the handshake.
     raw = socket.create_connection((HOST, proxy.tls_port), timeout=2)
     try:
-        took = wait_closed(raw, IDLE + 3)
-        assert took is not None and took <= IDLE + 1.5, took
+        took = wait_closed(raw, IDLE + 2 * LOAD_SLACK)
+        assert took is not None and took <= IDLE + LOAD_SLACK, took
     finally:
         raw.close()
     # Handshake done, then a message trickled in.
@@ -352,7 +399,7 @@ def test_slow_loris_tls_no_handshake_and_partial_message_are_closed(lab: Lab, pk
             if wait_closed(tls, 0.3) is not None:
                 closed = time.monotonic() - t0
                 break
-        assert closed is not None and closed <= IDLE + 1.5, closed
+        assert closed is not None and closed <= IDLE + LOAD_SLACK, closed
     finally:
         tls.close()
 
@@ -402,7 +449,9 @@ def test_sources_outside_the_allow_list_get_no_response_at_all(lab: Lab) -> None
     finally:
         udp.close()
     got, closed = tcp_exchange(
-        proxy.port, invite_bytes(call_id="u2", local_port=1, proxy_port=proxy.port, transport="TCP")
+        proxy.port,
+        invite_bytes(call_id="u2", local_port=1, proxy_port=proxy.port, transport="TCP"),
+        until_closed=True,
     )
     assert got == [] and closed
     assert clearip.total_invites() == 0
@@ -414,23 +463,28 @@ def test_sources_outside_the_allow_list_get_no_response_at_all(lab: Lab) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
-def test_tls_listener_refuses_tls_1_0_and_1_1(lab: Lab, pki: Pki, version: ssl.TLSVersion) -> None:
+# The offers are hand-built ClientHellos (tests/integration/tlsprobe.py): Python's ssl cannot offer
+# TLS 1.0/1.1 or RC4/DES/3DES/EXPORT suites at all, so a test using it would fail on the client's
+# own side and prove nothing about the listener. Each test first shows the same probe gets a
+# ServerHello for a strong TLS 1.2 offer, so a refusal below is the server's.
+
+
+def _tls_listener(lab: Lab, pki: Pki) -> EnvProxy:
     proxy, _, _ = setup(lab, tls=True, tls_cert=pki.server_cert, tls_key=pki.server_key)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(str(pki.ca_cert))
-    try:
-        ctx.minimum_version = version
-        ctx.maximum_version = version
-        ctx.set_ciphers("ALL:@SECLEVEL=0")
-    except (ValueError, ssl.SSLError):
-        pytest.skip(f"this OpenSSL cannot even offer {version.name}")
-    with (
-        socket.create_connection((HOST, proxy.tls_port), timeout=2) as raw,
-        pytest.raises((ssl.SSLError, OSError)),
-    ):
-        ctx.wrap_socket(raw, server_hostname="localhost").close()
-    # TLS 1.2 works.
+    control = tlsprobe.probe(HOST, proxy.tls_port, tlsprobe.TLS1_2, [tlsprobe.STRONG_ECDHE_ECDSA_AES128_GCM])
+    assert control.accepted and control.server_version == tlsprobe.TLS1_2, control
+    return proxy
+
+
+@pytest.mark.parametrize("version", [tlsprobe.TLS1_0, tlsprobe.TLS1_1], ids=["tls1.0", "tls1.1"])
+def test_tls_listener_refuses_tls_1_0_and_1_1(lab: Lab, pki: Pki, version: int) -> None:
+    proxy = _tls_listener(lab, pki)
+    answer = tlsprobe.probe(HOST, proxy.tls_port, version, [tlsprobe.ECDHE_ECDSA_AES128_SHA])
+    assert not answer.accepted, f"TLS 0x{version:04x} offer: {answer}"
+    # protocol_version (RFC 5246 §7.2.2), or a plain close: the asyncio TLS transport drops the
+    # connection on a failed handshake without always flushing OpenSSL's alert first.
+    assert answer.alert in (None, 70), answer
+    # TLS 1.2 from Python's own client works, and carries SIP.
     ok = ssl.create_default_context(cafile=str(pki.ca_cert))
     ok.maximum_version = ssl.TLSVersion.TLSv1_2
     with socket.create_connection((HOST, proxy.tls_port), timeout=2) as raw:
@@ -439,22 +493,18 @@ def test_tls_listener_refuses_tls_1_0_and_1_1(lab: Lab, pki: Pki, version: ssl.T
         s.close()
 
 
-@pytest.mark.parametrize("ciphers", ["eNULL:aNULL", "EXP:EXPORT", "RC4:DES:3DES:MD5"])
-def test_tls_listener_refuses_null_export_and_weak_ciphers(lab: Lab, pki: Pki, ciphers: str) -> None:
-    proxy, _, _ = setup(lab, tls=True, tls_cert=pki.server_cert, tls_key=pki.server_key)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 suites are fixed and all strong
-    try:
-        ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
-    except ssl.SSLError:
-        pytest.skip(f"this OpenSSL has no {ciphers} ciphers to offer (so none can be negotiated)")
-    with (
-        socket.create_connection((HOST, proxy.tls_port), timeout=2) as raw,
-        pytest.raises((ssl.SSLError, OSError)),
-    ):
-        ctx.wrap_socket(raw).close()
+@pytest.mark.parametrize(
+    "suites",
+    [tlsprobe.NULL_SUITES, tlsprobe.ANON_SUITES, tlsprobe.EXPORT_SUITES, tlsprobe.RC4_DES_3DES_MD5_SUITES],
+    ids=["eNULL", "aNULL", "EXPORT", "RC4-DES-3DES-MD5"],
+)
+def test_tls_listener_refuses_null_export_and_weak_ciphers(
+    lab: Lab, pki: Pki, suites: tuple[int, ...]
+) -> None:
+    proxy = _tls_listener(lab, pki)
+    answer = tlsprobe.probe(HOST, proxy.tls_port, tlsprobe.TLS1_2, suites)
+    assert not answer.accepted, f"weak suites {[hex(x) for x in suites]} offered: {answer}"
+    assert answer.alert in (None, 40), answer  # handshake_failure (no suite in common), or a close
 
 
 @pytest.mark.parametrize("which", ["wrong_name", "self_signed"])
@@ -469,7 +519,7 @@ def test_clearip_certificate_is_verified_bad_certificate_means_503(
     proxy = start_proxy(
         lab,
         f"sip:127.0.0.1:{clearip.port};transport=tls",
-        timeout=1.0,
+        timeout=5.0,
         clearip_ca=ca,
         extra=["--clearip-server-name", "localhost"],
     )
@@ -477,9 +527,10 @@ def test_clearip_certificate_is_verified_bad_certificate_means_503(
     lab.add_closer(switch)
     time.sleep(0.5)
     c = switch.call(proxy.port)
-    assert switch.wait_final([c], 2)
+    assert switch.wait_final([c], 5.0 + LOAD_SLACK)
     assert c.final is not None and c.final.status == 503
-    assert c.final_after < 0.5  # known down: at once
+    # Known down: at once. A proxy that waited for its 5 s timeout would take >= 5 s.
+    assert c.final_after < 5.0 / 2, c.final_after
     assert clearip.total_invites() == 0
     assert clearip.accepted == 0, "the proxy completed a TLS handshake with a certificate it must refuse"
     assert clearip.handshake_errors, "the proxy never tried"

@@ -157,10 +157,12 @@ def test_calls_complete_with_the_endpoint_down_and_metrics_follow_when_it_return
     assert answered.exit_code == 0 and refused.exit_code == 0, d()
     assert [m.status for m in answered.final_responses()] == [200] * routed, d()
     assert [m.status for m in refused.final_responses()] == [603] * blocked, d()
-    # Not slowed: each INVITE got its final within a fraction of a second (route advance included).
+    # Not slowed: each INVITE got its final (route advance included) well within the publisher's
+    # 15 s send timeout, which is what a publisher on the call path would cost a call while the
+    # endpoint is down; 3 s is a quiet machine's fraction of a second plus what load adds.
     sent = answered.sent("INVITE")
     finals = answered.final_responses()
-    assert max(f.time - s.time for s, f in zip(sent, finals, strict=True)) < 1.0, d()
+    assert max(f.time - s.time for s, f in zip(sent, finals, strict=True)) < 3.0, d()
     assert proxy.proc is not None and proxy.proc.poll() is None
     assert "metrics: sending to cloudwatch failed" in proxy.output(), proxy.output()
     # The endpoint comes back on the same port: the queued intervals are published.

@@ -342,7 +342,9 @@ def test_doctor_clock_offset_from_clearips_date(tmp_path: Path, pki: Pki, offset
         server.close()
     clock = by_name(report)["clock"]
     assert clock["status"] == status, clock
-    assert abs(clock["offset_seconds"] - offset) <= 1.1, clock
+    # Date has 1 s resolution, and a loaded machine may delay reading the answer by another second
+    # or so; 5 s (WARN) and -45 s (FAIL) stay far apart and far from 0 within that.
+    assert abs(clock["offset_seconds"] - offset) <= 2.5, clock
     assert code == (1 if status == "FAIL" else 0)
 
 
@@ -461,7 +463,9 @@ def test_trace_cli_writes_a_masked_pcap_of_a_calls_messages(lab: Lab, tmp_path: 
             tracer.wait(5)
     assert switch.exit_code == 0, lab.describe()
     assert tracer.returncode == 0, stdout + stderr
-    assert 3.5 < time.monotonic() - t0 < 10
+    # Ran its 4 s (the clock started before the tracer, so never less), and stopped by itself: the
+    # upper limit is communicate()'s 15 s, minus room for a loaded machine's start-up.
+    assert 4.0 <= time.monotonic() - t0 < 14
     assert "phone numbers masked" in stdout and str(out) in stdout, stdout
     pkts = [_decode(p) for _, p in _read_pcap(out)]
     starts = [(proto, p[3].split(b"\r\n", 1)[0]) for p in pkts for proto in [p[0]]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -187,19 +188,32 @@ def test_backoff_exponential_bounded_jittered() -> None:
     assert pub._backoff(10) == 4.0  # capped
 
 
-def test_off_sink_sends_nothing() -> None:
-    from proxy_runtime.metrics.sinks import NullSink
+def test_off_sink_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """``metrics = "off"``: intervals close on time (the publisher runs) but no payload reaches the
+    sink's send and nothing is logged on the metrics logger."""
+    from proxy_runtime.metrics.sinks import METRICS_LOGGER, make_sink
+
+    sink = make_sink("off", proxy_id="p")
+    sent: list[Any] = []
+
+    async def spy(payload: Any) -> None:
+        sent.append(payload)
+
+    sink.send = spy  # type: ignore[method-assign]
 
     async def main() -> None:
         rec = MetricsRecorder(proxy_id="p")
-        pub = publisher(NullSink(), rec)
+        pub = publisher(sink, rec)
         await pub.start()
         rec.record_call(call())
-        await asyncio.sleep(0.12)
+        await until(lambda: pub.sent_intervals >= 2, 5)
         await pub.stop()
-        assert pub.dropped_intervals == 0 and pub.sent_intervals >= 2
+        assert pub.dropped_intervals == 0
 
-    run(main())
+    with caplog.at_level(logging.DEBUG, logger=METRICS_LOGGER):
+        run(main())
+    assert sent == []
+    assert [r for r in caplog.records if r.name == METRICS_LOGGER] == []
 
 
 def test_wall_clock_stepping_back_does_not_stall_the_ticker() -> None:

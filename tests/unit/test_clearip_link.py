@@ -78,7 +78,7 @@ def test_connect_now_cuts_a_grown_backoff_short_and_failures_are_reported() -> N
         server = await loop.create_server(asyncio.Protocol, "127.0.0.1", port)
         t0 = loop.time()
         link.connect_now()
-        await asyncio.wait_for(upped.wait(), 2)
+        await asyncio.wait_for(upped.wait(), 5)
         took = loop.time() - t0
         up_calls = states.count(True)
         link.connect_now()  # up: nothing to do
@@ -90,5 +90,7 @@ def test_connect_now_cuts_a_grown_backoff_short_and_failures_are_reported() -> N
 
     failures, took, reported, ups = asyncio.run(scenario())
     assert reported == 7 and all("Refused" in f for f in failures), failures
-    assert took < 0.2, took
+    # At once (a loopback connect; ~ms when quiet), where the grown backoff would wait 32 s; 2 s is
+    # what a loaded 2-core machine may add.
+    assert took < 2.0, took
     assert ups == 1

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.sip import framing
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
-from proxy_runtime.sip.parse import parse_message
+from proxy_runtime.sip.parse import find_head_end, parse_message
+from tests import growth
 
 
 def msg(n: int, body: bytes = b"", cl_name: str = "Content-Length") -> bytes:
@@ -133,14 +133,67 @@ def test_no_content_length_means_no_body() -> None:
     assert len(frames(framer)) == 2
 
 
-def test_slow_loris_head_is_linear() -> None:
-    """A 60 KB head fed a few bytes at a time must not be re-scanned from the start each time."""
-    framer = StreamFramer(max_size=65535)
-    chunk = b"X-Pad: " + b"a" * 50 + b"\r\n"
-    start = time.perf_counter()
-    framer.feed(b"OPTIONS sip:x SIP/2.0\r\n")
-    for _ in range(1000):
-        for i in range(0, len(chunk), 4):
-            framer.feed(chunk[i : i + 4])
-            assert framer.next_frame() is None
-    assert time.perf_counter() - start < 2.0
+class QuadraticFramer:
+    """What the framer must not be: it searches the whole buffer for the head's end on every call
+    (the slow-loris trap). Used to show the growth tests below catch quadratic framing."""
+
+    def __init__(self, max_size: int = 65535) -> None:
+        self.buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next_frame(self) -> bytes | None:
+        if find_head_end(self.buf, 0) is None:
+            return None
+        raise AssertionError("the trickled head never ends")
+
+
+LINE = b"X-Pad: " + b"a" * 50 + b"\r\n"
+
+
+def trickle(framer: StreamFramer | QuadraticFramer, lines: int, chunk: int = 16) -> None:
+    """A head of ``lines`` header lines fed ``chunk`` bytes at a time, asking for a frame each time."""
+    data = b"OPTIONS sip:x SIP/2.0\r\n" + LINE * lines
+    for i in range(0, len(data), chunk):
+        framer.feed(data[i : i + chunk])
+        assert framer.next_frame() is None
+
+
+Framer = type[StreamFramer] | type[QuadraticFramer]
+
+
+def scanned(monkeypatch: pytest.MonkeyPatch, make: Framer, lines: int) -> int:
+    """Octets the framer asked ``find_head_end`` to search while a head trickled in."""
+    total = 0
+    real = find_head_end
+
+    def counting(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
+        nonlocal total
+        total += len(data) - start
+        return real(data, start)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(framing, "find_head_end", counting)  # what StreamFramer calls
+        patch.setattr(f"{__name__}.find_head_end", counting)  # what QuadraticFramer calls
+        trickle(make(max_size=1 << 20), lines)
+    return total
+
+
+@pytest.mark.parametrize("make", [StreamFramer, QuadraticFramer])
+def test_slow_loris_head_costs_linear_octets_scanned(monkeypatch: pytest.MonkeyPatch, make: Framer) -> None:
+    """A head trickled in 16 octets at a time must not be re-scanned from its start each time:
+    8 times the head, at most ~8 times the octets searched (a re-scanning framer: ~64 times)."""
+    small, large = scanned(monkeypatch, make, 100), scanned(monkeypatch, make, 800)
+    linear = large / small <= growth.LINEAR_BOUND
+    assert linear == (make is StreamFramer), f"{make.__name__}: {small} -> {large} octets scanned"
+
+
+@pytest.mark.parametrize("make", [StreamFramer, QuadraticFramer])
+def test_slow_loris_head_costs_linear_cpu_time(make: Framer) -> None:
+    """The same in CPU time, which also catches work outside the head search (copies, re-parsing)."""
+    ratio, large = growth.confirmed_growth(lambda lines: lambda: trickle(make(max_size=1 << 20), lines), 200)
+    assert large >= growth.FLOOR_S, "the run is too short to measure"
+    linear = ratio <= growth.LINEAR_BOUND
+    assert linear == (make is StreamFramer), f"{make.__name__}: cost grew {ratio:.1f}x for 8x the head"

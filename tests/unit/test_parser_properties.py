@@ -1,24 +1,26 @@
 """Hypothesis properties of the parser: nothing but ParseError escapes, round trips hold, and the
-time per input stays bounded (nothing quadratic)."""
+cost of adversarial inputs grows linearly with their size (nothing quadratic)."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError, StreamFramer
 from proxy_runtime.sip.grammar import parse_name_addr, parse_via, split_list
-from proxy_runtime.sip.message import SipMessage
+from proxy_runtime.sip.message import SipMessage, SipRequest
 from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import UriError, parse_uri
+from tests import growth
+from tests.data import rfc4475_files
 
-TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
-SEEDS = [p.read_bytes() for p in sorted(TORTURE.glob("*.dat"))]
+# The RFC 4475 messages (tests/data/rfc4475/); raises at collection when any is missing.
+SEEDS = [p.read_bytes() for p in rfc4475_files()]
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TOKENS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b'"', b"\\", b"<", b">", b",", b";", b":", b"@", b"=", b"%"]
@@ -27,7 +29,13 @@ TOKENS += [b"\x00", b"\xff", b"\xc2\xb2", b"4294967296", b"-1", b"SIP/2.0", b"si
 
 def check(data: bytes) -> SipMessage | None:
     """The properties every input must have."""
-    assert try_parse_for_reply(data) is None or try_parse_for_reply(data) is not None
+    reply_to = try_parse_for_reply(data)  # never raises, whatever the input
+    if reply_to is not None:
+        # What it read is enough to answer: a request with a usable top Via, and the answer is
+        # built and serialised without error.
+        assert isinstance(reply_to, SipRequest)
+        assert reply_to.top_via.host
+        assert make_response(reply_to, 400).serialize().startswith(b"SIP/2.0 400 ")
     framer = StreamFramer()
     framer.feed(data)
     try:
@@ -142,7 +150,10 @@ def test_value_parsers_raise_only_their_errors(text: str) -> None:
     split_list(text)
 
 
-# --- bounded time: adversarial 64 KB inputs -------------------------------------------------------
+# --- linear time: adversarial inputs at 8 KB and 64 KB ---------------------------------------------
+# Each shape is parsed at two sizes; the CPU time must grow about 8x for 8x the input, not ~64x
+# (tests/growth.py). A wall-clock bound would fail on a loaded machine and pass a quadratic parser
+# on a fast one.
 
 BASE = (
     b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\n"
@@ -169,26 +180,48 @@ UNITS = [
 HEADERS = [b"Via: SIP/2.0/UDP h", b"Contact: ", b"X-Unknown: ", b"Route: ", b"Identity: ", b"Via: "]
 
 
+# Measured 2026-12-03 over the 36 shapes that cost >= 2 ms at 64 KB: 2.7x to 7.7x for 8x the input.
+# A parser that copies the rest of a value per list element (quadratic with memcpy's small constant)
+# measured 14x, so the bound here is tighter than tests/growth.py's general 20.
+PARSER_BOUND = 12.0
+
+
+def shapes(unit: bytes, header: bytes) -> list[Callable[[int], bytes]]:
+    """Three adversarial messages of about ``size`` octets: one long header value, many folded
+    continuation lines, and a From display name made of the unit."""
+    return [
+        lambda size: BASE + header + unit * (size // len(unit)) + b"\r\n\r\n",
+        lambda size: (
+            BASE + header + b"\r\n" + (b" " + unit + b"\r\n") * (size // 3 // (len(unit) + 3)) + b"\r\n"
+        ),
+        lambda size: (
+            BASE.replace(b"From: <sip:a@b>", b"From: " + unit * (size // len(unit)) + b"<sip:a@b>") + b"\r\n"
+        ),
+    ]
+
+
 @pytest.mark.parametrize("unit", UNITS)
-def test_64k_headers_parse_in_bounded_time(unit: bytes) -> None:
-    worst = 0.0
+def test_adversarial_headers_parse_in_linear_time(unit: bytes) -> None:
     for header in HEADERS:
-        for variant in (
-            BASE + header + unit * (65000 // len(unit)) + b"\r\n\r\n",
-            BASE + header + b"\r\n" + (b" " + unit + b"\r\n") * (20000 // (len(unit) + 3)) + b"\r\n",
-            BASE.replace(b"From: <sip:a@b>", b"From: " + unit * (60000 // len(unit)) + b"<sip:a@b>")
-            + b"\r\n",
-        ):
-            start = time.perf_counter()
-            check(variant)
-            worst = max(worst, time.perf_counter() - start)
-    assert worst < 0.5, worst
+        for i, shape in enumerate(shapes(unit, header)):
+
+            def make(size: int, shape: Callable[[int], bytes] = shape) -> Callable[[], object]:
+                data = shape(size)
+                return lambda: check(data)
+
+            growth.assert_linear(make, 8000, f"{header!r} + {unit!r}, shape {i}", PARSER_BOUND)
 
 
-def test_header_flood_is_bounded() -> None:
-    flood = BASE + b"X: 1\r\n" * 12000 + b"\r\n"
-    start = time.perf_counter()
-    with pytest.raises(ParseError):
-        parse_message(flood)
-    assert try_parse_for_reply(flood) is not None
-    assert time.perf_counter() - start < 0.5
+def test_header_flood_is_rejected_in_linear_time() -> None:
+    def make(lines: int) -> Callable[[], object]:
+        flood = BASE + b"X: 1\r\n" * lines + b"\r\n"
+
+        def work() -> None:
+            with pytest.raises(ParseError):
+                parse_message(flood)
+            assert try_parse_for_reply(flood) is not None
+
+        return work
+
+    ratio, _ = growth.confirmed_growth(make, 1500, PARSER_BOUND)
+    assert ratio <= PARSER_BOUND, f"rejecting a header flood grew {ratio:.1f}x for 8x the lines"

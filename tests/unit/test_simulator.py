@@ -16,7 +16,6 @@ from proxy_runtime.sip.uri import parse_uri, parse_uri_headers
 from proxy_runtime.tools.answers import build_answer, decode_passport, make_passport, uri_with_headers
 from proxy_runtime.tools.rules import (
     DEFAULT_RULES,
-    DEFAULT_RULES_TOML,
     DEFAULT_X5U,
     Rule,
     RulesError,
@@ -157,10 +156,38 @@ def test_bad_rules_are_refused_with_the_reason(data: dict[str, object], message:
         parse_rules(data)
 
 
+@pytest.mark.parametrize(
+    ("number", "status", "contacts"),
+    [
+        ("+19005550000", 603, []),  # the robocall prefix: 603+ block
+        ("+15555550100", 404, []),
+        ("+19995550000", 503, []),
+        (
+            "14155550100",
+            302,
+            ["<sip:14155550100@192.0.2.10>", "<sip:14155550100@198.51.100.20;transport=tcp>"],
+        ),
+    ],
+)
+def test_builtin_rules_answer_as_documented(number: str, status: int, contacts: list[str]) -> None:
+    """The simulator's built-in rules (what `simulate` uses without --rules; docs/SIMULATOR.md),
+    checked by the answers they give, not against the expression that defines them."""
+    resp = build_answer(DEFAULT_RULES.match(number), invite(number), "t", now=1_700_000_000)
+    assert resp is not None and resp.status == status
+    got = [c.split(";q=")[0].strip() for v in resp.values("contact") for c in v.split(",")]
+    assert got == contacts
+    assert bool(resp.values("identity")) == (status == 302)
+    if status == 603:
+        assert resp.get("reason")  # the 603+ Reason header
+
+
 def test_builtin_and_example_rules_load() -> None:
-    assert parse_rules(tomllib.loads(DEFAULT_RULES_TOML)) == DEFAULT_RULES
-    assert DEFAULT_RULES.match("+19005550000").action == "block"
-    assert DEFAULT_RULES.match("+14155550100").action == "redirect"
+    assert [r.name for r in DEFAULT_RULES.rules] == [
+        "blocked robocaller (603+)",
+        "unknown number",
+        "no route",
+    ]
+    assert DEFAULT_RULES.default.action == "redirect"
     example = load_rules(EXAMPLE_RULES)
     assert example.rules and example.default.action == "redirect"
 

@@ -124,4 +124,5 @@ def test_tls_to_the_plain_tcp_port_is_refused_at_once() -> None:
 
     took, err = asyncio.run(scenario())
     assert err is not None and not isinstance(err, TimeoutError), err
-    assert took < 0.5, took
+    # Closed at once (not held until the client's 3 s timeout); 2 s is a loaded machine's slack.
+    assert took < 2.0, took

@@ -1,12 +1,11 @@
 """RFC 4475 torture messages: every one parsed as the RFC says, or rejected with the right status.
 
-Each .dat file is the RFC's own message, byte for byte. The expectations table below is the
-conformance statement (also in docs/PARSER.md); a test fails if a file is added without an entry.
+Each .dat file in tests/data/rfc4475/ is the RFC's own message, byte for byte. The expectations table
+below is the conformance statement (also in docs/PARSER.md); a test fails if a file is added
+without an entry, and the whole module fails (never skips) when a file is missing.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,7 @@ from proxy_runtime.sip.grammar import header_key, parse_name_addr, parse_via
 from proxy_runtime.sip.message import SipMessage, SipRequest, SipResponse
 from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import parse_uri
-
-TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
+from tests.data import rfc4475_files, rfc4475_message
 
 # name -> (RFC section, expected outcome): "ok" parses; an int is the ParseError status_hint;
 # "drop" is an invalid response (never answered).
@@ -103,13 +101,14 @@ CANONICAL = {
 # Invalid requests that cannot be answered: no Via at all.
 UNANSWERABLE = {"test"}
 
-ALL = sorted(p.stem for p in TORTURE.glob("*.dat"))
+# Raises (the module fails at collection) when any file is missing: never an empty, passing list.
+ALL = [p.stem for p in rfc4475_files()]
 VALID = [n for n in ALL if EXPECTED[n][1] == "ok"]
 INVALID = [n for n in ALL if EXPECTED[n][1] != "ok"]
 
 
 def load(name: str) -> bytes:
-    return (TORTURE / f"{name}.dat").read_bytes()
+    return rfc4475_message(name)
 
 
 def parse_ok(name: str) -> SipMessage:

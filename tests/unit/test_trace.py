@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import re
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,10 @@ from proxy_runtime.operations.trace import (
     PCAP_MAGIC,
     TraceOptions,
     Tracer,
-    _checksum,
     mask_digits,
     mask_message,
 )
+from tests.conftest import require_tool
 
 
 def _b64(obj: object) -> str:
@@ -173,6 +175,39 @@ def test_bad_options_are_refused(kw: dict[str, object]) -> None:
 # --- pcap -------------------------------------------------------------------------------------
 
 
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum, written here independently of the tracer's own routine: the
+    ones' complement of the ones' complement sum of 16-bit words; 0 over a correct header."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _tcpdump(path: Path) -> list[str]:
+    """Each packet as tcpdump reads it (-vv verifies the IPv4 header, UDP and TCP checksums; -tt
+    prints epoch timestamps): one line per packet, its header and transport lines joined."""
+    tcpdump = require_tool("tcpdump", "Debian package tcpdump")
+    proc = subprocess.run(
+        [tcpdump, "-r", str(path), "-nn", "-vv", "-tt", "-q"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "link-type RAW" in proc.stderr, proc.stderr
+    packets: list[str] = []
+    for line in proc.stdout.splitlines():
+        if re.match(r"\d+\.\d{6} ", line):
+            packets.append(line)
+        else:
+            assert packets, proc.stdout
+            packets[-1] += " " + line.strip()
+    for pkt in packets:
+        for bad in ("bad", "incorrect", "[|", "truncated", "invalid"):
+            assert bad not in pkt, pkt
+    return packets
+
+
 def _read_pcap(path: Path) -> list[tuple[float, bytes]]:
     data = path.read_bytes()
     magic, major, minor, _, _, snaplen, linktype = struct.unpack("<IHHiIII", data[:24])
@@ -226,6 +261,14 @@ def test_pcap_has_consistent_ip_udp_tcp_headers(tmp_path: Path) -> None:
     big = INVITE + b"a" * 70000  # larger than one IPv4 packet: split in TCP segments
     t.record("out", "udp", ("10.0.0.9", 5060), big)
     t.stop()
+    # tcpdump, an independent reader: six packets, every checksum verified, as written.
+    seen = _tcpdump(tmp_path / "t.pcap")
+    assert len(seen) == 6, seen
+    assert seen[0].startswith("1700000000.000000 IP ") and seen[1].startswith("1700000000.250000 IP ")
+    assert "10.0.0.1.5062 > 10.0.0.5.5060: [udp sum ok] UDP, length 675" in seen[0], seen[0]
+    assert "10.0.0.5.5060 > 198.51.100.7.5061: tcp 675" in seen[1], seen[1]
+    assert "IP6 " in seen[3] and "2001:db8::1.40001 > ::1.5060: tcp 675" in seen[3], seen[3]
+    assert [re.findall(r"tcp (\d+)", p) for p in seen[4:]] == [["65000"], [str(len(big) - 65000)]], seen[4:]
     pkts = [(_t, _decode(p)) for _t, p in _read_pcap(tmp_path / "t.pcap")]
     (t0, first), (t1, second), (_, third), (_, fourth) = pkts[:4]
     assert first[:4] == ("udp", ("10.0.0.1", 5062), ("10.0.0.5", 5060), INVITE)
@@ -248,6 +291,7 @@ def test_pcap_rotation_starts_each_file_with_a_header(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pcap", "t.pcap.1"]
     for name in ("t.pcap", "t.pcap.1"):
         assert all(_decode(p)[3] == mask_message(INVITE) for _, p in _read_pcap(tmp_path / name))
+        assert len(_tcpdump(tmp_path / name)) == len(_read_pcap(tmp_path / name)) > 0
 
 
 def test_hostile_messages_never_raise_into_the_proxy(tmp_path: Path) -> None:
