@@ -33,17 +33,8 @@ from proxy_runtime.core import routing
 from proxy_runtime.core.breaker import Admission
 from proxy_runtime.core.call import Branch, Call, call_record
 from proxy_runtime.core.gate import ClearIpGate
-from proxy_runtime.core.overload import (
-    OverloadControl,
-    ack_for_refusal,
-    emergency_digits,
-    overload_settings,
-    refusal,
-    refusal_candidate,
-    refusal_tag,
-    scan_invite,
-)
 from proxy_runtime.core.relay import Relay, forward_ack
+from proxy_runtime.core.shed import Shedder
 from proxy_runtime.core.stamp import (
     CLEARIP,
     SendFn,
@@ -58,7 +49,6 @@ from proxy_runtime.core.timers import Timers
 from proxy_runtime.core.transactions import Transactions, Upstream
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
-from proxy_runtime.metrics.records import CallRecord
 from proxy_runtime.settings import Settings
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
@@ -125,12 +115,16 @@ class ProxyCore:
         uri = settings.clearip_uri
         self.clearip_target = Target(CLEARIP, uri.host, uri.port or 5061)
         self._last_ignored_log = -1e9
-        self.overload = OverloadControl(overload_settings(settings))
-        self._refusal_tag = refusal_tag(self.stamper.instance)
-        self._refusal_tag_bytes = self._refusal_tag.encode()
-        self._last_overload_log = -1e9
-        self._emergency_digits = emergency_digits(settings.emergency_numbers)
-        self._no_request = SipRequest("INVITE", "")  # for server_key / stamp_via on a scanned Via
+        # Overload: new INVITEs refused statelessly before they are parsed (core/shed.py).
+        self.shed = Shedder(
+            settings,
+            instance=self.stamper.instance,
+            send=send,
+            server_txns=self._txns.server,
+            is_emergency=self.is_emergency,
+            recorder=recorder,
+        )
+        self.overload = self.shed.control  # for the control socket's status
 
     # =========================================================================================
     # Adapter-facing API
@@ -146,8 +140,7 @@ class ProxyCore:
         self._emergency = routing.EmergencyMatcher(settings.emergency_numbers)
         self._trusted = routing.AllowList(settings.allow_networks)
         self.gate.update(settings)
-        self.overload.update_settings(overload_settings(settings))
-        self._emergency_digits = emergency_digits(settings.emergency_numbers)
+        self.shed.update_settings(settings)
 
     def note_queue_delay(self, delay: float, now: float) -> None:
         """The adapter read a datagram that had waited ``delay`` seconds in the kernel's receive
@@ -163,10 +156,8 @@ class ProxyCore:
         if not trusted and source.transport != CLEARIP and not self._trusted.allows(source.host):
             self._incr(names.UNTRUSTED_DROPPED)
             return True
-        if data[:4] == b"ACK " and ack_for_refusal(data, self._refusal_tag_bytes):
-            return True  # the ACK for a stateless overload refusal: nothing waits for it
-        if data[:7] == b"INVITE " and self.overload.shedding and self._refused(data, source, now):
-            return True
+        if self.shed.receive(data, source, now):
+            return True  # an overload refusal, or the ACK for one
         try:
             msg = parse_message(data, datagram=source.transport == "udp")
         except ParseError as exc:
@@ -180,68 +171,6 @@ class ProxyCore:
         except ParseError as exc:  # a header that only failed when the proxy needed it
             self.malformed(data, source, exc, now)
             return False
-        return True
-
-    def _refused(self, data: bytes, source: Target, now: float) -> bool:
-        """Overload: refuse a new call (503 + Retry-After, statelessly) when the controller says so.
-        Retransmissions of admitted calls, in-dialog requests and emergency calls go on. The
-        common INVITE is read from its bytes; anything unusual takes the reply-only parser."""
-        retry_after = self.overload.settings.retry_after
-        scanned = scan_invite(data, self._emergency_digits)
-        try:
-            if scanned is not None:
-                via = scanned.via
-                if server_key(self._no_request, via, "INVITE") in self._txns.server:
-                    return False
-                if self.overload.admit(now):
-                    return False
-                stamp_via(self._no_request, via, source)  # received= / rport on the Via alone
-                target = response_target(via, source)
-                out = scanned.refusal(via, self._refusal_tag, retry_after)
-                call_id = scanned.call_id.decode("utf-8", "replace")
-            else:
-                found = refusal_candidate(data)
-                if found is None:
-                    return False
-                req, via = found
-                if server_key(req, via, "INVITE") in self._txns.server or self.is_emergency(req):
-                    return False
-                if self.overload.admit(now):
-                    return False
-                stamp_via(req, via, source)
-                target = response_target(req.top_via, source)
-                out = refusal(req, retry_after, self._refusal_tag)
-                call_id = req.call_id
-        except ParseError:
-            return False  # the full parse answers it
-        self._send(target, out, None)
-        if self.recorder is not None:
-            self.recorder.record_call(
-                CallRecord(
-                    call_id=call_id,
-                    clearip_outcome=None,
-                    clearip_latency_ms=None,
-                    carrier_attempts=0,
-                    route_advances=0,
-                    final_status=503,
-                    post_dial_delay_ms=None,
-                    emergency=False,
-                    proxy_failed=True,
-                    overload_rejected=True,
-                    reason="proxy overloaded (queue delay)",
-                ),
-                log_line=False,
-            )
-        if now - self._last_overload_log >= 1.0:
-            self._last_overload_log = now
-            ol = self.overload
-            log.warning(
-                "overload: requests wait %.0f ms before they are read; refusing %.0f%% of new calls "
-                "with 503 (%d refused since start)",
-                ol.delay * 1000,
-                ol.refuse * 100,
-                ol.refused,
-            )
         return True
 
     def malformed(self, data: bytes, source: Target, exc: ParseError, now: float) -> None:
@@ -376,7 +305,7 @@ class ProxyCore:
         if st is not None and st.receive_ack(now):
             self._wakeups.schedule(st)
             return  # ACK for our non-2xx final (hop-by-hop)
-        if st is None and req.to_tag == self._refusal_tag:
+        if st is None and req.to_tag == self.shed.tag:
             return  # ACK for a stateless overload refusal that the byte check missed
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end
 
