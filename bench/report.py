@@ -326,7 +326,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"({results.get('wall_s', 0):.0f} s).",
         "",
         f"Machine: {m.get('nproc', '?')} cores, {m.get('cpu_model', '?')}, {m.get('mem_gb', '?')} GB; "
-        f"Python {m.get('python', '?')}, uvloop {m.get('uvloop', '?')}, SIPp {m.get('sipp', '?')}, "
+        f"Python {m.get('python', '?')} (ours: {m.get('build', 'pure')} core), "
+        f"uvloop {m.get('uvloop', '?')}, SIPp {m.get('sipp', '?')}, "
         f"Kamailio {m.get('kamailio', '?')}, Linux {m.get('kernel', '?')}.",
         "",
         f"Machine noise at the start: load average {m.get('loadavg_at_start', '?')}, 1 ms sleeps woke "
