@@ -321,12 +321,15 @@ def test_asset_holds_only_the_runtime(default_stack: ClearIpProxyStack, template
         "deploy",
         "proxy_runtime",
         "pyproject.toml",
+        "requirements-build.lock",
         "requirements-runtime.lock",
         "requirements-runtime.txt",
+        "setup.py",
     ]
     assert top in (want, sorted([*want, "wheels"]))
     if complete():  # after `make wheels`: every wheel for both architectures travels in the asset
-        assert complete(root / "wheels", root / "requirements-runtime.lock")
+        locks = (root / "requirements-runtime.lock", root / "requirements-build.lock")
+        assert complete(root / "wheels", locks)  # the runtime's and the compiler's (mypy) wheels
         assert sorted(p.name for p in (root / "wheels").iterdir()) == sorted(ARCHES)
     assert (root / "deploy" / "install.sh").is_file()
     assert (root / "deploy" / "clearip-proxy.service").is_file()
