@@ -315,6 +315,7 @@ def test_uninstall(tmp_path: Path) -> None:
         (["--allow", "10.0.0.0/8", "--clearip-transport", "udp"], "must be tls or tcp"),
         (["--allow", "10.0.0.0/8", "--metrics", "graphite"], "'metrics': must be one of"),
         (["--allow", "10.0.0.0/8", "--bogus"], "unknown argument"),
+        (["--allow", "10.0.0.0/8", "--core", "fast"], "--core fast: expected auto, compiled or pure"),
     ],
 )
 def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
