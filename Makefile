@@ -92,13 +92,13 @@ test: setup lint typecheck compiled
 # The sans-I/O core (proxy_runtime/sip, proxy_runtime/core) compiled with mypyc (setup.py), installed
 # into .build/compiled beside the pure-Python editable install the other targets use. Remade when any
 # source changes. `make test` runs the unit and integration suites against it as well (tests/conftest.py
-# puts it first on sys.path when CLEARIP_PROXY_COMPILED names it); `python -m bench` measures it.
+# puts it first on sys.path when CLEARIP_COMPILED_DIR names it); `python -m bench` measures it.
 COMPILED := .build/compiled
 PROXY_SOURCES := $(shell find proxy_runtime -name '*.py')
 
 $(COMPILED)/.built: $(BIN)/.installed setup.py pyproject.toml $(PROXY_SOURCES)
 	rm -rf $(COMPILED) build
-	CLEARIP_PROXY_COMPILE=1 $(BIN)/python -m pip install -q --disable-pip-version-check \
+	CLEARIP_COMPILE=1 $(BIN)/python -m pip install -q --disable-pip-version-check \
 	  --no-build-isolation --no-deps --target $(COMPILED) .
 	rm -rf build
 	touch $@
@@ -106,7 +106,7 @@ $(COMPILED)/.built: $(BIN)/.installed setup.py pyproject.toml $(PROXY_SOURCES)
 compiled: $(COMPILED)/.built
 
 test-compiled: compiled
-	CLEARIP_PROXY_COMPILED=$(COMPILED) $(BIN)/pytest -q tests/unit tests/integration
+	CLEARIP_COMPILED_DIR=$(COMPILED) $(BIN)/pytest -q tests/unit tests/integration
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit

@@ -1,7 +1,7 @@
 """Build of clearip-proxy: pure Python, or with the sans-I/O core compiled to C by mypyc.
 
 The project's metadata is in pyproject.toml; this file only decides whether the wheel carries
-compiled modules, by ``CLEARIP_PROXY_COMPILE``:
+compiled modules, by ``CLEARIP_COMPILE``:
 
 - unset or ``0``: pure Python, the default (``pip install .`` works anywhere Python 3.11 does);
 - ``1``: compile ``proxy_runtime/sip`` and ``proxy_runtime/core`` with mypyc, and fail when mypyc
@@ -28,7 +28,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 COMPILED_PACKAGES = ("proxy_runtime/sip", "proxy_runtime/core")
-MODE = os.environ.get("CLEARIP_PROXY_COMPILE", "0").strip().lower()
+MODE = os.environ.get("CLEARIP_COMPILE", "0").strip().lower()
 
 
 def compiled_sources() -> list[str]:
@@ -43,8 +43,8 @@ def compiled_sources() -> list[str]:
 
 def _fallback(why: str) -> list[Any]:
     if MODE == "1":
-        sys.exit(f"CLEARIP_PROXY_COMPILE=1: cannot compile the core: {why}")
-    print(f"clearip-proxy: building pure Python (CLEARIP_PROXY_COMPILE={MODE}): {why}", file=sys.stderr)
+        sys.exit(f"CLEARIP_COMPILE=1: cannot compile the core: {why}")
+    print(f"clearip-proxy: building pure Python (CLEARIP_COMPILE={MODE}): {why}", file=sys.stderr)
     return []
 
 
@@ -52,7 +52,7 @@ def ext_modules() -> list[Any]:
     if MODE in ("", "0"):
         return []
     if MODE not in ("1", "auto"):
-        sys.exit(f"CLEARIP_PROXY_COMPILE must be 0, 1 or auto, not {MODE!r}")
+        sys.exit(f"CLEARIP_COMPILE must be 0, 1 or auto, not {MODE!r}")
     try:
         from mypyc.build import mypycify
     except ImportError:

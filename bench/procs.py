@@ -28,9 +28,9 @@ COMPILED = REPO / ".build" / "compiled"  # `make compiled` (setup.py): the mypyc
 
 
 def proxy_pythonpath() -> str:
-    """PYTHONPATH for ours: the compiled build first when CLEARIP_PROXY_COMPILED names it
+    """PYTHONPATH for ours: the compiled build first when CLEARIP_COMPILED_DIR names it
     (``python -m bench --build compiled``, the default), then the repository."""
-    compiled = os.environ.get("CLEARIP_PROXY_COMPILED", "")
+    compiled = os.environ.get("CLEARIP_COMPILED_DIR", "")
     return os.pathsep.join([*([compiled] if compiled else []), str(REPO)])
 
 

@@ -19,7 +19,7 @@ Modules, each a small state machine or a pure helper, imported in this order (no
 
 def build_kind() -> str:
     """``compiled`` when the sans-I/O packages (``sip``, ``core``) run as mypyc-compiled modules
-    (``CLEARIP_PROXY_COMPILE``, see setup.py), ``pure`` when they run from their Python sources,
+    (``CLEARIP_COMPILE``, see setup.py), ``pure`` when they run from their Python sources,
     ``mixed`` when only some are compiled (a broken install: the compiled modules and the sources
     come from different builds)."""
     from proxy_runtime.core import call, proxy, timers

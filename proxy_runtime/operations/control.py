@@ -183,7 +183,7 @@ class ControlServer:
         core = p.core
         return {
             "pid": os.getpid(),
-            "build": build_kind(),  # compiled | pure (setup.py, CLEARIP_PROXY_COMPILE)
+            "build": build_kind(),  # compiled | pure (setup.py, CLEARIP_COMPILE)
             "uptime": round(time.time() - self.started, 1),
             "listeners": [{"transport": lst.transport, "address": str(lst.bound)} for lst in p.listeners],
             "clearip": {

@@ -42,11 +42,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def proxy_pythonpath() -> str:
     """PYTHONPATH for a proxy (or CLI) process a test starts: the compiled build first under
-    ``make test-compiled`` (CLEARIP_PROXY_COMPILED, tests/conftest.py), then the repository."""
-    compiled = os.environ.get("CLEARIP_PROXY_COMPILED", "")
+    ``make test-compiled`` (CLEARIP_COMPILED_DIR, tests/conftest.py), then the repository."""
+    compiled = os.environ.get("CLEARIP_COMPILED_DIR", "")
     return os.pathsep.join([*([str(Path(compiled).resolve())] if compiled else []), str(REPO)])
 
 
+# (Not CLEARIP_PROXY_*: that prefix is the settings'.)
 # `python -P -m proxy_runtime`: -P keeps the working directory (the repository) off the front of
 # sys.path, so PYTHONPATH decides which build runs.
 PROXY_MODULE = [sys.executable, "-P", "-m", "proxy_runtime"]

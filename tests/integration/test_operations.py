@@ -272,6 +272,14 @@ def status_of(sock: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_version_says_which_build_of_the_core_runs() -> None:
+    """`clearip-proxy --version` names the build (setup.py): the compiled core under
+    `make test-compiled`, the pure-Python one otherwise."""
+    out = cli("--version")
+    want = "compiled" if os.environ.get("CLEARIP_COMPILED_DIR") else "pure"
+    assert out.returncode == 0 and out.stdout.strip().endswith(f"(core {want})"), out
+
+
 def test_doctor_good_clearip_prints_one_line_per_check_and_exits_0(
     tmp_path: Path, pki: Pki, clearip: TlsClearIp, sock_dir: Path
 ) -> None:
