@@ -324,7 +324,7 @@ install_packages() {
 # Build the proxy's wheel from the release copy $1/src into $1/dist and set PROXY_WHEEL. The build
 # venv ($1/venv, thrown away with $1) gets setuptools and mypy (mypyc) from the same place as the
 # runtime's packages (PIP_FROM: the release's hash-pinned wheels, or the index), so the runtime venv
-# never carries the compiler. setup.py with CLEARIP_PROXY_COMPILE=auto compiles the core when gcc
+# never carries the compiler. setup.py with CLEARIP_COMPILE=auto compiles the core when gcc
 # and the Python headers work and builds pure Python otherwise; the pip log is kept in
 # $PREFIX/build.log (why a core is pure). A build venv that cannot be set up means a pure build too.
 build_proxy_wheel() {
@@ -351,10 +351,10 @@ build_proxy_wheel() {
     fi
   fi
   mkdir -p "$R$PREFIX"
-  if ! CLEARIP_PROXY_COMPILE="$compile" "$builder" "${pip[@]}" wheel -v --no-deps "${PIP_FROM[@]}" \
+  if ! CLEARIP_COMPILE="$compile" "$builder" "${pip[@]}" wheel -v --no-deps "${PIP_FROM[@]}" \
     "${isolation[@]}" -w "$dir/dist" "$dir/src" >"$R$PREFIX/build.log" 2>&1; then
     tail -n 20 "$R$PREFIX/build.log" >&2
-    die "building the proxy's wheel failed (CLEARIP_PROXY_COMPILE=$compile; log: $PREFIX/build.log)"
+    die "building the proxy's wheel failed (CLEARIP_COMPILE=$compile; log: $PREFIX/build.log)"
   fi
   # setup.py says on stderr why an auto build fell back to pure Python.
   local line
@@ -530,6 +530,7 @@ if [ "$SKIP_VENV" = 0 ]; then
     | sort -z | xargs -0 sha256sum; echo "core=$CORE") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
     build=$(mktemp -d)
+    trap 'rm -rf "$build"' EXIT  # also when the build fails
     mkdir "$build/src"
     cp -r "$R$PREFIX/src/." "$build/src/"
     arch_wheels="$WHEELS/$(uname -m)"
@@ -552,6 +553,7 @@ if [ "$SKIP_VENV" = 0 ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
       --force-reinstall "$PROXY_WHEEL"
     rm -rf "$build"
+    trap - EXIT
     log "installed $("$VENV/bin/clearip-proxy" --version) (--core $CORE; built in $((SECONDS - started)) s)"
     printf '%s\n' "$stamp" >"$VENV/.release-sha256"
     changed "$PREFIX/venv packages"

@@ -62,7 +62,12 @@ here, allow 3x on a small instance), drained restart (up to 45 s), readiness wai
 
 
 def apply_release_commands() -> list[str]:
-    """The on-instance update (Run Command, as root): fetch the release, run its install.sh."""
+    """The on-instance update (Run Command, as root): fetch the release, run its install.sh.
+
+    Without ``--no-packages``: install.sh installs only OS packages that are missing, and the first
+    boot installed the required ones; what a proxy that booted before the compiled core lacks is gcc
+    and python3.11-devel, optional (a failure to install them leaves the core pure, never fails the
+    step). The Python packages still come from the release alone (``--offline``)."""
     return [
         "set -euo pipefail",
         "WORK=$(mktemp -d)",
@@ -71,7 +76,7 @@ def apply_release_commands() -> list[str]:
         'python3.11 -m zipfile -e "$WORK/release.zip" "$WORK/src"',
         "printf '%s' '{{ Settings }}' | base64 -d > \"$WORK/site.toml\"",
         'bash "$WORK/src/deploy/install.sh" --source "$WORK/src" --settings "$WORK/site.toml" '
-        '--release-id "{{ ReleaseId }}" --offline --no-packages',
+        '--release-id "{{ ReleaseId }}" --offline',
     ]
 
 

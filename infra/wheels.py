@@ -10,7 +10,7 @@ Two locks pin the exact wheels for Amazon Linux 2023's ``python3.11`` on x86_64 
   build backend (setuptools), what the proxy's runtime venv holds;
 - ``requirements-build.lock``: setuptools and mypy (which contains mypyc) with mypy's own
   dependencies, what install.sh puts in a throw-away build venv to compile the proxy's sans-I/O core
-  on the instance (setup.py, ``CLEARIP_PROXY_COMPILE=auto``). The runtime venv never holds mypy.
+  on the instance (setup.py, ``CLEARIP_COMPILE=auto``). The runtime venv never holds mypy.
 
 ``download`` fills ``wheels/<arch>/`` with pip's own ``--require-hashes`` check and leaves it alone
 when every file is there with its hash. The instance installs with ``pip install --no-index

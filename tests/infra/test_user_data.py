@@ -350,10 +350,10 @@ def apply_release_script(template: Template, root: Path, zip_path: Path, release
         "Region": "us-east-1",
     }.items():
         script = script.replace("{{ " + key + " }}", value)
+    # OS packages allowed: a proxy that booted before the compiled core gets gcc there (optional).
+    assert "--no-packages" not in script
     # The only change: a scratch root (no venv, packages or firewall), systemctl as a stub.
-    return script.replace(
-        "--offline --no-packages", f"--offline --no-packages --root {root} --service systemctl --skip-venv"
-    )
+    return script.replace("--offline", f"--offline --root {root} --service systemctl --skip-venv")
 
 
 def run_apply(template: Template, tmp_path: Path, root: Path, release: Path, release_id: str, site: str,
@@ -612,7 +612,7 @@ def test_real_venv_install_falls_back_to_the_pure_core(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_plain_pip_install_of_a_clean_copy_is_pure(tmp_path: Path) -> None:
     """`pip install .` as anyone would run it from a clean clone (build isolation, no
-    CLEARIP_PROXY_COMPILE): the pure-Python build, even with gcc and mypy on the machine."""
+    CLEARIP_COMPILE): the pure-Python build, even with gcc and mypy on the machine."""
     python = require_tool("python3.11", "Debian package python3.11")
     release_with_wheels()
     # A clean clone: the tracked files only (as the work tree has them), no build/, .build/ or *.so.
