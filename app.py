@@ -43,7 +43,8 @@ def main() -> None:
     # An instance installs from the asset alone: without every wheel it could not boot.
     if not wheels_complete():
         print(
-            "error: wheels/ does not hold every wheel of requirements-runtime.lock: run make wheels",
+            "error: wheels/ does not hold every wheel of requirements-runtime.lock and "
+            "requirements-build.lock: run make wheels",
             file=sys.stderr,
         )
         sys.exit(2)

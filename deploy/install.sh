@@ -3,10 +3,15 @@
 #
 # The same script runs from the EC2 user data (infra/user_data.sh) and by hand on a plain VM
 # (RHEL/Oracle Linux 8-9, Amazon Linux 2023, Debian 12). It
-#   - installs python3.11, tcpdump and openssl when missing (dnf/yum or apt-get),
+#   - installs python3.11, tcpdump and openssl when missing (dnf/yum or apt-get), and gcc with the
+#     Python headers for the compiled core when it can (optional: without them the core is pure Python),
 #   - copies the runtime to /opt/clearip-proxy/src and installs it into its own virtual environment
 #     /opt/clearip-proxy/venv with only requirements-runtime.txt: from the release's hash-pinned
 #     wheels (wheels/<arch>/, requirements-runtime.lock) with no package index when they are there,
+#   - builds the proxy's wheel in a throw-away build venv (setuptools and mypy, whose mypyc compiles
+#     the sans-I/O core to C: requirements-build.lock) and installs that wheel; when the compile
+#     cannot run (no gcc or headers, --core pure) the same wheel is pure Python, and the log says which
+#     build runs (`clearip-proxy --version`: "core compiled" or "core pure"),
 #   - writes /etc/clearip-proxy/settings.toml from a site settings file and the arguments with
 #     `clearip-proxy settings write`: the proxy's own code validates every value (CIDRs, the ClearIP
 #     URI's transport, ...) and says whether the running proxy takes the change by reload or restart,
@@ -56,6 +61,7 @@ FIREWALL='auto'
 UNINSTALL=0
 KEEP_CONFIG=0
 CHANGES=0
+CORE=''
 
 usage() {
   cat <<'USAGE'
@@ -76,6 +82,11 @@ Usage: install.sh --allow CIDR [--allow CIDR ...] [options]
   --metrics SINK           auto, cloudwatch, log or off (default auto)
   --aws-region REGION|imds region for CloudWatch, written to /etc/clearip-proxy/environment
   --python PATH            interpreter for the venv (default python3.11, else python3 >= 3.11)
+  --core MODE              auto, compiled or pure: the proxy's sans-I/O core compiled to C by mypyc
+                           at install time (auto: when gcc and the Python headers are there, else
+                           pure Python; compiled: fail without them; pure: never compile). Kept in
+                           /etc/clearip-proxy/core for later runs (default: the kept value, else auto)
+  --pure                   the same as --core pure
   --source DIR             the unpacked release (default: this script's parent directory)
   --release-id ID          recorded in /opt/clearip-proxy/release-id (the stack passes its asset hash)
   --wheels DIR             wheel directory with one folder per `uname -m` (default SOURCE/wheels)
@@ -128,6 +139,8 @@ while [ $# -gt 0 ]; do
     --metrics) need_arg "$@"; METRICS="$2"; shift 2 ;;
     --aws-region) need_arg "$@"; REGION="$2"; shift 2 ;;
     --python) need_arg "$@"; PYTHON="$2"; shift 2 ;;
+    --core) need_arg "$@"; CORE="$2"; shift 2 ;;
+    --pure) CORE=pure; shift ;;
     --source) need_arg "$@"; SOURCE="$2"; shift 2 ;;
     --settings) need_arg "$@"; SITE="$2"; shift 2 ;;
     --release-id) need_arg "$@"; RELEASE_ID="$2"; shift 2 ;;
@@ -161,6 +174,14 @@ case "$SERVICE" in
   *) die "--service $SERVICE: expected auto, systemctl or none" ;;
 esac
 [[ "$WAIT" =~ ^[0-9]+$ ]] || die "--wait $WAIT: a whole number of seconds"
+# The core's build: the flag, else what an earlier run recorded, else auto.
+CORE_FILE="$CONF_DIR/core"
+[ -n "$CORE" ] || CORE=$(cat "$R$CORE_FILE" 2>/dev/null || true)
+CORE="${CORE:-auto}"
+case "$CORE" in
+  auto | compiled | pure) ;;
+  *) die "--core $CORE: expected auto, compiled or pure" ;;
+esac
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then die "run as root (or use --root DIR)"; fi
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -249,23 +270,99 @@ pick_python() {
   die "no python >= 3.11: install python3.11 (dnf install python3.11 / apt-get install python3.11-venv)"
 }
 
+# True when python3.11's C headers (Python.h) are installed: the compiled core needs them.
+has_python_headers() {
+  local inc
+  inc=$(python3.11 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) \
+    && [ -f "$inc/Python.h" ]
+}
+
 install_packages() {
-  local want=()
+  local want=() tools=() pm=''
   command -v python3.11 >/dev/null || want+=(python3.11)
   command -v tcpdump >/dev/null || want+=(tcpdump)
   command -v openssl >/dev/null || want+=(openssl)
   if command -v apt-get >/dev/null; then
+    pm=apt-get
     python3.11 -c 'import ensurepip' 2>/dev/null || want+=(python3.11-venv)
-    [ ${#want[@]} -eq 0 ] && return
-    log "installing ${want[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}"
   elif command -v dnf >/dev/null || command -v yum >/dev/null; then
-    [ ${#want[@]} -eq 0 ] && return
-    log "installing ${want[*]}"
-    "$(command -v dnf || command -v yum)" install -y -q "${want[@]}"
-  else
-    [ ${#want[@]} -eq 0 ] || log "warning: no dnf/yum/apt-get; install ${want[*]} yourself"
+    pm="$(command -v dnf || command -v yum)"
   fi
+  # What the compiled core needs, optional: a host without them runs the pure-Python core.
+  if [ "$CORE" != pure ]; then
+    command -v gcc >/dev/null || tools+=(gcc)
+    if ! has_python_headers; then
+      if [ "$pm" = apt-get ]; then tools+=(python3.11-dev); else tools+=(python3.11-devel); fi
+    fi
+  fi
+  if [ -z "$pm" ]; then
+    [ ${#want[@]} -eq 0 ] || log "warning: no dnf/yum/apt-get; install ${want[*]} yourself"
+    [ ${#tools[@]} -eq 0 ] || log "warning: no dnf/yum/apt-get; without ${tools[*]} the core runs pure Python"
+    return 0
+  fi
+  if [ ${#want[@]} -gt 0 ]; then
+    log "installing ${want[*]}"
+    if [ "$pm" = apt-get ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}"
+    else
+      "$pm" install -y -q "${want[@]}"
+    fi
+  fi
+  if [ ${#tools[@]} -gt 0 ]; then
+    log "installing ${tools[*]} (optional: to compile the proxy's core)"
+    if [ "$pm" = apt-get ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tools[@]}" || tools=(failed "${tools[@]}")
+    else
+      "$pm" install -y -q "${tools[@]}" || tools=(failed "${tools[@]}")
+    fi
+    [ "${tools[0]}" != failed ] \
+      || log "warning: could not install ${tools[*]:1}: the proxy's core will run pure Python"
+  fi
+  return 0
+}
+
+# Build the proxy's wheel from the release copy $1/src into $1/dist and set PROXY_WHEEL. The build
+# venv ($1/venv, thrown away with $1) gets setuptools and mypy (mypyc) from the same place as the
+# runtime's packages (PIP_FROM: the release's hash-pinned wheels, or the index), so the runtime venv
+# never carries the compiler. setup.py with CLEARIP_COMPILE=auto compiles the core when gcc
+# and the Python headers work and builds pure Python otherwise; the pip log is kept in
+# $PREFIX/build.log (why a core is pure). A build venv that cannot be set up means a pure build too.
+build_proxy_wheel() {
+  local dir="$1" builder compile isolation=() why
+  local pip=(-m pip --disable-pip-version-check)
+  case "$CORE" in pure) compile=0 ;; compiled) compile=1 ;; *) compile=auto ;; esac
+  builder="$VENV/bin/python"
+  if [ "$compile" != 0 ]; then
+    if [ ! -f "$dir/src/requirements-build.lock" ]; then
+      why="the release has no requirements-build.lock"
+    elif ! "$PYTHON" -m venv "$dir/venv" >"$dir/venv.log" 2>&1 \
+      || ! "$dir/venv/bin/python" "${pip[@]}" install -q "${PIP_FROM[@]}" --require-hashes \
+        -r "$dir/src/requirements-build.lock" >>"$dir/venv.log" 2>&1; then
+      why="the build venv (setuptools, mypy) could not be installed: $(tail -n 1 "$dir/venv.log")"
+    else
+      why=''
+      builder="$dir/venv/bin/python"
+      isolation=(--no-build-isolation)
+    fi
+    if [ -n "$why" ]; then
+      [ "$compile" = 1 ] && die "--core compiled: $why"
+      log "warning: $why; building the pure-Python core"
+      compile=0
+    fi
+  fi
+  mkdir -p "$R$PREFIX"
+  if ! CLEARIP_COMPILE="$compile" "$builder" "${pip[@]}" wheel -v --no-deps "${PIP_FROM[@]}" \
+    "${isolation[@]}" -w "$dir/dist" "$dir/src" >"$R$PREFIX/build.log" 2>&1; then
+    tail -n 20 "$R$PREFIX/build.log" >&2
+    die "building the proxy's wheel failed (CLEARIP_COMPILE=$compile; log: $PREFIX/build.log)"
+  fi
+  # setup.py says on stderr why an auto build fell back to pure Python.
+  local line
+  while IFS= read -r line; do
+    log "${line#"${line%%[! ]*}"}"
+  done < <(grep -E '^ *clearip-proxy: building pure Python' "$R$PREFIX/build.log" | head -n 3 || true)
+  PROXY_WHEEL=$(find "$dir/dist" -name 'clearip_proxy-*.whl' -print -quit)
+  [ -n "$PROXY_WHEEL" ] || die "no clearip_proxy wheel in $dir/dist (log: $PREFIX/build.log)"
 }
 
 firewall_mode() {
@@ -403,17 +500,22 @@ fi
 code_before=$CHANGES
 declare -A WANT=()
 RELEASE_FILES=("$SOURCE/proxy_runtime" "$SOURCE/deploy" "$SOURCE/pyproject.toml" "$SOURCE/requirements-runtime.txt")
-[ -f "$SOURCE/requirements-runtime.lock" ] && RELEASE_FILES+=("$SOURCE/requirements-runtime.lock")
+for f in setup.py requirements-runtime.lock requirements-build.lock; do
+  [ -f "$SOURCE/$f" ] && RELEASE_FILES+=("$SOURCE/$f")
+done
 while IFS= read -r -d '' f; do
   rel="${f#"$SOURCE"/}"
   WANT["$rel"]=1
   case "$rel" in *.sh) mode=755 ;; *) mode=644 ;; esac
   sync_file "$f" "$PREFIX/src/$rel" "$mode"
-done < <(find "${RELEASE_FILES[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z)
+done < <(find "${RELEASE_FILES[@]}" -type f ! -name '*.pyc' ! -name '*.so' ! -path '*/__pycache__/*' -print0 | sort -z)
 while IFS= read -r -d '' f; do
   rel="${f#"$R$PREFIX/src/"}"
   [ -n "${WANT[$rel]:-}" ] || { rm -f "$f"; changed "removed $PREFIX/src/$rel"; }
 done < <(find "$R$PREFIX/src" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0)
+# The core's build mode, kept for later runs; a changed mode rebuilds and restarts like a release.
+put_file "$CORE_FILE" "$CORE
+" 644 || true
 
 if [ "$SKIP_VENV" = 0 ]; then
   VENV="$R$PREFIX/venv"
@@ -422,29 +524,37 @@ if [ "$SKIP_VENV" = 0 ]; then
     "$PYTHON" -m venv "$VENV"
     changed "$PREFIX/venv"
   fi
-  # Reinstall only when the release changed: the stamp is a hash of every runtime file.
-  stamp=$(cd "$R$PREFIX/src" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
-    | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  # Reinstall only when the release or the core's build mode changed: the stamp is a hash of every
+  # runtime file and the mode.
+  stamp=$( (cd "$R$PREFIX/src" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+    | sort -z | xargs -0 sha256sum; echo "core=$CORE") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
     build=$(mktemp -d)
-    cp -r "$R$PREFIX/src/." "$build/"
+    trap 'rm -rf "$build"' EXIT  # also when the build fails
+    mkdir "$build/src"
+    cp -r "$R$PREFIX/src/." "$build/src/"
     arch_wheels="$WHEELS/$(uname -m)"
-    if [ -f "$build/requirements-runtime.lock" ] && [ -d "$arch_wheels" ]; then
+    if [ -f "$build/src/requirements-runtime.lock" ] && [ -d "$arch_wheels" ]; then
       # The release's own wheels, each checked against its pinned hash; no package index at all.
       log "installing the runtime dependencies from $arch_wheels (hash-pinned, no index) and the proxy"
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
-        --find-links "$arch_wheels" --require-hashes -r "$build/requirements-runtime.lock"
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index \
-        --find-links "$arch_wheels" --no-deps --force-reinstall "$build"
+      PIP_FROM=(--no-index --find-links "$arch_wheels")
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_FROM[@]}" \
+        --require-hashes -r "$build/src/requirements-runtime.lock"
     elif [ "$OFFLINE" = 1 ]; then
       die "--offline: the release has no wheels for $(uname -m) in $WHEELS (build the asset with make wheels)"
     else
       log "no wheels in the release: installing requirements-runtime.txt from the package index"
+      PIP_FROM=()
       "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
-        -r "$build/requirements-runtime.txt"
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$build"
+        -r "$build/src/requirements-runtime.txt"
     fi
+    started=$SECONDS
+    build_proxy_wheel "$build"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
+      --force-reinstall "$PROXY_WHEEL"
     rm -rf "$build"
+    trap - EXIT
+    log "installed $("$VENV/bin/clearip-proxy" --version) (--core $CORE; built in $((SECONDS - started)) s)"
     printf '%s\n' "$stamp" >"$VENV/.release-sha256"
     changed "$PREFIX/venv packages"
   fi

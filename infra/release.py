@@ -34,7 +34,9 @@ from constructs import Construct
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The asset is the runtime only: everything is excluded, then the runtime is let back in.
+# The asset is the runtime only: everything is excluded, then the runtime is let back in. setup.py and
+# requirements-build.lock let each instance compile the core (deploy/install.sh); no compiled module
+# (*.so) ever travels, so a synth on any machine gives the same asset and the same asset hash.
 ASSET_EXCLUDE: tuple[str, ...] = (
     "*",
     ".*",
@@ -43,20 +45,29 @@ ASSET_EXCLUDE: tuple[str, ...] = (
     "!deploy",
     "!deploy/**",
     "!pyproject.toml",
+    "!setup.py",
     "!requirements-runtime.txt",
     "!requirements-runtime.lock",
+    "!requirements-build.lock",
     "!wheels",
     "!wheels/**",
     "**/__pycache__",
     "**/*.pyc",
+    "**/*.so",
     "**/.*",
 )
 INSTALL_TIMEOUT_SECONDS = 900
-"""One proxy's update: download, offline install, drained restart (up to 45 s), readiness wait."""
+"""One proxy's update: download, offline install with the core's compile (about 75 s on one busy core
+here, allow 3x on a small instance), drained restart (up to 45 s), readiness wait (120 s)."""
 
 
 def apply_release_commands() -> list[str]:
-    """The on-instance update (Run Command, as root): fetch the release, run its install.sh."""
+    """The on-instance update (Run Command, as root): fetch the release, run its install.sh.
+
+    Without ``--no-packages``: install.sh installs only OS packages that are missing, and the first
+    boot installed the required ones; what a proxy that booted before the compiled core lacks is gcc
+    and python3.11-devel, optional (a failure to install them leaves the core pure, never fails the
+    step). The Python packages still come from the release alone (``--offline``)."""
     return [
         "set -euo pipefail",
         "WORK=$(mktemp -d)",
@@ -65,7 +76,7 @@ def apply_release_commands() -> list[str]:
         'python3.11 -m zipfile -e "$WORK/release.zip" "$WORK/src"',
         "printf '%s' '{{ Settings }}' | base64 -d > \"$WORK/site.toml\"",
         'bash "$WORK/src/deploy/install.sh" --source "$WORK/src" --settings "$WORK/site.toml" '
-        '--release-id "{{ ReleaseId }}" --offline --no-packages',
+        '--release-id "{{ ReleaseId }}" --offline',
     ]
 
 

@@ -149,8 +149,10 @@ def _copy_app(dest: Path) -> None:
         "app.py",
         "cdk.json",
         "pyproject.toml",
+        "setup.py",
         "requirements-runtime.txt",
         "requirements-runtime.lock",
+        "requirements-build.lock",
     ):
         shutil.copy2(REPO / name, dest / name)
     wheels.download()  # make wheels (cached)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ from aws_cdk.assertions import Capture, Match, Template
 from infra.monitoring import MonitoredProxy, ProxyMonitoring
 from infra.network import ProxyNetwork
 from infra.release import ASSET_EXCLUDE
-from infra.settings import AlarmThresholds
+from infra.settings import AlarmThresholds, DeploymentSettings
 from infra.stack import ClearIpProxyStack
 from infra.wheels import ARCHES, complete
 from proxy_runtime.metrics import names
 
-from .conftest import ADOPTED, AMI, flatten, resources
+from .conftest import ADOPTED, AMI, DEFAULT_CONTEXT, REPO, flatten, resources
 
 
 # ---- 1. network ------------------------------------------------------------------------------
@@ -321,18 +322,49 @@ def test_asset_holds_only_the_runtime(default_stack: ClearIpProxyStack, template
         "deploy",
         "proxy_runtime",
         "pyproject.toml",
+        "requirements-build.lock",
         "requirements-runtime.lock",
         "requirements-runtime.txt",
+        "setup.py",
     ]
     assert top in (want, sorted([*want, "wheels"]))
     if complete():  # after `make wheels`: every wheel for both architectures travels in the asset
-        assert complete(root / "wheels", root / "requirements-runtime.lock")
+        locks = (root / "requirements-runtime.lock", root / "requirements-build.lock")
+        assert complete(root / "wheels", locks)  # the runtime's and the compiler's (mypy) wheels
         assert sorted(p.name for p in (root / "wheels").iterdir()) == sorted(ARCHES)
     assert (root / "deploy" / "install.sh").is_file()
     assert (root / "deploy" / "clearip-proxy.service").is_file()
     assert (root / "proxy_runtime" / "metrics" / "names.py").is_file()
     assert not list(root.rglob("__pycache__")) and not list(root.rglob(".*"))
     assert ASSET_EXCLUDE[0] == "*"  # an allow-list: anything new at the top level stays out
+
+
+def test_asset_never_carries_compiled_modules(tmp_path: Path) -> None:
+    """Each instance compiles the core itself (deploy/install.sh): a work tree holding a compiled build
+    (`make compiled`'s build/, an in-place *.so, egg-info) gives the same asset, byte for byte, as a
+    clean one, so a synth on any machine gives the same asset hash and restarts no proxy."""
+    runtime = ("proxy_runtime", "deploy", "setup.py", "pyproject.toml", "requirements-runtime.txt",
+               "requirements-runtime.lock", "requirements-build.lock")  # fmt: skip
+    hashes = []
+    for name in ("clean", "built"):
+        tree = tmp_path / name
+        for item in runtime:
+            src = REPO / item
+            if src.is_dir():
+                shutil.copytree(src, tree / item, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            else:
+                shutil.copy2(src, tree / item)
+        if name == "built":
+            (tree / "proxy_runtime/core/proxy.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+            (tree / "proxy_runtime/sip/message.cpython-311-aarch64-linux-gnu.so").write_bytes(b"\x7fELF")
+            (tree / "build/temp.linux-x86_64-cpython-311").mkdir(parents=True)
+            (tree / "build/__native.c").write_text("/* mypyc */\n")
+            (tree / "clearip_proxy.egg-info").mkdir()
+        app = cdk.App(context=dict(DEFAULT_CONTEXT))
+        settings = DeploymentSettings.from_mapping(dict(DEFAULT_CONTEXT))
+        stack = ClearIpProxyStack(app, settings.stack_name, settings=settings, source_dir=tree)
+        hashes.append(stack.release.asset.asset_hash)
+    assert hashes[0] == hashes[1]
 
 
 # ---- 5. access -------------------------------------------------------------------------------

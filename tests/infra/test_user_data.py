@@ -48,7 +48,8 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("proxy_runtime", "deploy"):
         shutil.copytree(REPO / name, RELEASE / name, ignore=ignore)
-    for name in ("pyproject.toml", "requirements-runtime.txt", "requirements-runtime.lock"):
+    for name in ("pyproject.toml", "setup.py", "requirements-runtime.txt", "requirements-runtime.lock",
+                 "requirements-build.lock"):  # fmt: skip
         shutil.copy2(REPO / name, RELEASE / name)
     return RELEASE
 
@@ -314,6 +315,7 @@ def test_uninstall(tmp_path: Path) -> None:
         (["--allow", "10.0.0.0/8", "--clearip-transport", "udp"], "must be tls or tcp"),
         (["--allow", "10.0.0.0/8", "--metrics", "graphite"], "'metrics': must be one of"),
         (["--allow", "10.0.0.0/8", "--bogus"], "unknown argument"),
+        (["--allow", "10.0.0.0/8", "--core", "fast"], "--core fast: expected auto, compiled or pure"),
     ],
 )
 def test_install_refuses_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
@@ -348,10 +350,10 @@ def apply_release_script(template: Template, root: Path, zip_path: Path, release
         "Region": "us-east-1",
     }.items():
         script = script.replace("{{ " + key + " }}", value)
+    # OS packages allowed: a proxy that booted before the compiled core gets gcc there (optional).
+    assert "--no-packages" not in script
     # The only change: a scratch root (no venv, packages or firewall), systemctl as a stub.
-    return script.replace(
-        "--offline --no-packages", f"--offline --no-packages --root {root} --service systemctl --skip-venv"
-    )
+    return script.replace("--offline", f"--offline --root {root} --service systemctl --skip-venv")
 
 
 def run_apply(template: Template, tmp_path: Path, root: Path, release: Path, release_id: str, site: str,
@@ -484,20 +486,54 @@ def test_systemd_unit() -> None:
 
 
 # ---- a real virtual environment ------------------------------------------------------------
-@pytest.mark.slow
-def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None:
-    """Create the venv and install the runtime and the proxy from the release's hash-pinned wheels,
-    with every package index made unreachable: boot needs nothing but the asset."""
-    python = require_tool("python3.11", "Debian package python3.11")
-    wheels.download()  # make wheels: cached, checked against requirements-runtime.lock
-    shutil.copytree(REPO / "wheels", RELEASE / "wheels", dirs_exist_ok=True)
-    env = {
+def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Every package index unreachable, no pip cache or config: only the release's wheels."""
+    return {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path),
         "PIP_CONFIG_FILE": os.devnull,
         "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on the discard port
         "PIP_NO_CACHE_DIR": "1",
+        **extra,
     }
+
+
+def release_with_wheels() -> Path:
+    wheels.download()  # make wheels: cached, checked against both locks
+    shutil.copytree(REPO / "wheels", RELEASE / "wheels", dirs_exist_ok=True)
+    return RELEASE
+
+
+def frozen(venv: Path, env: dict[str, str]) -> set[str]:
+    out = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    return {
+        re.sub(r"[-_.]+", "-", line.replace(" @ ", "==").split("==")[0]).lower()
+        for line in out.splitlines()
+        if line
+    }
+
+
+def version(venv: Path, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [str(venv / "bin/clearip-proxy"), "--version"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None:
+    """Create the venv and install the runtime and the proxy from the release's hash-pinned wheels,
+    with every package index made unreachable: boot needs nothing but the asset. gcc and the Python
+    headers are there (as install.sh installs them on an instance): the core is compiled, by a mypy
+    that stays in the throw-away build venv."""
+    python = require_tool("python3.11", "Debian package python3.11")
+    require_tool("gcc", "Debian packages gcc and python3.11-dev")
+    release_with_wheels()
+    env = offline_env(tmp_path)
     cmd = [
         "bash",
         str(RELEASE / "deploy/install.sh"),
@@ -508,23 +544,20 @@ def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None
         python,
         *ARGS,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "hash-pinned, no index" in proc.stdout
     venv = tmp_path / "opt/clearip-proxy/venv"
     assert (venv / "bin/clearip-proxy").is_file()
-    frozen = subprocess.run(
-        [str(venv / "bin/python"), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
-        capture_output=True, text=True, check=True, env=env,
-    ).stdout  # fmt: skip
+    # The compiled core runs, and the log says so.
+    assert version(venv, env).endswith("(core compiled)")
+    assert re.search(r"install.sh: installed clearip-proxy \S+ \(core compiled\) \(--core auto;", proc.stdout)
+    assert list((venv / "lib/python3.11/site-packages/proxy_runtime/core").glob("proxy.cpython-311-*.so"))
+    assert (tmp_path / "etc/clearip-proxy/core").read_text() == "auto\n"
+    installed = frozen(venv, env)
     pins = set(wheels.locked_hashes())
-    installed = {
-        re.sub(r"[-_.]+", "-", line.replace(" @ ", "==").split("==")[0]).lower()
-        for line in frozen.splitlines()
-        if line
-    }
     assert installed - {"pip"} == pins | {"clearip-proxy"}  # only the runtime's dependencies
-    assert not any(name in installed for name in ("aws-cdk-lib", "pytest", "moto", "boto3"))
+    assert not {"mypy", "librt", "ast-serialize", "aws-cdk-lib", "pytest", "moto", "boto3"} & installed
     out = subprocess.run(
         [str(venv / "bin/clearip-proxy"), "check-config", "--allow", "203.0.113.10/32"],
         capture_output=True, text=True, env=env,
@@ -532,4 +565,72 @@ def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "usr/local/bin/clearip-proxy").is_symlink()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.stdout.strip().endswith("unchanged")  # no rebuild, so no restart
+
+
+@pytest.mark.slow
+def test_real_venv_install_falls_back_to_the_pure_core(tmp_path: Path) -> None:
+    """No working C compiler (CC=false: every compile fails, as on a host where gcc could not be
+    installed): the install still succeeds, with the pure-Python core, and says why. Then --pure: the
+    kept mode changes, so the proxy is rebuilt (and would be restarted) without a compile."""
+    python = require_tool("python3.11", "Debian package python3.11")
+    release_with_wheels()
+    env = offline_env(tmp_path, CC="false")
+    cmd = [
+        "bash",
+        str(RELEASE / "deploy/install.sh"),
+        "--root",
+        str(tmp_path),
+        "--offline",
+        "--python",
+        python,
+        *ARGS,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    venv = tmp_path / "opt/clearip-proxy/venv"
+    assert version(venv, env).endswith("(core pure)")
+    assert "install.sh: clearip-proxy: building pure Python: the C compile failed" in proc.stdout
+    assert re.search(r"installed clearip-proxy \S+ \(core pure\) \(--core auto;", proc.stdout)
+    assert not list((venv / "lib/python3.11/site-packages/proxy_runtime").rglob("*.so"))
+    assert "mypy" not in frozen(venv, env)
+    assert (tmp_path / "opt/clearip-proxy/build.log").is_file()  # the whole build, for the operator
+    pure = subprocess.run([*cmd, "--pure"], capture_output=True, text=True, timeout=300, env=env)
+    assert pure.returncode == 0, pure.stdout + pure.stderr
+    assert (
+        "changed: /etc/clearip-proxy/core" in pure.stdout
+        and "changed: /opt/clearip-proxy/venv packages" in pure.stdout
+    )
+    assert "building pure Python" not in pure.stdout  # not attempted: no build venv, no mypyc
+    assert (tmp_path / "etc/clearip-proxy/core").read_text() == "pure\n"
+    assert version(venv, env).endswith("(core pure)")
+    # The kept mode holds for a later run without the flag (the release association's).
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.stdout.strip().endswith("unchanged")
+
+
+@pytest.mark.slow
+def test_plain_pip_install_of_a_clean_copy_is_pure(tmp_path: Path) -> None:
+    """`pip install .` as anyone would run it from a clean clone (build isolation, no
+    CLEARIP_COMPILE): the pure-Python build, even with gcc and mypy on the machine."""
+    python = require_tool("python3.11", "Debian package python3.11")
+    release_with_wheels()
+    # A clean clone: the tracked files only (as the work tree has them), no build/, .build/ or *.so.
+    clone = tmp_path / "clone"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    assert (clone / "setup.py").is_file() and not list(clone.rglob("*.so"))
+    env = offline_env(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, env=env)
+    proc = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+         "--find-links", str(RELEASE / "wheels" / os.uname().machine), "--no-deps", str(clone)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert version(venv, env).endswith("(core pure)")
+    assert not list((venv / "lib/python3.11/site-packages/proxy_runtime").rglob("*.so"))
