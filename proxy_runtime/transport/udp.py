@@ -97,6 +97,7 @@ class UdpSocket:
         self._coalesce = coalesce
         self._last_read = -1e9  # loop time of the last wake-up that read something
         self._paused: asyncio.TimerHandle | None = None
+        self.pauses = 0  # coalescing pauses since start
         loop.add_reader(sock.fileno(), self._readable)
 
     @property
@@ -161,6 +162,7 @@ class UdpSocket:
         recent = now - self._last_read < 2 * self._coalesce
         self._last_read = now
         if drained and recent and self._paused is None:
+            self.pauses += 1
             self._loop.remove_reader(self.sock.fileno())
             self._paused = self._loop.call_at(now + self._coalesce, self._resume)
 
