@@ -37,14 +37,16 @@ log = logging.getLogger("clearip.udp")
 SO_TIMESTAMPNS = 35 if sys.platform == "linux" else None
 _TIMESPEC = struct.Struct("@qq")
 BATCH = 64  # datagrams read per wake-up at most, then the loop runs timers and other sockets
-# Read coalescing (like a NIC's interrupt moderation): when datagrams come closer together than
-# this, the socket is read at most once per COALESCE seconds, so each wake-up reads several.
-# A wake-up (epoll, the loop's dispatch, a read that finds the queue empty, re-arming the core's
-# timer, the context switch) costs tens of microseconds whatever it reads: measured with
-# `python -m bench.io_micro`, one datagram per wake-up costs twice what batches do. A datagram
-# that arrives while reading is paused waits at most COALESCE (1 ms) longer; one that arrives
-# after a quiet spell is read at once.
+# Read coalescing (like a NIC's interrupt moderation): while datagrams arrive at 2 or more per
+# COALESCE on average (measured over RATE_WINDOW), the socket is read at most once per COALESCE,
+# so each wake-up reads several. A wake-up (epoll, the loop's dispatch, a read that finds the queue
+# empty, re-arming the core's timer, the context switch) costs tens of microseconds whatever it
+# reads: measured with `python -m bench.io_micro`, one datagram per wake-up costs about 1.4 times
+# what coalesced reads do. Slower traffic is read on arrival (a pause there would mostly end in an
+# empty read, one more wake-up). A datagram that arrives while reading is paused waits at most
+# COALESCE (1 ms) longer.
 COALESCE = 0.001
+RATE_WINDOW = 0.01  # the arrival rate is judged over this long (seconds)
 SEND_QUEUE_MAX = 10_000  # datagrams held while the kernel says EAGAIN; beyond, dropped (UDP)
 
 
@@ -95,7 +97,9 @@ class UdpSocket:
         self.closed = False
         self.dropped_sends = 0
         self._coalesce = coalesce
-        self._last_read = -1e9  # loop time of the last wake-up that read something
+        self._dense = False  # datagrams came at >= 2 per COALESCE over the last rate window
+        self._window_start = loop.time()
+        self._window_count = 0  # datagrams read since _window_start
         self._paused: asyncio.TimerHandle | None = None
         self.pauses = 0  # coalescing pauses since start
         loop.add_reader(sock.fileno(), self._readable)
@@ -151,17 +155,20 @@ class UdpSocket:
             if count and not self.closed:  # an empty read (after a pause) fed the core nothing
                 if self._on_batch_done is not None:
                     self._on_batch_done()
-                self._maybe_pause(drained)
+                self._maybe_pause(drained, count)
 
-    def _maybe_pause(self, drained: bool) -> None:
-        """After a wake-up that emptied the socket: if the previous one was less than two COALESCE
-        ago (a paused read comes one COALESCE after the last), datagrams come close together, so
-        stop watching the socket until COALESCE has passed; then read whatever came meanwhile in
-        one batch."""
+    def _maybe_pause(self, drained: bool, count: int) -> None:
+        """After a wake-up that emptied the socket: while datagrams come densely (2 or more per
+        COALESCE over the last rate window), stop watching the socket until COALESCE has passed,
+        then read whatever came meanwhile in one batch."""
+        self._window_count += count
         now = self._loop.time()
-        recent = now - self._last_read < 2 * self._coalesce
-        self._last_read = now
-        if drained and recent and self._paused is None:
+        elapsed = now - self._window_start
+        if elapsed >= RATE_WINDOW:
+            self._dense = self._window_count * self._coalesce >= 2 * elapsed
+            self._window_start = now
+            self._window_count = 0
+        if drained and self._dense and self._coalesce > 0 and self._paused is None:
             self.pauses += 1
             self._loop.remove_reader(self.sock.fileno())
             self._paused = self._loop.call_at(now + self._coalesce, self._resume)
