@@ -9,7 +9,7 @@ export CDK_DISABLE_CLI_TELEMETRY := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup deploy-setup wheels lock destroy demo test lint typecheck unit integration infra metrics bench fuzz synth clean
+.PHONY: all setup deploy-setup wheels lock destroy demo test lint typecheck unit integration compiled test-compiled infra metrics bench fuzz synth clean
 
 all: test
 
@@ -85,8 +85,28 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-test: setup lint typecheck
+test: setup lint typecheck compiled
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-compiled
+
+# The sans-I/O core (proxy_runtime/sip, proxy_runtime/core) compiled with mypyc (setup.py), installed
+# into .build/compiled beside the pure-Python editable install the other targets use. Remade when any
+# source changes. `make test` runs the unit and integration suites against it as well (tests/conftest.py
+# puts it first on sys.path when CLEARIP_COMPILED_DIR names it); `python -m bench` measures it.
+COMPILED := .build/compiled
+PROXY_SOURCES := $(shell find proxy_runtime -name '*.py')
+
+$(COMPILED)/.built: $(BIN)/.installed setup.py pyproject.toml $(PROXY_SOURCES)
+	rm -rf $(COMPILED) build
+	CLEARIP_COMPILE=1 $(BIN)/python -m pip install -q --disable-pip-version-check \
+	  --no-build-isolation --no-deps --target $(COMPILED) .
+	rm -rf build
+	touch $@
+
+compiled: $(COMPILED)/.built
+
+test-compiled: compiled
+	CLEARIP_COMPILED_DIR=$(COMPILED) $(BIN)/pytest -q tests/unit tests/integration
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit
@@ -100,7 +120,7 @@ infra: setup
 metrics: setup
 	$(BIN)/pytest -q tests/metrics
 
-bench: setup .benchdeps
+bench: setup .benchdeps compiled
 	$(BIN)/python -m bench
 
 fuzz: $(BIN)/.installed requirements-fuzz.txt
@@ -111,4 +131,4 @@ synth: setup
 	node_modules/.bin/cdk synth --quiet
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out wheels .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) node_modules cdk.out wheels build .build .sysdeps .benchdeps .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -24,6 +24,16 @@ from bench import report
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
+COMPILED = REPO / ".build" / "compiled"  # `make compiled` (setup.py): the mypyc-compiled core
+
+
+def proxy_pythonpath() -> str:
+    """PYTHONPATH for ours: the compiled build first when CLEARIP_COMPILED_DIR names it
+    (``python -m bench --build compiled``, the default), then the repository."""
+    compiled = os.environ.get("CLEARIP_COMPILED_DIR", "")
+    return os.pathsep.join([*([compiled] if compiled else []), str(REPO)])
+
+
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 KAMAILIO_CFG = Path(__file__).resolve().parent / "kamailio" / "kamailio.cfg"
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
@@ -304,6 +314,7 @@ def proxy_command(port: int, clearip_port: int, max_in_flight: int, extra: Seque
     """The proxy under test, exactly as the brief runs it."""
     return [
         sys.executable,
+        "-P",  # the working directory off sys.path: PYTHONPATH decides which build runs
         "-m",
         "proxy_runtime",
         "run",
@@ -353,7 +364,7 @@ class Target:
     def start(self) -> Target:
         if self.kind == "ours":
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = proxy_pythonpath() + os.pathsep + env.get("PYTHONPATH", "")
             args = [
                 *pin(self.cpus),
                 *proxy_command(self.port, self.clearip_port, self.max_in_flight, self.proxy_args),

@@ -290,8 +290,23 @@ def cmd_trace(argv: Sequence[str]) -> int:
     return trace_main(argv)
 
 
+def version_line() -> str:
+    """``clearip-proxy 0.1.0 (core compiled)``: the release, and whether its core is the compiled
+    build or the pure-Python one (setup.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from proxy_runtime.core import build_kind
+
+    try:
+        release = version("clearip-proxy")
+    except PackageNotFoundError:
+        release = "(not installed)"
+    return f"clearip-proxy {release} (core {build_kind()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clearip-proxy", description="In-line SIP proxy for ClearIP")
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the proxy")
     _add_settings_flags(r)

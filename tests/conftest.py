@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+# `make test-compiled`: CLEARIP_COMPILED_DIR names the compiled build's install (`make compiled`),
+# which goes first on sys.path, before any test imports proxy_runtime; proxies the tests start get it
+# through tests/integration/harness.py. The run stops at once if the core is not the compiled one.
+COMPILED_BUILD = os.environ.get("CLEARIP_COMPILED_DIR", "")
+if COMPILED_BUILD:
+    sys.path.insert(0, str(Path(COMPILED_BUILD).resolve()))
+    from proxy_runtime.core import build_kind
+
+    if build_kind() != "compiled":
+        raise pytest.UsageError(
+            f"CLEARIP_COMPILED_DIR={COMPILED_BUILD}: the core imported is {build_kind()}, not "
+            "compiled (run `make compiled`)"
+        )
 
 # Proxies started by tests run without the default control socket (/run or /tmp), so a doctor or
 # trace test can never reach a proxy some other test (or a benchmark) started. Tests that need a

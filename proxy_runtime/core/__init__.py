@@ -5,7 +5,7 @@ Bytes, events and ``now`` in; what to send and when to wake out. Imports only ``
 
 Modules, each a small state machine or a pure helper, imported in this order (no cycles):
 
-- ``timers``: the timer heap (weak entries) and per-duration queues; reads ``deadline`` only.
+- ``timers``: the timer heap and per-duration queues; reads ``deadline`` only.
 - ``stamp``: ``Target``, server-transaction keys, where responses go, our Via / Record-Route,
   loop detection, next hop.
 - ``routing``: pure policy (ClearIP reply table, advance rules, best response, allow-list).
@@ -15,3 +15,16 @@ Modules, each a small state machine or a pure helper, imported in this order (no
   through the ``CallHost`` protocol.
 - ``proxy``: ``ProxyCore``, the dispatcher the adapter feeds; it implements ``CallHost``.
 """
+
+
+def build_kind() -> str:
+    """``compiled`` when the sans-I/O packages (``sip``, ``core``) run as mypyc-compiled modules
+    (``CLEARIP_COMPILE``, see setup.py), ``pure`` when they run from their Python sources,
+    ``mixed`` when only some are compiled (a broken install: the compiled modules and the sources
+    come from different builds)."""
+    from proxy_runtime.core import call, proxy, timers
+    from proxy_runtime.sip import message, parse, transaction
+
+    modules = (call, proxy, timers, message, parse, transaction)
+    compiled = {not str(m.__file__).endswith(".py") for m in modules}
+    return "mixed" if len(compiled) > 1 else "compiled" if compiled.pop() else "pure"

@@ -213,7 +213,6 @@ class Call:
     """An initial INVITE: its server transaction, the ClearIP leg and the carrier branches."""
 
     __slots__ = (
-        "__weakref__",
         "answered",
         "attempts",
         "base",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 
 from proxy_runtime.core.stamp import SendFn, Stamper, Target, next_hop, strip_own_via
-from proxy_runtime.core.transactions import Transactions, Upstream
+from proxy_runtime.core.transactions import RingLimited, Transactions, Upstream
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.grammar import Via
@@ -23,7 +23,7 @@ from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
 from proxy_runtime.sip.uri import UriError
 
 
-class Relay:
+class Relay(RingLimited):
     """A request forwarded along the route set: server transaction in, client transaction out."""
 
     __slots__ = ("_to_tag", "_txns", "ct", "request", "st", "target")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -34,19 +33,15 @@ class Queued(Protocol):
     queue: float | None
 
 
-def _live(entry: object) -> object:
-    """A heap entry's object (most are held by weak reference; None once freed)."""
-    return entry() if type(entry) is weakref.ref else entry
-
-
 class Timers:
     """A heap of (deadline, seq, object) and insertion-ordered queues, one per duration.
 
-    Heap entries are held weakly: the tables own transactions and calls, and a stale entry (left
-    when a deadline moves) must not keep a finished transaction and what it holds alive. An entry
-    is live only while its object's ``deadline`` still equals the entry's time; stale ones are
-    skipped when they reach the top and compacted away when the heap grows past twice its live
-    size. Objects that live only in the heap (guards) are held strongly with ``strong=True``.
+    An entry is live only while its object's ``deadline`` still equals the entry's time: an object
+    that is rescheduled or finished (``deadline`` None: the tables set it when they drop a
+    transaction) leaves a stale entry, skipped when it reaches the top and compacted away when the
+    heap grows past twice its live size, so stale entries never hold more than the live ones do.
+    Entries hold their objects strongly (weak references would free finished transactions sooner,
+    but the compiled build's native classes take none, and the bound above is what matters).
 
     A call's own timers run for a fixed duration, so each duration's deadlines come in order: an
     insertion-ordered dict per duration is a queue that is cancelled in O(1) and leaves nothing
@@ -65,12 +60,12 @@ class Timers:
         """Entries held (stale heap entries included, until compacted or popped)."""
         return len(self._heap) + sum(len(q) for q in self._queues.values())
 
-    def schedule(self, obj: Timed, *, strong: bool = False) -> None:
+    def schedule(self, obj: Timed) -> None:
         """Wake ``obj`` at its current ``deadline`` (nothing when it is None)."""
         d = obj.deadline
         if d is not None:
             heap = self._heap
-            heapq.heappush(heap, (d, next(self._seq), obj if strong else weakref.ref(obj)))
+            heapq.heappush(heap, (d, next(self._seq), obj))
             if len(heap) > self._compact_at:
                 self._compact()
 
@@ -78,7 +73,7 @@ class Timers:
         """Drop stale entries (their object was rescheduled or finished) before they reach the
         top of the heap, so the heap stays within twice its live entries."""
         heap = self._heap
-        heap[:] = [e for e in heap if getattr(_live(e[2]), "deadline", None) == e[0]]  # in place
+        heap[:] = [e for e in heap if getattr(e[2], "deadline", None) == e[0]]  # in place
         heapq.heapify(heap)
         self._compact_at = max(1024, 2 * len(heap))
 
@@ -116,7 +111,7 @@ class Timers:
         heap = self._heap
         while heap:
             when, _, obj = heap[0]
-            if getattr(_live(obj), "deadline", None) == when:
+            if getattr(obj, "deadline", None) == when:
                 return when if first is None or when < first else first
             heapq.heappop(heap)  # stale entry
         return first
@@ -139,6 +134,5 @@ class Timers:
         heap = self._heap
         while heap and heap[0][0] <= now:
             when, _, entry = heapq.heappop(heap)
-            live = _live(entry)
-            if getattr(live, "deadline", None) == when:
-                yield live
+            if getattr(entry, "deadline", None) == when:
+                yield entry

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast, runtime_checkable
+from typing import Protocol, cast
 
 from proxy_runtime.core.stamp import SendFn, Target, response_target
 from proxy_runtime.core.timers import Timers
@@ -39,11 +39,16 @@ class ServerOwner(Protocol):
     def server_ended(self) -> None: ...
 
 
-@runtime_checkable
-class RingLimited(Protocol):
-    """The owner of a relayed INVITE client transaction whose ring limit (Timer C) ran out."""
+class RingLimited:
+    """The owner of a relayed INVITE client transaction whose ring limit (Timer C) ran out.
 
-    def ring_limit(self, now: float) -> None: ...
+    A base class rather than a runtime-checkable Protocol: the compiled build (mypyc) checks
+    ``isinstance`` against classes only."""
+
+    __slots__ = ()
+
+    def ring_limit(self, now: float) -> None:
+        raise NotImplementedError
 
 
 class _CancelOwner:
@@ -143,6 +148,7 @@ class Transactions:
     # reference counting the moment its last timer ends, never left to the cyclic GC.
     def drop_server(self, st: ServerTransaction) -> None:
         self.server.pop(st.key, None)
+        st.deadline = None  # a dropped transaction is never woken (its heap entry goes stale)
         owner, st.owner = st.owner, None
         if owner is not None:
             cast(ServerOwner, owner).server_ended()  # only calls and relays own server transactions
@@ -176,6 +182,7 @@ class Transactions:
 
     def drop_client(self, ct: ClientTransaction) -> None:
         self.client.pop(ct.key, None)
+        ct.deadline = None  # a dropped transaction is never woken (its heap entry goes stale)
         ct.owner = None
 
     def send_cancel(self, invite: SipRequest, target: Target, now: float) -> None:
@@ -209,7 +216,7 @@ class Transactions:
 
     def guard(self, key: tuple[str, str], when: float, *, cancelled: bool) -> None:
         """Timer C for the INVITE client transaction ``key``: the dispatcher acts at ``when``."""
-        self._timers.schedule(InviteGuard(key, when, cancelled), strong=True)
+        self._timers.schedule(InviteGuard(key, when, cancelled))
 
     # --- timers and failures -----------------------------------------------------------------
     def on_timer(self, obj: object, now: float) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from proxy_runtime.core import build_kind
 from proxy_runtime.operations.trace import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FILES,
@@ -182,6 +183,7 @@ class ControlServer:
         core = p.core
         return {
             "pid": os.getpid(),
+            "build": build_kind(),  # compiled | pure (setup.py, CLEARIP_COMPILE)
             "uptime": round(time.time() - self.started, 1),
             "listeners": [{"transport": lst.transport, "address": str(lst.bound)} for lst in p.listeners],
             "clearip": {

@@ -86,7 +86,6 @@ class _Transaction:
     they run, their state, and the one deadline (the earliest timer) at which they want waking."""
 
     __slots__ = (
-        "__weakref__",
         "_interval",
         "_retransmit_at",
         "_timeout_at",

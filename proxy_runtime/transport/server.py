@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from proxy_runtime.core import build_kind
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
@@ -202,7 +203,13 @@ class ProxyServer:
             await asyncio.wait_for(self.link.first_attempt_done.wait(), 6.0)
         self._sweeper = loop.create_task(self._sweep(), name="stream-sweeper")
         desc = ", ".join(f"{lst.transport}:{lst.bound}" for lst in self.listeners)
-        log.info("ready: listening on %s; advertising %s; ClearIP %s", desc, advertise, s.clearip)
+        log.info(
+            "ready: listening on %s; advertising %s; ClearIP %s; core %s",
+            desc,
+            advertise,
+            s.clearip,
+            build_kind(),
+        )
 
     def _udp_socket(self, host: str, port: int) -> UdpSocket:
         assert self._loop is not None

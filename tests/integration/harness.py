@@ -38,6 +38,19 @@ from bench.procs import free_port as free_port  # one implementation for the tes
 from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def proxy_pythonpath() -> str:
+    """PYTHONPATH for a proxy (or CLI) process a test starts: the compiled build first under
+    ``make test-compiled`` (CLEARIP_COMPILED_DIR, tests/conftest.py), then the repository."""
+    compiled = os.environ.get("CLEARIP_COMPILED_DIR", "")
+    return os.pathsep.join([*([str(Path(compiled).resolve())] if compiled else []), str(REPO)])
+
+
+# (Not CLEARIP_PROXY_*: that prefix is the settings'.)
+# `python -P -m proxy_runtime`: -P keeps the working directory (the repository) off the front of
+# sys.path, so PYTHONPATH decides which build runs.
+PROXY_MODULE = [sys.executable, "-P", "-m", "proxy_runtime"]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
@@ -339,7 +352,7 @@ class ProxyProcess:
         self.port = free_port()
         self.tls_port = free_port() if tls else 0
         self.log_path = workdir / f"{name}.log"
-        args = [sys.executable, "-m", "proxy_runtime", "run"]
+        args = [*PROXY_MODULE, "run"]
         if udp:
             args += ["--udp", f"{HOST}:{self.port}"]
         if tcp:
@@ -373,7 +386,7 @@ class ProxyProcess:
 
     def start(self, ready_timeout: float = PROXY_READY_TIMEOUT) -> ProxyProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = proxy_pythonpath() + os.pathsep + env.get("PYTHONPATH", "")
         log = self.log_path.open("wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(

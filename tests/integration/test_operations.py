@@ -18,7 +18,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,12 +31,14 @@ from proxy_runtime.operations.control import request
 from tests.integration.flows import CALLED, CLEARIP_KEYS, IDENTITY_1, IDENTITY_2, PAI_OUTBOUND
 from tests.integration.harness import (
     HOST,
+    PROXY_MODULE,
     REPO,
     Lab,
     Pki,
     ProxyProcess,
     contact_list,
     free_port,
+    proxy_pythonpath,
     split_stream,
     wait_established,
 )
@@ -177,14 +178,14 @@ class ImdsStub:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARIP_PROXY_", "CLEARIP_CONTROL"))}
-    env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", CLEARIP_ON_EC2="0")
+    env.update(PYTHONPATH=proxy_pythonpath(), PYTHONDONTWRITEBYTECODE="1", CLEARIP_ON_EC2="0")
     env.update(extra)
     return env
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy_runtime", *args],
+        [*PROXY_MODULE, *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -269,6 +270,14 @@ def status_of(sock: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # doctor
 # ---------------------------------------------------------------------------------------------
+
+
+def test_version_says_which_build_of_the_core_runs() -> None:
+    """`clearip-proxy --version` names the build (setup.py): the compiled core under
+    `make test-compiled`, the pure-Python one otherwise."""
+    out = cli("--version")
+    want = "compiled" if os.environ.get("CLEARIP_COMPILED_DIR") else "pure"
+    assert out.returncode == 0 and out.stdout.strip().endswith(f"(core {want})"), out
 
 
 def test_doctor_good_clearip_prints_one_line_per_check_and_exits_0(
@@ -449,7 +458,7 @@ def test_trace_cli_writes_a_masked_pcap_of_a_calls_messages(lab: Lab, tmp_path: 
     out = tmp_path / "calls.pcap"
     t0 = time.monotonic()
     tracer = subprocess.Popen(
-        [sys.executable, "-m", "proxy_runtime", "trace", "--seconds", "4", "--output", str(out),
+        [*PROXY_MODULE, "trace", "--seconds", "4", "--output", str(out),
          "--control-socket", str(sock)],
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -559,9 +568,7 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     proxy = ProxyProcess(tmp_path, "unused")
     proxy.port = port
     proxy.args = [
-        sys.executable,
-        "-m",
-        "proxy_runtime",
+        *PROXY_MODULE,
         "run",
         "--config",
         str(config),

@@ -72,7 +72,13 @@ def test_clean_steps_and_summary_ratios() -> None:
         _step("kamailio", 1000, 1000, cpu=0.7),
         _step("kamailio", 1500, 1500, failed=3, cpu=0.7),
     ]
-    half = [_step("ours", 250, 250, kind="half", p99=12.0), _step("kamailio", 500, 500, kind="half", p99=9.0)]
+    half = [
+        _step("ours", 400, 400, kind="p80", p99=25.0),
+        _step("kamailio", 800, 800, kind="p80", p99=10.0),
+        _step("ours", 250, 250, kind="half", p99=12.0),
+        _step("kamailio", 500, 500, kind="half", p99=9.0),
+        _step("ours", 750, 750, kind="overload", failed=0),
+    ]
     mem = [
         MemoryResult("ours", True, 1000, 1000, idle_kb=50_000, loaded_kb=55_000),
         MemoryResult("kamailio", True, 1000, 1000, idle_kb=60_000, loaded_kb=62_500),
@@ -88,7 +94,14 @@ def test_clean_steps_and_summary_ratios() -> None:
     m = report.summary(results)["memory"]
     assert m["ours"] == 5000 * 1024 / 1000 and abs(m["ratio"] - 2.0) < 1e-9
     md = report.render_markdown({**results, "machine": {"nproc": 2}, "command": "python -m bench"})
-    assert "| zero-failure cps | 499 | 1000 | 0.50 | ≥ 0.60 | **not met** |" in md
+    assert "| zero-failure cps | 499 | 1000 | 0.50 | ≥ 1.00 | **not met** |" in md
+    # issue 16: CPU per call compared at one offered rate, p99 at 80 %, carried under overload
+    assert s["cpu_ratio_at_500"] == 1.4 / 0.7 and s["cpu_ratio_at_1000"] is None
+    assert "| CPU s per 1,000 calls at 500 cps offered | 1.40 | 0.70 | 2.00 | ≤ 1.20 | **not met** |" in md
+    assert s["ours_p80_p99_ms"] == 25.0 and s["ours_p80_rate"] == 400
+    assert "(ours 400 cps, Kamailio 800 cps) | 25 | 10 | 2.50x | < 20 ms | **not met** |" in md
+    carried = s["ours_overload_carried_min"]
+    assert carried == _step("ours", 750, 750, kind="overload").completed_cps / 499
     assert "| memory per concurrent ringing call | 5.0 KB | 2.5 KB | 2.00 | < 10 KB | met |" in md
     assert "750 | 600 | 7500 | 0 ✗" in md
 

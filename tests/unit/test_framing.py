@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy_runtime.core import build_kind
 from proxy_runtime.sip import framing
 from proxy_runtime.sip.framing import PING, PONG, FramingError, StreamFramer
 from proxy_runtime.sip.parse import find_head_end, parse_message
@@ -210,6 +211,10 @@ def scanned(monkeypatch: pytest.MonkeyPatch, make: Framer, lines: int) -> int:
 def test_slow_loris_head_costs_linear_octets_scanned(monkeypatch: pytest.MonkeyPatch, make: Framer) -> None:
     """A head trickled in 16 octets at a time must not be re-scanned from its start each time:
     8 times the head, at most ~8 times the octets searched (a re-scanning framer: ~64 times)."""
+    if make is StreamFramer and build_kind() == "compiled":
+        # mypyc binds the call to find_head_end at compile time: nothing to count through. The
+        # same source runs (and is checked here) in the pure-Python run of `make test`.
+        pytest.skip("the compiled framer's calls cannot be counted by patching its module")
     small, large = scanned(monkeypatch, make, 100), scanned(monkeypatch, make, 800)
     linear = large / small <= growth.LINEAR_BOUND
     assert linear == (make is StreamFramer), f"{make.__name__}: {small} -> {large} octets scanned"
