@@ -138,12 +138,13 @@ class Bench:
 
     def log_step(self, r: report.StepResult) -> None:
         self.results["steps"].append(r.to_json())
+        sys_share = "" if r.cpu_sys_s is None or not r.cpu_s else f" ({100 * r.cpu_sys_s / r.cpu_s:.0f}% sys)"
         print(
             f"[bench] {self.elapsed():5.0f}s {r.target:8} {'pinned' if r.pinned else 'unpinned':8} "
             f"{r.kind:5} {r.rate:5} cps: achieved {r.achieved_cps:6.0f}, calls {r.calls}, "
             f"failed {r.failed}, retrans "
             f"{r.retrans_switch}/{r.retrans_peers}, p50/p99 {r.p50_ms}/{r.p99_ms} ms, "
-            f"CPU {r.cpu_s_per_1k and round(r.cpu_s_per_1k, 3)} s/1k, RSS {r.rss_kb // 1024} MB, "
+            f"CPU {r.cpu_s_per_1k and round(r.cpu_s_per_1k, 3)} s/1k{sys_share}, RSS {r.rss_kb // 1024} MB, "
             f"SIPp {r.sipp_cpu_util:.2f} core, other {r.other_load:.2f}{'' if r.clean else '  <- not clean'}",
             flush=True,
         )
@@ -220,7 +221,7 @@ class Bench:
         fresh session, then half the zero-failure rate for 5 s in the same processes: past
         capacity calls completed should stay >= 90 % of the zero-failure rate, every other INVITE
         answered at once (503), and the calm run right after should have no failure."""
-        for factor in (1.5, 2.0):
+        for factor in self.args.overload_factors:
             rate = int(round(zero_fail * factor / 10.0) * 10)
             seconds = self.args.overload_seconds
             if not self.budget_left(seconds + 5 + 40, f"{kind} overload {factor}x"):
@@ -256,9 +257,16 @@ class Bench:
         rates = [int(x) for x in a.steps.split(",")]
         urates = [int(x) for x in a.unpinned_steps.split(",")]
         self.smoke()
-        pinned = self.stepped(True, rates, a.step_seconds)
-        zero = {kind: report.zero_failure_cps(pinned[kind]) for kind in self.kinds}
+        if a.zero_failure:
+            # Given, not measured: the later phases (overload, memory) at a known rate.
+            self.note(f"zero-failure rate given as {a.zero_failure} cps (--zero-failure): no pinned steps")
+            zero = dict.fromkeys(self.kinds, float(a.zero_failure))
+        else:
+            pinned = self.stepped(True, rates, a.step_seconds)
+            zero = {kind: report.zero_failure_cps(pinned[kind]) for kind in self.kinds}
         for kind in self.kinds:
+            if a.no_half:
+                break
             if zero[kind] > 0:
                 self.half_and_mix(kind, zero[kind], a.step_seconds)
             else:
@@ -268,7 +276,8 @@ class Bench:
                 if zero[kind] > 0:
                     self.overload(kind, zero[kind])
         for kind in self.kinds:
-            self.memory(kind, zero[kind])
+            if not a.no_memory:
+                self.memory(kind, zero[kind])
         if not a.no_unpinned:
             self.stepped(False, urates, a.unpinned_seconds)
         self.results["summary"] = report.summary(self.results)
@@ -303,6 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-calls", type=int, default=10_000)
     p.add_argument("--no-overload", action="store_true", help="skip the 1.5x / 2x overload runs")
     p.add_argument("--overload-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--overload-factors",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[1.5, 2.0],
+        help="overload runs at these multiples of the zero-failure rate (default 1.5,2)",
+    )
+    p.add_argument(
+        "--zero-failure",
+        type=int,
+        default=0,
+        metavar="CPS",
+        help="take this as the zero-failure rate and skip the pinned steps (overload runs alone)",
+    )
+    p.add_argument("--no-half", action="store_true", help="skip the half-rate and 503-mix runs")
+    p.add_argument("--no-memory", action="store_true", help="skip the ringing-memory run")
     p.add_argument("--quick-rate", type=int, default=300)
     p.add_argument("--quick-seconds", type=float, default=5.0)
     p.add_argument("--profile-rate", type=int, default=300)

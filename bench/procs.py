@@ -133,6 +133,15 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / CLK_TCK
 
 
+def sys_seconds(pids: Sequence[int]) -> float:
+    """The kernel's part of :func:`cpu_seconds` (stime)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ticks += report.parse_proc_stat_sys_ticks(Path(f"/proc/{pid}/stat").read_text())
+    return ticks / CLK_TCK
+
+
 def system_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
     return report.parse_proc_stat_busy(Path("/proc/stat").read_text()) / CLK_TCK
@@ -414,6 +423,9 @@ class Target:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids())
+
+    def sys_seconds(self) -> float:
+        return sys_seconds(self.pids())
 
     def memory_kb(self) -> int:
         """ours: VmRSS of the process; Kamailio: the sum of Pss over its processes (shared memory

@@ -98,6 +98,12 @@ def parse_proc_stat_cpu_ticks(text: str) -> int:
     return int(rest[11]) + int(rest[12])
 
 
+def parse_proc_stat_sys_ticks(text: str) -> int:
+    """stime alone (clock ticks): the kernel's share, i.e. system calls and the network stack."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[12])
+
+
 def parse_proc_stat_busy(text: str) -> int:
     """Busy clock ticks of all cores from /proc/stat's ``cpu`` line (user .. steal, less idle and iowait)."""
     for ln in text.splitlines():
@@ -137,6 +143,7 @@ class StepResult:
     p99_ms: float | None = None
     cpu_s: float = 0.0  # the proxy's CPU seconds during the step
     cpu_s_per_1k: float | None = None
+    cpu_sys_s: float | None = None  # of cpu_s, in the kernel (system calls, loopback delivery)
     rss_kb: int = 0  # after the step (ours: VmRSS; Kamailio: sum of Pss of its processes)
     peak_rss_kb: int = 0  # ours: VmHWM; Kamailio: max of the sums seen
     sipp_cpu_util: float = 0.0  # load generator CPU seconds / wall seconds (1.0 = one core busy)

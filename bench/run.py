@@ -217,6 +217,7 @@ class Session:
         retrans0 = self.peers_retrans()
         carried0 = self.carried()
         cpu0 = self.target.cpu_seconds()
+        sys0 = self.target.sys_seconds()
         sipp0 = self.sipp_cpu([])
         kids0 = _children_cpu()
         busy0 = procs.system_busy_seconds()
@@ -243,6 +244,7 @@ class Session:
         uac_cpu = _children_cpu() - kids0  # the UAC, reaped by wait(): its CPU is in our children's rusage
         wall = time.monotonic() - t0
         cpu1 = self.target.cpu_seconds()
+        sys1 = self.target.sys_seconds()
         busy1 = procs.system_busy_seconds()
         time.sleep(1.2)  # UAS stat files are dumped every second
         res.exit_code = code
@@ -261,6 +263,7 @@ class Session:
         res.p99_ms = report.percentile(rtts, 99)
         res.achieved_cps = report.achieved_cps(samples)
         res.cpu_s = cpu1 - cpu0
+        res.cpu_sys_s = sys1 - sys0
         if res.calls:
             res.cpu_s_per_1k = res.cpu_s / res.calls * 1000
         res.rss_kb = self.target.memory_kb()

@@ -22,7 +22,10 @@ PING: Final = b"\r\n\r\n"
 PONG: Final = b"\r\n"
 
 # A Content-Length (or compact "l") header line, its value possibly folded over several lines.
-_CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.I | re.M)
+# A header line begins after a newline. Anchoring on the literal "\n" (rather than "^" with re.M)
+# lets the regex engine jump from newline to newline instead of trying every byte, which re.I
+# otherwise forces: 4 instead of 15 µs on a ClearIP 302 with its ~900-byte Identity.
+_CL_RE = re.compile(rb"\n(?:content-length|l)[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.I)
 
 
 class FramingError(ParseError):
@@ -95,7 +98,7 @@ def _content_length(head: bytes) -> int:
     nl = head.find(b"\n")  # the start line is never a header
     if nl < 0:
         return 0
-    for m in _CL_RE.finditer(head, nl + 1):
+    for m in _CL_RE.finditer(head, nl):  # from the start line's newline: the first header too
         v = m.group(1)
         if b"\n" in v:
             v = b" ".join(v.split())

@@ -128,6 +128,31 @@ def test_equal_duplicate_content_length_and_folding() -> None:
     assert parse_message(frame, datagram=False).body == b"abc"
 
 
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("name", [b"Content-Length", b"content-LENGTH", b"l", b"L"])
+def test_content_length_in_any_header_position_case_and_line_ending(name: bytes, eol: bytes) -> None:
+    """First header, last header, any case, compact form, bare LF: the body is framed by it, and a
+    header merely ending in "l" or a value mentioning content-length is not taken for it."""
+    body = b"0123456789"
+    first = b"INVITE sip:x@example.com SIP/2.0" + eol + name + b" : 10" + eol + b"Call-ID: 1" + eol
+    last = (
+        b"SIP/2.0 302 Moved"
+        + eol
+        + b"Subject: content-length: 99"
+        + eol
+        + b"Xl: 7"
+        + eol
+        + name
+        + b": 10"
+        + eol
+    )
+    for head in (first, last):
+        framer = StreamFramer()
+        framer.feed(head + eol + body + b"NEXT")
+        frame = framer.next_frame()
+        assert frame == head + eol + body
+
+
 def test_no_content_length_means_no_body() -> None:
     framer = StreamFramer()
     framer.feed(msg(1).replace(b"Content-Length: 0\r\n", b"") + MESSAGES[1])
