@@ -55,8 +55,8 @@ def ext_modules() -> list[Any]:
         sys.exit(f"CLEARIP_COMPILE must be 0, 1 or auto, not {MODE!r}")
     try:
         from mypyc.build import mypycify
-    except ImportError:
-        return _fallback("mypyc is not installed (pip install mypy, then --no-build-isolation)")
+    except ImportError as exc:  # not installed, or its compiled modules cannot load (a noexec /tmp)
+        return _fallback(f"mypyc cannot be imported ({exc}; pip install mypy, then --no-build-isolation)")
     cwd = os.getcwd()
     os.chdir(ROOT)  # mypycify reads the sources and writes its C under build/ relative to here
     try:
