@@ -77,6 +77,11 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             if MODE != "auto":
                 raise
+            # A compile that failed part-way leaves what it built (mypyc's shared library, some
+            # modules' shims) in build_lib, and the wheel would carry a mixed core that raises
+            # TypeError where compiled and pure classes meet: drop every compiled module.
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             self.extensions: list[Any] = []
             print(f"clearip-proxy: building pure Python: the C compile failed: {exc}", file=sys.stderr)
 
