@@ -14,6 +14,7 @@ network (sends through the adapter's ``send``), or the clock (``now`` is an argu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,26 @@ class RingLimited:
 
     def ring_limit(self, now: float) -> None:
         raise NotImplementedError
+
+
+class SendTo:
+    """A transaction's ``transmit``: ``send`` to one target, with the client transaction's key
+    (None for a server transaction) for transport errors.
+
+    A class rather than a closure: under mypyc a closure keeps every variable of its enclosing
+    function that any nested function uses (the whole forwarded request, for ``build_ack``) alive
+    for as long as the closure lives, i.e. for the transaction's 32 s (measured: 336 MB against
+    163 MB after 40,000 calls at 1,000 calls/s in ``bench.core_micro``'s flow)."""
+
+    __slots__ = ("key", "send", "target")
+
+    def __init__(self, send: SendFn, target: Target, key: object) -> None:
+        self.send = send
+        self.target = target
+        self.key = key
+
+    def __call__(self, data: bytes) -> None:
+        self.send(self.target, data, self.key)
 
 
 class _CancelOwner:
@@ -118,11 +139,7 @@ class Transactions:
         self, req: SipRequest, via: Via, source: Target, key: tuple[str, str, str]
     ) -> ServerTransaction:
         target = response_target(via, source)
-        send = self._send
-
-        def transmit(data: bytes) -> None:
-            send(target, data, None)
-
+        transmit = SendTo(self._send, target, None)
         invite = req.method == "INVITE"
         timers = self._timer_settings
         st = ServerTransaction(key, transmit, invite=invite, reliable=source.reliable, timers=timers)
@@ -158,21 +175,16 @@ class Transactions:
         self, out: SipRequest, target: Target, key: tuple[str, str], owner: object, now: float
     ) -> ClientTransaction:
         data = out.serialize()
-        send = self._send
-
-        def transmit(d: bytes) -> None:
-            send(target, d, key)
-
         invite = out.method == "INVITE"
         ct = ClientTransaction(
             key,
             data,
-            transmit,
+            SendTo(self._send, target, key),
             invite=invite,
             reliable=target.reliable,
             now=now,
             timers=self._timer_settings,
-            build_ack=(lambda resp: build_ack(out, resp)) if invite else None,
+            build_ack=functools.partial(build_ack, out) if invite else None,
         )
         ct.owner = owner
         if not ct.terminated:
@@ -200,13 +212,14 @@ class Transactions:
         if key in self.client:
             return
         data = cancel.serialize()
-        send = self._send
-
-        def transmit(d: bytes) -> None:
-            send(target, d, key)
-
         ct = ClientTransaction(
-            key, data, transmit, invite=False, reliable=target.reliable, now=now, timers=self._timer_settings
+            key,
+            data,
+            SendTo(self._send, target, key),
+            invite=False,
+            reliable=target.reliable,
+            now=now,
+            timers=self._timer_settings,
         )
         ct.owner = CANCEL_OWNER
         self.client[key] = ct

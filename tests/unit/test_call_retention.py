@@ -70,6 +70,24 @@ def test_an_answered_call_is_freed_at_once_and_its_transactions_still_work() -> 
     assert core.table_sizes() == {"calls": 0, "server_transactions": 0, "client_transactions": 0, "timers": 0}
 
 
+def test_the_transactions_left_hold_none_of_the_calls_requests() -> None:
+    """The transactions that wait out their timers after a call (ClearIP's, the carrier's, the
+    switch's) hold bytes to retransmit, never the parsed requests with their Identity headers.
+    Under the compiled build a closure as ``transmit`` kept the whole forwarded INVITE alive with
+    its client transaction (mypyc closures keep their enclosing function's variables): 336 MB
+    instead of 146 MB after 40,000 calls at 1,000 calls/s."""
+    core, net = make_core()
+    req, fwd = advance_to_carrier(core, net)
+    answer(core, net, fwd, 0.1)
+    net.take()
+    del req, fwd
+    sizes = core.table_sizes()
+    assert sizes["client_transactions"] >= 1 and sizes["server_transactions"] >= 1  # still waiting
+    gc.collect()
+    # (the overload refusal path keeps one empty placeholder request for its whole life)
+    assert [o for o in gc.get_objects() if type(o) is SipRequest and o.uri] == []
+
+
 def test_failed_and_cancelled_calls_are_freed_once_their_branches_have_a_final() -> None:
     core, net = make_core()
     _, fwd = advance_to_carrier(core, net)
