@@ -55,8 +55,8 @@ def ext_modules() -> list[Any]:
         sys.exit(f"CLEARIP_COMPILE must be 0, 1 or auto, not {MODE!r}")
     try:
         from mypyc.build import mypycify
-    except ImportError:
-        return _fallback("mypyc is not installed (pip install mypy, then --no-build-isolation)")
+    except ImportError as exc:  # not installed, or its compiled modules cannot load (a noexec /tmp)
+        return _fallback(f"mypyc cannot be imported ({exc}; pip install mypy, then --no-build-isolation)")
     cwd = os.getcwd()
     os.chdir(ROOT)  # mypycify reads the sources and writes its C under build/ relative to here
     try:
@@ -77,6 +77,11 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             if MODE != "auto":
                 raise
+            # A compile that failed part-way leaves what it built (mypyc's shared library, some
+            # modules' shims) in build_lib, and the wheel would carry a mixed core that raises
+            # TypeError where compiled and pure classes meet: drop every compiled module.
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             self.extensions: list[Any] = []
             print(f"clearip-proxy: building pure Python: the C compile failed: {exc}", file=sys.stderr)
 

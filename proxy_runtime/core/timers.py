@@ -39,9 +39,11 @@ class Timers:
     An entry is live only while its object's ``deadline`` still equals the entry's time: an object
     that is rescheduled or finished (``deadline`` None: the tables set it when they drop a
     transaction) leaves a stale entry, skipped when it reaches the top and compacted away when the
-    heap grows past twice its live size, so stale entries never hold more than the live ones do.
-    Entries hold their objects strongly (weak references would free finished transactions sooner,
-    but the compiled build's native classes take none, and the bound above is what matters).
+    heap grows past twice its live size, so stale entries never outnumber the live ones. Entries
+    hold their objects strongly (the compiled build's native classes take no weak references), so
+    a dropped transaction stays until its old deadline (up to 64*T1: a ClearIP INVITE ended by its
+    302 over TCP/TLS leaves its Timer B entry): the tables release it first, so it holds nothing
+    but its key meanwhile.
 
     A call's own timers run for a fixed duration, so each duration's deadlines come in order: an
     insertion-ordered dict per duration is a queue that is cancelled in O(1) and leaves nothing

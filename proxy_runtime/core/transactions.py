@@ -165,8 +165,8 @@ class Transactions:
     # reference counting the moment its last timer ends, never left to the cyclic GC.
     def drop_server(self, st: ServerTransaction) -> None:
         self.server.pop(st.key, None)
-        st.deadline = None  # a dropped transaction is never woken (its heap entry goes stale)
-        owner, st.owner = st.owner, None
+        owner = st.owner
+        st.release()  # never woken again (its heap entry goes stale) and holds nothing meanwhile
         if owner is not None:
             cast(ServerOwner, owner).server_ended()  # only calls and relays own server transactions
 
@@ -194,8 +194,7 @@ class Transactions:
 
     def drop_client(self, ct: ClientTransaction) -> None:
         self.client.pop(ct.key, None)
-        ct.deadline = None  # a dropped transaction is never woken (its heap entry goes stale)
-        ct.owner = None
+        ct.release()  # never woken again (its heap entry goes stale) and holds nothing meanwhile
 
     def send_cancel(self, invite: SipRequest, target: Target, now: float) -> None:
         """CANCEL a request we forwarded (RFC 3261 §9.1): same R-URI, top Via, Call-ID, From, To,

@@ -81,6 +81,10 @@ def _klass(status: int) -> str:
     return "final"
 
 
+def _discard(data: bytes) -> None:
+    """A released transaction's ``transmit``: it sends nothing, and holds no destination."""
+
+
 class _Transaction:
     """What client and server transactions share: their key and owner, how they send, which timers
     they run, their state, and the one deadline (the earliest timer) at which they want waking."""
@@ -133,6 +137,18 @@ class _Transaction:
         self.state = State.TERMINATED
         self.deadline = None
 
+    def release(self) -> None:
+        """The TU dropped this (terminated) transaction: keep nothing but the key. A stale entry in
+        the core's timer heap holds it strongly until its old deadline (Timer B / F: 64*T1 = 32 s,
+        e.g. every ClearIP INVITE ended at once by its 302 over TCP or TLS), so it must not keep
+        its bytes, its ACK, its request (``build_ack``) or its destination meanwhile."""
+        self.state = State.TERMINATED
+        self.deadline = None
+        self._retransmit_at = None
+        self._timeout_at = None
+        self.owner = None
+        self.transmit = _discard
+
 
 class ClientTransaction(_Transaction):
     """INVITE (``invite=True``) or non-INVITE client transaction.
@@ -164,6 +180,12 @@ class ClientTransaction(_Transaction):
         self._timeout_at = now + timers.timeout_64t1  # Timer B / F
         self._update_deadline()
         transmit(data)
+
+    def release(self) -> None:
+        super().release()
+        self._data = b""
+        self._ack = None
+        self._build_ack = None
 
     def receive_response(self, response: object, status: int, now: float) -> Verdict:
         table = _ICT if self.invite else _NICT
@@ -259,6 +281,10 @@ class ServerTransaction(_Transaction):
         super().__init__(key, transmit, state, invite=invite, reliable=reliable, timers=timers)
         self._last: bytes | None = None
         self.final_status = 0
+
+    def release(self) -> None:
+        super().release()
+        self._last = None
 
     @property
     def has_final(self) -> bool:

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -634,3 +636,32 @@ def test_plain_pip_install_of_a_clean_copy_is_pure(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert version(venv, env).endswith("(core pure)")
     assert not list((venv / "lib/python3.11/site-packages/proxy_runtime").rglob("*.so"))
+
+
+@pytest.mark.slow
+def test_a_compile_that_fails_part_way_builds_a_wholly_pure_wheel(tmp_path: Path) -> None:
+    """CLEARIP_COMPILE=auto and a C compile that fails after mypyc's shared library and some
+    modules were built (a full disk, a killed compiler): the wheel must carry no compiled module at
+    all. A mixed core (some modules compiled, some not) reports itself "compiled" and raises
+    TypeError where compiled and pure classes meet (an oversize message: no 513)."""
+    require_tool("gcc", "Debian packages gcc and python3.11-dev")
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in *timers.c) exit 1;; esac; done\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if name.startswith(("proxy_runtime/", "setup.py", "pyproject.toml")) and (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    env = dict(os.environ, CC=str(cc), CLEARIP_COMPILE="auto")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "clearip-proxy: building pure Python: the C compile failed" in proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("clearip_proxy-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert not [n for n in zf.namelist() if n.endswith(".so")]

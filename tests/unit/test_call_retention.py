@@ -16,6 +16,7 @@ from dataclasses import replace
 from proxy_runtime.core.call import Call
 from proxy_runtime.core.proxy import ProxyCore, Target
 from proxy_runtime.sip.message import SipRequest, SipResponse
+from proxy_runtime.sip.transaction import ClientTransaction
 from tests.unit.test_proxy_core import (
     CARRIER_B,
     SWITCH,
@@ -165,3 +166,28 @@ def test_call_timeouts_keep_their_order_across_a_reload_and_a_clock_that_goes_ba
     assert finals(13.0) == ["b@10.0.0.5"]
     assert finals(15.0) == ["a@10.0.0.5"]
     assert core.in_flight == 0
+
+
+def test_a_clearip_transaction_ended_by_its_302_keeps_nothing_while_its_timer_b_entry_waits() -> None:
+    """ClearIP is reached over TCP or TLS, so its 302 ends the INVITE client transaction at once
+    (Timer D = 0) while the heap still holds its Timer B entry, strongly, for 64*T1 (32 s). The
+    transaction must hold none of its bytes then: at 1,000 calls/s that is 32,000 of them."""
+    core, net = make_core()
+    for i in range(50):
+        t = i * 0.01
+        data = invite(branch=f"z9hG4bKsw{i}").replace(b"call-1@", f"c{i}@".encode())
+        clearip_reply(core, redirect(to_clearip(core, net, t, data)), t + 0.005)
+        core.handle_timer(t + 0.006)  # Timer D (0 over TCP): the ClearIP transaction ends
+        fwd = next(m for t_, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE")
+        answer(core, net, fwd, t + 0.007)
+        net.take()
+    gc.collect()
+    in_table = {id(ct) for ct in core._txns.client.values()}
+    dropped = [o for o in gc.get_objects() if type(o) is ClientTransaction and id(o) not in in_table]
+    assert len(dropped) == 50  # the ClearIP legs, held by their stale Timer B entries
+    # What a dropped transaction would otherwise pin: the INVITE sent to ClearIP, the ACK for its
+    # 302, the request (through build_ack) and its destination (through transmit).
+    assert all(o._data == b"" and o._ack is None and o._build_ack is None for o in dropped)
+    assert all(o.owner is None and o.deadline is None and o.terminated for o in dropped)
+    core.handle_timer(40.0)
+    assert core.table_sizes() == {"calls": 0, "server_transactions": 0, "client_transactions": 0, "timers": 0}
