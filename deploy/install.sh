@@ -529,7 +529,7 @@ if [ "$SKIP_VENV" = 0 ]; then
   stamp=$( (cd "$R$PREFIX/src" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
     | sort -z | xargs -0 sha256sum; echo "core=$CORE") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
-    build=$(mktemp -d)
+    build=$(mktemp -d "$R$PREFIX/.build.XXXXXX")  # not /tmp: often noexec, and mypy must load there
     trap 'rm -rf "$build"' EXIT  # also when the build fails
     mkdir "$build/src"
     cp -r "$R$PREFIX/src/." "$build/src/"

@@ -14,6 +14,16 @@ import pytest
 # through tests/integration/harness.py. The run stops at once if the core is not the compiled one.
 COMPILED_BUILD = os.environ.get("CLEARIP_COMPILED_DIR", "")
 if COMPILED_BUILD:
+    _built = Path(COMPILED_BUILD) / ".built"  # the Makefile's stamp of a finished build
+    _sources = Path(__file__).resolve().parents[1] / "proxy_runtime"
+    _newer = [
+        p for p in _sources.rglob("*.py") if not _built.exists() or p.stat().st_mtime > _built.stat().st_mtime
+    ]
+    if _newer:
+        raise pytest.UsageError(
+            f"CLEARIP_COMPILED_DIR={COMPILED_BUILD} is older than {_newer[0]} (or unfinished): "
+            "run `make compiled` (or `make test-compiled`, which does)"
+        )
     sys.path.insert(0, str(Path(COMPILED_BUILD).resolve()))
     from proxy_runtime.core import build_kind
 
