@@ -8,6 +8,7 @@ grows RSS linearly with calls). No message traces are written, so the run's own 
 
     python -m bench.soak --calls 100000            # the full run (a few minutes)
     python -m bench.soak --calls 2000 --batch 200  # what the test suite runs
+    CLEARIP_COMPILED_DIR=.build/compiled python -m bench.soak ...  # the compiled core (make compiled)
 
 Exit status 0 when the RSS check passes and every batch's SIPp exited 0 (or failed calls stayed
 under ``--max-failed-ratio``), 1 otherwise. Prints one JSON object with the figures.
@@ -35,9 +36,11 @@ from tests.integration.flows import CLEARIP_KEYS  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
     CALLER_IDENTITY,
     HOST,
+    PROXY_MODULE,
     SCENARIOS,
     SIPP,
     free_port,
+    proxy_pythonpath,
     wait_established,
     wait_listening,
 )
@@ -86,7 +89,8 @@ def run(
     """``pause``: seconds of silence before each batch after the first (transactions drain)."""
     res = SoakResult(calls, batch, rate)
     procs: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    # CLEARIP_COMPILED_DIR=.build/compiled (after `make compiled`): the compiled core
+    env = dict(os.environ, PYTHONPATH=proxy_pythonpath(), PYTHONDONTWRITEBYTECODE="1")
     devnull = subprocess.DEVNULL
     try:
         carrier_port, clearip_port, proxy_port = free_port(), free_port(), free_port()
@@ -109,7 +113,7 @@ def run(
         log = (workdir / "proxy.log").open("wb")
         proxy = subprocess.Popen(
             [
-                sys.executable, "-m", "proxy_runtime", "run",
+                *PROXY_MODULE, "run",
                 "--udp", f"{HOST}:{proxy_port}",
                 "--clearip", f"sip:{HOST}:{clearip_port};transport=tcp",
                 "--timeout", "2", "--allow", "127.0.0.0/8", "--metrics", "off", "--log-level", "WARNING",
