@@ -211,19 +211,7 @@ class Transactions:
         key = (branch, "CANCEL")
         if key in self.client:
             return
-        data = cancel.serialize()
-        ct = ClientTransaction(
-            key,
-            data,
-            SendTo(self._send, target, key),
-            invite=False,
-            reliable=target.reliable,
-            now=now,
-            timers=self._timer_settings,
-        )
-        ct.owner = CANCEL_OWNER
-        self.client[key] = ct
-        self._timers.schedule(ct)
+        self.start_client(cancel, target, key, CANCEL_OWNER, now)
         self.guard((branch, "INVITE"), now + self._timer_settings.timeout_64t1, cancelled=True)
 
     def guard(self, key: tuple[str, str], when: float, *, cancelled: bool) -> None:

@@ -526,6 +526,20 @@ def version(venv: Path, env: dict[str, str]) -> str:
     return out.stdout.strip()
 
 
+def offline_install(root: Path, python: str) -> list[str]:
+    """install.sh into ``root`` from the release's wheels alone, with ``python``."""
+    return [
+        "bash",
+        str(RELEASE / "deploy/install.sh"),
+        "--root",
+        str(root),
+        "--offline",
+        "--python",
+        python,
+        *ARGS,
+    ]
+
+
 @pytest.mark.slow
 def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None:
     """Create the venv and install the runtime and the proxy from the release's hash-pinned wheels,
@@ -536,16 +550,7 @@ def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None
     require_tool("gcc", "Debian packages gcc and python3.11-dev")
     release_with_wheels()
     env = offline_env(tmp_path)
-    cmd = [
-        "bash",
-        str(RELEASE / "deploy/install.sh"),
-        "--root",
-        str(tmp_path),
-        "--offline",
-        "--python",
-        python,
-        *ARGS,
-    ]
+    cmd = offline_install(tmp_path, python)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "hash-pinned, no index" in proc.stdout
@@ -578,16 +583,7 @@ def test_real_venv_install_falls_back_to_the_pure_core(tmp_path: Path) -> None:
     python = require_tool("python3.11", "Debian package python3.11")
     release_with_wheels()
     env = offline_env(tmp_path, CC="false")
-    cmd = [
-        "bash",
-        str(RELEASE / "deploy/install.sh"),
-        "--root",
-        str(tmp_path),
-        "--offline",
-        "--python",
-        python,
-        *ARGS,
-    ]
+    cmd = offline_install(tmp_path, python)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     venv = tmp_path / "opt/clearip-proxy/venv"
