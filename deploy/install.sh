@@ -270,6 +270,17 @@ pick_python() {
   die "no python >= 3.11: install python3.11 (dnf install python3.11 / apt-get install python3.11-venv)"
 }
 
+# True when a C compiler builds against $PYTHON's headers now (what setup.py's auto mode needs). Part
+# of the release stamp in auto mode: a proxy that fell back to pure Python because the compiler or
+# the headers were missing is rebuilt, compiled, by the first run that finds them working (and only
+# then; a compile that fails for another reason does not rebuild on every run).
+compiler_works() {
+  local inc
+  inc=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) || return 1
+  printf '#include <Python.h>\nint main(void) { return 0; }\n' \
+    | "${CC:-gcc}" -I"$inc" -x c -c -o /dev/null - >/dev/null 2>&1
+}
+
 # True when python3.11's C headers (Python.h) are installed: the compiled core needs them.
 has_python_headers() {
   local inc
@@ -525,9 +536,13 @@ if [ "$SKIP_VENV" = 0 ]; then
     changed "$PREFIX/venv"
   fi
   # Reinstall only when the release or the core's build mode changed: the stamp is a hash of every
-  # runtime file and the mode.
+  # runtime file and the mode (in auto mode, with whether a compiler works: see compiler_works).
+  core_stamp="core=$CORE"
+  if [ "$CORE" = auto ]; then
+    if compiler_works; then core_stamp+=" compiler=yes"; else core_stamp+=" compiler=no"; fi
+  fi
   stamp=$( (cd "$R$PREFIX/src" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
-    | sort -z | xargs -0 sha256sum; echo "core=$CORE") | sha256sum | cut -d' ' -f1)
+    | sort -z | xargs -0 sha256sum; echo "$core_stamp") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV/.release-sha256" 2>/dev/null || true)" != "$stamp" ]; then
     build=$(mktemp -d "$R$PREFIX/.build.XXXXXX")  # not /tmp: often noexec, and mypy must load there
     trap 'rm -rf "$build"' EXIT  # also when the build fails

@@ -579,7 +579,8 @@ def test_real_venv_install_from_the_release_wheels_alone(tmp_path: Path) -> None
 def test_real_venv_install_falls_back_to_the_pure_core(tmp_path: Path) -> None:
     """No working C compiler (CC=false: every compile fails, as on a host where gcc could not be
     installed): the install still succeeds, with the pure-Python core, and says why. Then --pure: the
-    kept mode changes, so the proxy is rebuilt (and would be restarted) without a compile."""
+    kept mode changes, so the proxy is rebuilt (and would be restarted) without a compile. Before
+    that, a run that finds the compiler working again (gcc installed since) rebuilds it compiled."""
     python = require_tool("python3.11", "Debian package python3.11")
     release_with_wheels()
     env = offline_env(tmp_path, CC="false")
@@ -593,6 +594,13 @@ def test_real_venv_install_falls_back_to_the_pure_core(tmp_path: Path) -> None:
     assert not list((venv / "lib/python3.11/site-packages/proxy_runtime").rglob("*.so"))
     assert "mypy" not in frozen(venv, env)
     assert (tmp_path / "opt/clearip-proxy/build.log").is_file()  # the whole build, for the operator
+    same = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert same.stdout.strip().endswith("unchanged")  # still no compiler: no rebuild, no restart
+    healed_env = offline_env(tmp_path)  # the next roll-out finds gcc and the headers installed
+    healed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=healed_env)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert "changed: /opt/clearip-proxy/venv packages" in healed.stdout
+    assert version(venv, env).endswith("(core compiled)")
     pure = subprocess.run([*cmd, "--pure"], capture_output=True, text=True, timeout=300, env=env)
     assert pure.returncode == 0, pure.stdout + pure.stderr
     assert (
