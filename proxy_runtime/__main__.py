@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from proxy_runtime import settings as settings_mod
@@ -91,34 +91,22 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
     from proxy_runtime.metrics.sinks import make_sink
     from proxy_runtime.transport.server import ProxyServer
 
-    recorder = MetricsRecorder(proxy_id=settings.proxy_id, log_numbers=settings.log_numbers)
     loop = asyncio.get_running_loop()
-    try:
-        sink = await loop.run_in_executor(
-            None, lambda: make_sink(settings.metrics, proxy_id=settings.proxy_id)
-        )
-    except ValueError as exc:
-        raise SettingsError("metrics", str(exc)) from None
-    publisher = MetricsPublisher(recorder, sink, interval=settings.metrics_interval)
-    server = ProxyServer(settings, recorder=recorder)
-    try:
-        await server.start()
-    except OSError as exc:
-        log.error("cannot open listeners: %s", exc)
-        await server.stop()
-        return 1
-    await publisher.start()
-    gcpolicy.apply()
-    gc_task = loop.create_task(gcpolicy.collect_periodically(), name="gc")
-    control = await _start_control(server, config_args)
     stop = asyncio.Event()
+    server: ProxyServer | None = None
+    publisher: MetricsPublisher | None = None
+    control: ControlServer | None = None
 
+    # The handlers go in before anything listens: the control socket and the "ready" line are
+    # what a supervisor or an operator waits for, and a SIGUSR1/SIGHUP sent right after them must
+    # not meet the default action (SIGUSR1's default kills the process).
     def on_term() -> None:
-        log.info("SIGTERM: draining (at most %.0f s)", server.settings.drain_timeout)
+        if server is not None:
+            log.info("SIGTERM: draining (at most %.0f s)", server.settings.drain_timeout)
         stop.set()
 
     def on_hup() -> None:
-        if config_args is None:
+        if config_args is None or server is None:
             return
         try:
             new = load_settings(config_args)
@@ -128,27 +116,58 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         restart = server.reload(new)
         if control is not None:
             control.settings_changed()
-        publisher.interval = new.metrics_interval
+        if publisher is not None:
+            publisher.interval = new.metrics_interval
         logging.getLogger().setLevel(new.log_level.upper())
         log.info(
             "settings reloaded%s", f"; needs a restart to apply: {', '.join(restart)}" if restart else ""
         )
 
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    if control is not None:
-        loop.add_signal_handler(signal.SIGUSR1, control.toggle_trace)
+    def on_usr1() -> None:
+        if control is None:
+            log.warning("SIGUSR1: no control socket, so no trace to toggle (control_socket is off)")
+            return
+        control.toggle_trace()
+
+    handlers: dict[signal.Signals, Callable[[], None]] = {
+        signal.SIGTERM: on_term,
+        signal.SIGINT: on_term,
+        signal.SIGHUP: on_hup,
+        signal.SIGUSR1: on_usr1,
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
     try:
-        await stop.wait()
-        await server.drain()
+        recorder = MetricsRecorder(proxy_id=settings.proxy_id, log_numbers=settings.log_numbers)
+        try:
+            sink = await loop.run_in_executor(
+                None, lambda: make_sink(settings.metrics, proxy_id=settings.proxy_id)
+            )
+        except ValueError as exc:
+            raise SettingsError("metrics", str(exc)) from None
+        publisher = MetricsPublisher(recorder, sink, interval=settings.metrics_interval)
+        server = ProxyServer(settings, recorder=recorder)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot open listeners: %s", exc)
+            await server.stop()
+            return 1
+        await publisher.start()
+        gcpolicy.apply()
+        gc_task = loop.create_task(gcpolicy.collect_periodically(), name="gc")
+        control = await _start_control(server, config_args)
+        try:
+            await stop.wait()
+            await server.drain()
+        finally:
+            gc_task.cancel()
+            if control is not None:
+                await control.stop()
+            await server.stop()
+            await publisher.stop()
     finally:
-        gc_task.cancel()
-        if control is not None:
-            await control.stop()
-        await server.stop()
-        await publisher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in handlers:
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
