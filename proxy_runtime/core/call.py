@@ -19,6 +19,7 @@ clock (``now`` is an argument). Policy that needs no state lives in :mod:`routin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -227,6 +228,7 @@ class Call:
         "deadline",
         "emergency",
         "final_reason",
+        "fork_until",
         "host",
         "identity",
         "next_target",
@@ -267,6 +269,7 @@ class Call:
         self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
         self.targets: list[CarrierTarget] = []
         self.next_target = 0
+        self.fork_until = math.inf  # no new carrier attempt after this (ClearIP's answer + fork_window)
         self.branch: Branch | None = None
         self.responses: list[SipResponse] = []
         self.attempts = 0
@@ -384,7 +387,9 @@ class Call:
         self.pai = tuple(resp.get_all("p-asserted-identity"))
         self.base = base
         self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
-        self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets]
+        limit = host.settings.max_contacts
+        self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets[:limit]]
+        self.fork_until = now + host.settings.fork_window
         host.arm(self, None, now)
         self._advance(now)
 
@@ -525,6 +530,11 @@ class Call:
     def _advance(self, now: float) -> None:
         """Start the next carrier attempt, or finish with the best response."""
         while self.next_target < len(self.targets) and not self.cancelled:
+            if self.attempts and now > self.fork_until:
+                # The redirect's PASSporT is too old for another carrier: the switch's own
+                # route-advance gets a fresh one from ClearIP.
+                self._finish_best(now, reason=f"fork window ({self.host.settings.fork_window:g} s) passed")
+                return
             dest = self.targets[self.next_target]
             self.next_target += 1
             self.attempts += 1
@@ -550,12 +560,13 @@ class Call:
         resp = make_response(self.request, status, to_tag=self.host.stamper.instance, extra=extra)
         self._finish(resp, now, reason=text)
 
-    def _finish_best(self, now: float) -> None:
+    def _finish_best(self, now: float, *, reason: str = "") -> None:
         best = routing.best_response(self.responses)
         if best is None:
             self.fail(503, "no usable carrier route", now)
             return
-        self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed")
+        why = f"; {reason}" if reason else ""
+        self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed{why}")
 
     def _finish(self, resp: SipResponse, now: float, *, reason: str) -> None:
         """Send the call's final response (once), report the end and let go of what is done."""

@@ -111,6 +111,11 @@ class Settings:
     emergency_action: str = "reject"  # reject = immediate 503; route = send to emergency_route
     emergency_route: str = ""  # SIP URI used when emergency_action = route
     advance_on_4xx: bool = True  # route-advance on 4xx other than those that must not advance
+    # The serial fork's bounds: at most `max_contacts` of a redirect's Contacts are tried, and no
+    # new attempt starts more than `fork_window` s after ClearIP's answer (its PASSporT would reach
+    # the next carrier's verifier stale: RFC 8224 §6.2.2 checks `iat` against a 60 s freshness).
+    max_contacts: int = 10
+    fork_window: float = 40.0
     large_over_tcp: bool = False  # send requests over 1,300 bytes by TCP (RFC 3261 §18.1.1)
     max_in_flight: int = 2000  # INVITE server transactions; above it new INVITEs get 503 Retry-After
     # Overload control (core/overload.py): past this many seconds of queue delay (how long UDP
@@ -298,6 +303,14 @@ def validate(s: Settings) -> Settings:
         raise SettingsError(
             "clearip_connect_wait",
             f"must be more than 0 and at most 2 seconds (calls wait that long), got {s.clearip_connect_wait}",
+        )
+    if not 1 <= s.max_contacts <= 100:
+        raise SettingsError("max_contacts", f"must be 1 to 100, got {s.max_contacts}")
+    if not 0 < s.fork_window <= 60:
+        raise SettingsError(
+            "fork_window",
+            "must be more than 0 and at most 60 seconds (a PASSporT is stale after 60 s), "
+            f"got {s.fork_window}",
         )
     if s.breaker_threshold < 0:
         raise SettingsError("breaker_threshold", "must not be negative (0 turns the breaker off)")

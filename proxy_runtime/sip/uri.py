@@ -194,12 +194,17 @@ def parse_uri_headers(headers: str) -> list[tuple[str, str]]:
     Unescaped with :func:`urllib.parse.unquote`, not ``unquote_plus``: ``+`` is a literal character
     in a SIP URI (``+15551234567``), never a space. Escapes must decode as UTF-8 (header values are
     UTF-8 text); a name that is empty after unescaping, a header without ``=`` or an escape that does
-    not decode raise :class:`UriError`. An empty value is kept (``?Subject=``). What a caller may do
-    with the pairs (which names to honour, values with CR/LF) is its own policy."""
+    not decode raise :class:`UriError`. An empty value is kept (``?Subject=``). An empty element
+    (a trailing ``&``, ``&&``) is skipped: the grammar has none, but a generator that joins with a
+    trailing ``&`` says nothing different, and refusing it would drop the Contact and the call.
+    What a caller may do with the pairs (which names to honour, values with CR/LF) is its own
+    policy."""
     out: list[tuple[str, str]] = []
     if not headers:
         return out
     for part in headers.split("&"):
+        if not part:
+            continue
         name, sep, value = part.partition("=")
         if not sep:
             raise UriError(f"URI header without '=': {part[:40]!r}")

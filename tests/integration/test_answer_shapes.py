@@ -115,6 +115,27 @@ def test_contact_uri_headers_become_that_branchs_headers_and_the_next_contact_br
     assert "ignored headers in ClearIP's redirect Contacts" in call.proxy.log_text(), d()
 
 
+def test_a_trailing_ampersand_after_the_contacts_headers_still_signs_the_call(lab: Lab) -> None:
+    """A Contact whose headers part ends with '&' (a generator that ends every header with it):
+    the only Contact, so refusing it would fail the call; its Identity and PAI go on the INVITE."""
+    call = redirected_call(
+        lab,
+        switch_transport="udp",
+        carriers=[("carrier_answer.xml", "udp")],
+        contacts=lambda p: uri_contact(
+            p[0], 1.0, [("Identity", ID_B), ("P-Asserted-Identity", PAI_B)]
+        ).replace(">;q=", "&>;q="),
+    )
+    d = lab.describe
+    assert "&>;q=" in (call.clearip.sent(302)[0].get("Contact") or ""), d()
+    assert call.switch_final().status == 200, d()
+    (carrier,) = call.carriers
+    inv = first_invite(carrier)
+    assert inv.request_uri == f"sip:{CALLED}@{HOST}:{carrier.port}", d()
+    assert inv.all("Identity") == [ID_B], d()
+    assert inv.all("P-Asserted-Identity") == [PAI_B], d()
+
+
 # --- 2. 300 Multiple Choices ---------------------------------------------------------------------
 
 

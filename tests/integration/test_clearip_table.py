@@ -145,6 +145,25 @@ def test_302_first_contact_silent_then_second_within_timeout(lab: Lab, transport
     assert answering.received("BYE"), d()
 
 
+def test_no_contact_is_tried_after_the_fork_window(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three silent Contacts, 1 s each, a 1.5 s fork window: the second starts at about 1 s, the
+    third (about 2 s, its PASSporT older than the window allows) never does; the switch gets the
+    best response (408) at once instead."""
+    monkeypatch.setenv("CLEARIP_PROXY_FORK_WINDOW", "1.5")
+    call = routed_call(
+        lab,
+        switch_scenario="uac_expect_final.xml",
+        carriers=[("carrier_silent.xml", "tcp", q) for q in (0.9, 0.8, 0.7)],
+        proxy_kw={"timeout": 1.0},
+    )
+    d = lab.describe
+    first, second, third = call.carriers
+    assert [m.status for m in call.switch.final_responses()] == [408], d()
+    assert first.received("INVITE") and second.received("INVITE"), d()
+    assert not third.received("INVITE"), d()
+    assert "fork window (1.5 s) passed" in call.proxy.log_text(), d()
+
+
 @BOTH
 def test_302_all_contacts_fail_best_response(lab: Lab, transport: str) -> None:
     """503 then 486: both advance; the best response (RFC 3261 §16.7: 4xx before 5xx) is 486."""

@@ -193,6 +193,64 @@ def test_each_branch_carries_its_own_contacts_headers_and_the_next_one_after_an_
     assert b"?" not in second.serialize().split(b"\r\n", 1)[0]
 
 
+def test_a_trailing_ampersand_in_a_contacts_headers_still_carries_its_identity() -> None:
+    core, net, _ = make_core()
+    req = to_clearip(core, net)
+    trailing = (
+        f"<sip:+15551234567@192.0.2.10:5060?Identity={esc(ID_A)}&P-Asserted-Identity={esc(PAI_B)}&>;q=0.9"
+    )
+    clearip_reply(core, redirect_with(req, [trailing]), 0.05)
+    ((t, fwd),) = invites_to(net.take())
+    assert (t.host, t.port) == (CARRIER_A.host, CARRIER_A.port)
+    assert fwd.get_all("identity") == [ID_A]
+    assert fwd.get_all("p-asserted-identity") == [PAI_B]
+
+
+# --- the core: the serial fork's bounds ---------------------------------------------------------
+
+
+def _fail_each(core: ProxyCore, net: Net, start: float, step: float) -> tuple[list[Target], list[int]]:
+    """Answer every carrier INVITE with 503 ``step`` s after it left: the carriers tried, in order,
+    and the final statuses sent to the switch."""
+    tried: list[Target] = []
+    now = start
+    while True:
+        out = net.take()
+        invites = invites_to(out)
+        if not invites:
+            return tried, [r.status for r in finals_up(out)]
+        ((t, fwd),) = invites
+        tried.append(t)
+        now += step
+        core.receive(response_to(fwd, 503, "Service Unavailable"), t, now)
+
+
+def _carriers(n: int) -> list[Target]:
+    return [Target("udp", f"192.0.2.{10 + i}", 5060) for i in range(n)]
+
+
+def test_at_most_max_contacts_of_a_redirect_are_tried() -> None:
+    core, net, _ = make_core(max_contacts=3)
+    req = to_clearip(core, net)
+    carriers = _carriers(5)
+    clearip_reply(core, redirect_with(req, [contact(c, 0.9 - i / 10) for i, c in enumerate(carriers)]), 0.05)
+    assert _fail_each(core, net, 0.05, 0.1) == (carriers[:3], [503])
+
+
+def test_no_new_attempt_starts_after_the_fork_window(caplog: pytest.LogCaptureFixture) -> None:
+    """A PASSporT is stale after 60 s (RFC 8224 §6.2.2): past `fork_window` after ClearIP's answer
+    the call ends with the best response, so the switch route-advances and gets a fresh one."""
+    core, net, _ = make_core(fork_window=12.0)
+    req = to_clearip(core, net)
+    carriers = _carriers(6)
+    clearip_reply(core, redirect_with(req, [contact(c, 0.9 - i / 10) for i, c in enumerate(carriers)]), 0.05)
+    # Each carrier rings for 5 s, then fails: attempts start at 0.05, 5.05, 10.05; the third fails
+    # at 15.05, past 0.05 + 12, so no fourth.
+    with caplog.at_level("INFO"):
+        assert _fail_each(core, net, 0.05, 5.0) == (carriers[:3], [503])
+    assert any("fork window (12 s) passed" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_a_contact_without_uri_headers_gets_the_302s() -> None:
     core, net, _ = make_core()
     req = to_clearip(core, net)

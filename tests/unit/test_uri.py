@@ -127,3 +127,16 @@ def test_uri_headers_are_split_and_unescaped_in_order() -> None:
 def test_malformed_uri_headers_raise(headers: str) -> None:
     with pytest.raises(UriError):
         parse_uri_headers(headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    ["Identity=a&", "&Identity=a", "Identity=a&&P-Asserted-Identity=%3Csip:+1202@x%3E&"],
+)
+def test_empty_uri_header_elements_are_skipped(headers: str) -> None:
+    # A generator that ends each header with '&' (seen in the field) means nothing different;
+    # refusing it would drop the Contact, and with a single Contact the call.
+    pairs = parse_uri_headers(headers)
+    assert pairs[0] == ("Identity", "a")
+    assert all(name for name, _ in pairs)
+    assert len(pairs) == headers.count("=")
