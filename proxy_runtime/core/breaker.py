@@ -32,6 +32,10 @@ class BreakerState(enum.Enum):
     OPEN = "open"
     HALF_OPEN = "half-open"
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is a Python function, called on every transition-table lookup.
+    __hash__ = object.__hash__
+
 
 class Admission(enum.Enum):
     """What to do with a new call."""
@@ -46,6 +50,8 @@ class _Event(enum.Enum):
     COOLED = "cooled"  # cool-off elapsed
     PROBE_TIMEOUT = "probe-timeout"
     ANSWER = "answer"
+
+    __hash__ = object.__hash__  # as BreakerState's
 
 
 _TRANSITIONS: dict[tuple[BreakerState, _Event], BreakerState] = {

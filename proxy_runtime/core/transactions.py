@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, cast
 
 from proxy_runtime.core.stamp import SendFn, Target, response_target
@@ -81,28 +80,35 @@ class _CancelOwner:
 CANCEL_OWNER = _CancelOwner()
 
 
-@dataclass(slots=True)
 class Upstream:
     """Owner of an INVITE client transaction whose 2xx has been relayed: for the rest of its
     Accepted state (RFC 6026, 64*T1) 2xx retransmissions pass to the server transaction ``st``.
 
     It replaces the call (or relay) as owner the moment the 2xx is relayed, so the finished call —
     its requests with their Identity headers, its branches — is freed at once instead of being held
-    for 32 s by the two transactions that must stay (measured: 13 KB per answered call before)."""
+    for 32 s by the two transactions that must stay (measured: 13 KB per answered call before).
 
-    st: ServerTransaction
+    Plain classes here and in :class:`InviteGuard`, not dataclasses: mypyc compiles their
+    ``__init__`` (a dataclass's stays interpreted), and one of each is made per call."""
+
+    __slots__ = ("st",)
+
+    def __init__(self, st: ServerTransaction) -> None:
+        self.st = st
 
 
-@dataclass(slots=True)
 class InviteGuard:
     """Timer C (RFC 3261 §16.8, §9.1) for an INVITE client transaction that may never get a final
     response: after a CANCEL, 64*T1 without a final destroys it; a relayed INVITE still without a
     final at the ring limit is CANCELled (and answered 408). Without it a peer that sends 1xx and
     then nothing leaks the transaction forever (no RFC 3261 timer runs in Proceeding)."""
 
-    key: tuple[str, str]
-    deadline: float | None
-    cancelled: bool
+    __slots__ = ("cancelled", "deadline", "key")
+
+    def __init__(self, key: tuple[str, str], deadline: float | None, cancelled: bool) -> None:
+        self.key = key
+        self.deadline = deadline
+        self.cancelled = cancelled
 
 
 def build_ack(request: SipRequest, response: object) -> bytes:

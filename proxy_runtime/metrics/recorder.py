@@ -66,7 +66,11 @@ _js = json.encoder.encode_basestring  # JSON string literal (C implementation)
 
 
 def _jnum(value: float | None) -> str:
-    return "null" if value is None else json.dumps(value)
+    if value is None:
+        return "null"
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)  # what json.dumps gives a finite float, without its machinery
+    return json.dumps(value)
 
 
 def _jbool(value: bool) -> str:

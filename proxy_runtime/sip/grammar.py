@@ -14,7 +14,6 @@ parser applies them to the headers the proxy itself interprets (see ``docs/PARSE
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.uri import plain_params
@@ -159,8 +158,20 @@ def canonical_name(key: str) -> str:
     return "-".join(p.capitalize() for p in key.split("-"))
 
 
+# Tokens every call carries (methods, the usual header parameters): answered by one set lookup
+# before the regex, which is called twenty-odd times per call.
+_COMMON_TOKENS = frozenset(
+    (
+        *("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "PRACK", "UPDATE", "INFO", "NOTIFY", "REFER"),
+        *("SUBSCRIBE", "MESSAGE", "REGISTER"),
+        *("branch", "rport", "received", "tag", "lr", "transport", "user", "maddr", "ttl", "q"),
+        *("expires", "r2", "ftag"),
+    )
+)
+
+
 def is_token(s: str) -> bool:
-    return TOKEN_RE.fullmatch(s) is not None
+    return s in _COMMON_TOKENS or TOKEN_RE.fullmatch(s) is not None
 
 
 def is_digits(s: str) -> bool:
@@ -306,13 +317,44 @@ def _plain_commas(value: str) -> list[int]:
     return out
 
 
-@dataclass(slots=True)
 class Via:
-    transport: str  # upper case: UDP, TCP, TLS, SCTP, WS...
-    host: str
-    port: int | None
-    params: dict[str, str | None]
-    protocol: str = "SIP/2.0"
+    """One Via value. A plain class rather than a dataclass so that mypyc compiles its
+    ``__init__`` (a dataclass's stays interpreted; one or more of these per message)."""
+
+    __slots__ = ("host", "params", "port", "protocol", "transport")
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None,
+        params: dict[str, str | None],
+        protocol: str = "SIP/2.0",
+    ) -> None:
+        self.transport = transport  # upper case: UDP, TCP, TLS, SCTP, WS...
+        self.host = host
+        self.port = port
+        self.params = params
+        self.protocol = protocol
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Via):
+            return NotImplemented
+        return (
+            self.transport == other.transport
+            and self.host == other.host
+            and self.port == other.port
+            and self.params == other.params
+            and self.protocol == other.protocol
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Via(transport={self.transport!r}, host={self.host!r}, port={self.port!r}, "
+            f"params={self.params!r}, protocol={self.protocol!r})"
+        )
 
     @property
     def branch(self) -> str:
@@ -398,14 +440,37 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
     return Via(transport.upper(), host.lower(), port, params, proto)
 
 
-@dataclass(slots=True)
 class NameAddr:
-    """A name-addr or addr-spec with header params: From, To, Contact, Route, Record-Route, PAI."""
+    """A name-addr or addr-spec with header params: From, To, Contact, Route, Record-Route, PAI.
+    A plain class for mypyc, as :class:`Via`."""
 
-    display: str | None
-    uri: str
-    params: dict[str, str | None]
-    bracketed: bool = True
+    __slots__ = ("bracketed", "display", "params", "uri")
+
+    def __init__(
+        self, display: str | None, uri: str, params: dict[str, str | None], bracketed: bool = True
+    ) -> None:
+        self.display = display
+        self.uri = uri
+        self.params = params
+        self.bracketed = bracketed
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NameAddr):
+            return NotImplemented
+        return (
+            self.display == other.display
+            and self.uri == other.uri
+            and self.params == other.params
+            and self.bracketed == other.bracketed
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"NameAddr(display={self.display!r}, uri={self.uri!r}, params={self.params!r}, "
+            f"bracketed={self.bracketed!r})"
+        )
 
     @property
     def tag(self) -> str | None:

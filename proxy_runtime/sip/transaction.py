@@ -44,6 +44,10 @@ class State(enum.Enum):
     ACCEPTED = "accepted"  # RFC 6026: after a 2xx
     TERMINATED = "terminated"
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is a Python function, called on every transition-table lookup.
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     """What a transaction reports to its owner from ``on_timer`` or ``transport_error``."""

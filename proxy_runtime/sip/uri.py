@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 
@@ -16,15 +15,54 @@ class UriError(ValueError):
         self.status_hint = status_hint
 
 
-@dataclass(frozen=True, slots=True)
 class SipUri:
-    scheme: str  # "sip" or "sips" (lower case)
-    user: str | None
-    password: str | None
-    host: str  # lower case; IPv6 without brackets
-    port: int | None
-    params: dict[str, str | None] = field(default_factory=dict)  # names lower case
-    headers: str = ""  # raw "?..." part without the "?"
+    """A parsed SIP/SIPS URI: a value, never changed after :func:`parse_uri` builds it.
+
+    A plain class with its own ``__init__``, ``__eq__`` and ``__repr__`` rather than a frozen
+    dataclass: mypyc compiles this ``__init__`` to C, while a dataclass's stays an interpreted
+    function (measured with perf on ``bench.core_micro``: 4.5 % of the compiled core's CPU went to
+    building SipUri objects)."""
+
+    __slots__ = ("headers", "host", "params", "password", "port", "scheme", "user")
+
+    def __init__(
+        self,
+        scheme: str,
+        user: str | None,
+        password: str | None,
+        host: str,
+        port: int | None,
+        params: dict[str, str | None] | None = None,
+        headers: str = "",
+    ) -> None:
+        self.scheme = scheme  # "sip" or "sips" (lower case)
+        self.user = user
+        self.password = password
+        self.host = host  # lower case; IPv6 without brackets
+        self.port = port
+        self.params: dict[str, str | None] = {} if params is None else params  # names lower case
+        self.headers = headers  # raw "?..." part without the "?"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SipUri):
+            return NotImplemented
+        return (
+            self.scheme == other.scheme
+            and self.user == other.user
+            and self.password == other.password
+            and self.host == other.host
+            and self.port == other.port
+            and self.params == other.params
+            and self.headers == other.headers
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # params is a dict: as unhashable as the dataclass was
+
+    def __repr__(self) -> str:
+        return (
+            f"SipUri(scheme={self.scheme!r}, user={self.user!r}, password={self.password!r}, "
+            f"host={self.host!r}, port={self.port!r}, params={self.params!r}, headers={self.headers!r})"
+        )
 
     @property
     def transport(self) -> str:

@@ -3,6 +3,7 @@ cost of adversarial inputs grows linearly with their size (nothing quadratic).""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +15,7 @@ from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.framing import FramingError, StreamFramer
 from proxy_runtime.sip.grammar import parse_name_addr, parse_via, split_list
 from proxy_runtime.sip.message import SipMessage, SipRequest
-from proxy_runtime.sip.parse import parse_message, try_parse_for_reply
+from proxy_runtime.sip.parse import find_head_end, parse_message, try_parse_for_reply
 from proxy_runtime.sip.uri import UriError, parse_uri
 from tests import growth
 from tests.data import rfc4475_files
@@ -225,3 +226,23 @@ def test_header_flood_is_rejected_in_linear_time() -> None:
 
     ratio, _ = growth.confirmed_growth(make, 1500, PARSER_BOUND)
     assert ratio <= PARSER_BOUND, f"rejecting a header flood grew {ratio:.1f}x for 8x the lines"
+
+
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # the definition find_head_end implements without a regex
+
+
+@FAST
+@given(
+    st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"a", b"\r\n\r\n", b"\n\n", b"\n\r\n"]), max_size=30),
+    st.integers(0, 8),
+)
+def test_find_head_end_is_the_first_lf_optional_cr_lf(parts: list[bytes], start: int) -> None:
+    data = b"".join(parts)
+    m = _BLANK_LINE.search(data, start)
+    expected = (
+        None
+        if m is None
+        else (m.start() - (1 if m.start() > 0 and data[m.start() - 1] == 13 else 0), m.end())
+    )
+    assert find_head_end(data, start) == expected
+    assert find_head_end(bytearray(data), start) == expected
