@@ -17,6 +17,7 @@ import re
 
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.uri import plain_params
+from proxy_runtime.sip.values import fields_equal, fields_repr
 
 SIP_VERSION = "SIP/2.0"
 # Header fields in one message; also bounds the values in one list header (a value flood costs like
@@ -317,11 +318,14 @@ def _plain_commas(value: str) -> list[int]:
     return out
 
 
+_VIA_FIELDS = ("transport", "host", "port", "params", "protocol")
+
+
 class Via:
     """One Via value. A plain class rather than a dataclass so that mypyc compiles its
     ``__init__`` (a dataclass's stays interpreted; one or more of these per message)."""
 
-    __slots__ = ("host", "params", "port", "protocol", "transport")
+    __slots__ = _VIA_FIELDS
 
     def __init__(
         self,
@@ -340,21 +344,12 @@ class Via:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Via):
             return NotImplemented
-        return (
-            self.transport == other.transport
-            and self.host == other.host
-            and self.port == other.port
-            and self.params == other.params
-            and self.protocol == other.protocol
-        )
+        return fields_equal(self, other, _VIA_FIELDS)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return (
-            f"Via(transport={self.transport!r}, host={self.host!r}, port={self.port!r}, "
-            f"params={self.params!r}, protocol={self.protocol!r})"
-        )
+        return fields_repr(self, _VIA_FIELDS)
 
     @property
     def branch(self) -> str:
@@ -440,11 +435,14 @@ def parse_via(value: str, *, strict: bool = False) -> Via:
     return Via(transport.upper(), host.lower(), port, params, proto)
 
 
+_NAME_ADDR_FIELDS = ("display", "uri", "params", "bracketed")
+
+
 class NameAddr:
     """A name-addr or addr-spec with header params: From, To, Contact, Route, Record-Route, PAI.
     A plain class for mypyc, as :class:`Via`."""
 
-    __slots__ = ("bracketed", "display", "params", "uri")
+    __slots__ = _NAME_ADDR_FIELDS
 
     def __init__(
         self, display: str | None, uri: str, params: dict[str, str | None], bracketed: bool = True
@@ -457,20 +455,12 @@ class NameAddr:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NameAddr):
             return NotImplemented
-        return (
-            self.display == other.display
-            and self.uri == other.uri
-            and self.params == other.params
-            and self.bracketed == other.bracketed
-        )
+        return fields_equal(self, other, _NAME_ADDR_FIELDS)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return (
-            f"NameAddr(display={self.display!r}, uri={self.uri!r}, params={self.params!r}, "
-            f"bracketed={self.bracketed!r})"
-        )
+        return fields_repr(self, _NAME_ADDR_FIELDS)
 
     @property
     def tag(self) -> str | None:

@@ -140,3 +140,22 @@ def test_empty_uri_header_elements_are_skipped(headers: str) -> None:
     assert pairs[0] == ("Identity", "a")
     assert all(name for name, _ in pairs)
     assert len(pairs) == headers.count("=")
+
+
+def test_parsed_values_compare_by_value_and_print_their_fields() -> None:
+    # Plain classes (for mypyc), with what a dataclass would have given them.
+    from proxy_runtime.sip.grammar import parse_name_addr, parse_via
+
+    assert parse_uri("sip:+1@a.example;lr") == parse_uri("sip:+1@A.example;lr")
+    assert parse_uri("sip:+1@a.example;lr") != parse_uri("sip:+1@a.example")
+    assert parse_uri("sip:a@b") != "sip:a@b"
+    assert repr(parse_uri("sip:a@b:5")) == (
+        "SipUri(scheme='sip', user='a', password=None, host='b', port=5, params={}, headers='')"
+    )
+    via = "SIP/2.0/UDP h:1;branch=z9hG4bKx"
+    assert parse_via(via) == parse_via(via) and parse_via(via) != parse_via(via + "y")
+    assert repr(parse_via(via)).startswith("Via(transport='UDP', host='h', port=1, ")
+    assert parse_name_addr("<sip:a@b>;tag=1") == parse_name_addr("<sip:a@b>;tag=1")
+    assert parse_name_addr("<sip:a@b>;tag=1") != parse_name_addr("<sip:a@b>;tag=2")
+    with pytest.raises(TypeError):
+        hash(parse_uri("sip:a@b"))  # a dict inside: unhashable, as the dataclass was
