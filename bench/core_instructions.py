@@ -10,6 +10,7 @@ core_micro's does. Needs valgrind (Debian: ``valgrind``); about a minute for the
     python -m bench.core_instructions                          # the pure-Python core (this tree)
     python -m bench.core_instructions --build .build/compiled  # the compiled core (make compiled)
     python -m bench.core_instructions --build /tmp/old         # another build, for a before/after
+    python -m bench.core_instructions --refusals --small 2000 --large 12000   # per overload refusal
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 
-def instructions(build: str, calls: int) -> int:
+def instructions(build: str, calls: int, refusals: bool = False) -> int:
     """Instructions executed by ``python -m bench.core_micro --calls N`` under callgrind."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -35,6 +36,8 @@ def instructions(build: str, calls: int) -> int:
     env = dict(os.environ, PYTHONPATH=path)
     cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-P",
            "-m", "bench.core_micro", "--calls", str(calls)]  # fmt: skip
+    if refusals:
+        cmd.append("--refusals")
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=False, timeout=1800)
     m = _COLLECTED.search(out.stderr)
     if out.returncode != 0 or m is None:
@@ -48,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", default="", help="a build directory put first on PYTHONPATH ('' = this tree)")
     p.add_argument("--small", type=int, default=300)
     p.add_argument("--large", type=int, default=1300)
+    p.add_argument("--refusals", action="store_true", help="per INVITE refused by overload control instead")
     a = p.parse_args(argv)
     if a.large <= a.small:
         p.error("--large must be more than --small")
-    small = instructions(a.build, a.small)
-    large = instructions(a.build, a.large)
+    small = instructions(a.build, a.small, a.refusals)
+    large = instructions(a.build, a.large, a.refusals)
     per_call = (large - small) / (a.large - a.small)
-    print(f"{a.build or 'this tree (pure)'}: {per_call / 1e6:.3f} M instructions per call "
+    what = "refused INVITE" if a.refusals else "call"
+    print(f"{a.build or 'this tree (pure)'}: {per_call / 1e6:.3f} M instructions per {what} "
           f"(callgrind, {a.small} and {a.large} calls)")  # fmt: skip
     return 0
 

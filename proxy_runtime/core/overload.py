@@ -252,16 +252,21 @@ _WANTED = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class ScannedInvite:
-    """What a refusal needs from a new INVITE, read from its bytes."""
+    """What a refusal needs from a new INVITE, read from its bytes. A plain class, not a
+    dataclass: mypyc compiles its ``__init__`` (one per refusal)."""
 
-    via: Via  # the top Via, parsed
-    vias: tuple[bytes, ...]  # every Via header line's value, in order (the first holds the top Via)
-    from_: bytes
-    to: bytes
-    call_id: bytes
-    cseq: bytes
+    __slots__ = ("call_id", "cseq", "from_", "to", "via", "vias")
+
+    def __init__(
+        self, via: Via, vias: tuple[bytes, ...], from_: bytes, to: bytes, call_id: bytes, cseq: bytes
+    ) -> None:
+        self.via = via  # the top Via, parsed
+        self.vias = vias  # every Via header line's value, in order (the first holds the top Via)
+        self.from_ = from_
+        self.to = to
+        self.call_id = call_id
+        self.cseq = cseq
 
     def refusal(self, top_via: Via, tag: str, retry_after: int) -> bytes:
         """The stateless 503: every Via (the top one as stamped), From, To with ``tag``, Call-ID,
@@ -298,6 +303,23 @@ def emergency_digits(numbers: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+# Header names as written -> what _WANTED makes of them, so the usual names (the same few on every
+# INVITE of a trunk) skip strip() and lower(). Bounded: names a peer invents stop being remembered.
+_NAME_KEYS: dict[bytes, bytes | None] = {}
+_NAME_KEYS_MAX = 256
+
+
+def _header_key(name: bytes) -> bytes | None:
+    try:
+        return _NAME_KEYS[name]
+    except KeyError:
+        pass
+    key = _WANTED.get(name.strip().lower())
+    if len(_NAME_KEYS) < _NAME_KEYS_MAX:
+        _NAME_KEYS[name] = key
+    return key
+
+
 def scan_invite(data: bytes, emergency: tuple[bytes, ...]) -> ScannedInvite | None:
     """A new out-of-dialog INVITE read from its bytes, or None (take the parsed path).
     ``emergency``: :func:`emergency_digits` — an INVITE whose Request-URI holds any of them is
@@ -317,13 +339,13 @@ def scan_invite(data: bytes, emergency: tuple[bytes, ...]) -> ScannedInvite | No
     for line in lines[1:]:
         if not line or line[0] in b" \t":
             return None  # a folded header: the parser handles it
-        name, sep, value = line.partition(b":")
-        if not sep:
+        colon = line.find(b":")
+        if colon < 0:
             return None
-        key = _WANTED.get(name.strip().lower())
+        key = _header_key(line[:colon])
         if key is None:
             continue
-        value = value.strip()
+        value = line[colon + 1 :].strip()
         if key == b"via":
             vias.append(value)
         elif key in found:
