@@ -216,6 +216,8 @@ class ControlServer:
                 "allow": list(s.allow),
                 "copy_headers": list(s.copy_headers),
                 "redirect_codes": list(s.redirect_codes),
+                "max_contacts": s.max_contacts,
+                "fork_window": s.fork_window,
                 "emergency_numbers": list(s.emergency_numbers),
                 "emergency_action": s.emergency_action,
                 "max_in_flight": s.max_in_flight,

@@ -610,6 +610,8 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
                 emergency_numbers=["911", "933", "999"],
                 breaker_threshold=7,
                 breaker_cool_off=20.0,
+                max_contacts=3,
+                fork_window=20.0,
                 udp=[f"{HOST}:{free_port()}"],  # needs a restart: logged, not applied
             ),
         )
@@ -632,6 +634,7 @@ def test_sighup_reload_under_sipp_load_drops_no_call_and_applies_new_settings(
     assert st["settings"]["allow"] == ["127.0.0.1/32"] and st["settings"]["copy_headers"] == ["Identity"]
     # The breaker's settings reload too, and the status shows what is in force.
     assert (st["settings"]["breaker_threshold"], st["settings"]["breaker_cool_off"]) == (7, 20.0)
+    assert (st["settings"]["max_contacts"], st["settings"]["fork_window"]) == (3, 20.0)
     assert st["clearip"]["breaker"] == "closed"
     assert st["listeners"][0]["address"] == f"{HOST}:{port}"  # the listener stayed
     out = proxy.log_text()
