@@ -105,8 +105,18 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
             log.info("SIGTERM: draining (at most %.0f s)", server.settings.drain_timeout)
         stop.set()
 
+    started = False  # listeners, metrics and the control socket are up
+    hup_pending = False
+
     def on_hup() -> None:
-        if config_args is None or server is None:
+        nonlocal hup_pending
+        if config_args is None:
+            return
+        if not started or server is None:
+            # Mid start-up the server is still being built from the settings it was given: reload
+            # once it is up, so the new file is applied whole rather than half or not at all.
+            hup_pending = True
+            log.info("SIGHUP during start-up: the settings are reloaded once the proxy is up")
             return
         try:
             new = load_settings(config_args)
@@ -157,6 +167,9 @@ async def run_proxy(settings: Settings, config_args: argparse.Namespace | None =
         gcpolicy.apply()
         gc_task = loop.create_task(gcpolicy.collect_periodically(), name="gc")
         control = await _start_control(server, config_args)
+        started = True
+        if hup_pending:
+            on_hup()
         try:
             await stop.wait()
             await server.drain()

@@ -389,7 +389,8 @@ class Call:
         self.request = base  # same Via/From/To/Call-ID/CSeq for our responses: drop the original
         limit = host.settings.max_contacts
         self.targets = [CarrierTarget(str(t.uri), t.headers) for t in redirect.targets[:limit]]
-        self.fork_until = now + host.settings.fork_window
+        # From when ClearIP was asked: its PASSporT's iat is no older than that.
+        self.fork_until = self.clearip_sent + host.settings.fork_window
         host.arm(self, None, now)
         self._advance(now)
 
@@ -531,9 +532,12 @@ class Call:
         """Start the next carrier attempt, or finish with the best response."""
         while self.next_target < len(self.targets) and not self.cancelled:
             if self.attempts and now > self.fork_until:
-                # The redirect's PASSporT is too old for another carrier: the switch's own
-                # route-advance gets a fresh one from ClearIP.
-                self._finish_best(now, reason=f"fork window ({self.host.settings.fork_window:g} s) passed")
+                # The redirect's PASSporT is too old for another carrier. 503, not the best
+                # response: the Contacts left untried mean the switch should route-advance (and
+                # get a fresh PASSporT from ClearIP), which a 404 or 486 from a carrier the proxy
+                # advanced past would stop. A 6xx never gets here: it ends the fork at once.
+                window = self.host.settings.fork_window
+                self.fail(503, f"fork window ({window:g} s) passed", now, failed=False)
                 return
             dest = self.targets[self.next_target]
             self.next_target += 1
@@ -560,13 +564,12 @@ class Call:
         resp = make_response(self.request, status, to_tag=self.host.stamper.instance, extra=extra)
         self._finish(resp, now, reason=text)
 
-    def _finish_best(self, now: float, *, reason: str = "") -> None:
+    def _finish_best(self, now: float) -> None:
         best = routing.best_response(self.responses)
         if best is None:
             self.fail(503, "no usable carrier route", now)
             return
-        why = f"; {reason}" if reason else ""
-        self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed{why}")
+        self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed")
 
     def _finish(self, resp: SipResponse, now: float, *, reason: str) -> None:
         """Send the call's final response (once), report the end and let go of what is done."""

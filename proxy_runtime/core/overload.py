@@ -307,6 +307,7 @@ def emergency_digits(numbers: tuple[str, ...]) -> tuple[bytes, ...]:
 # INVITE of a trunk) skip strip() and lower(). Bounded: names a peer invents stop being remembered.
 _NAME_KEYS: dict[bytes, bytes | None] = {}
 _NAME_KEYS_MAX = 256
+_NAME_KEY_LEN = 64  # longer "names" (a hostile peer's) are looked up each time, never kept
 
 
 def _header_key(name: bytes) -> bytes | None:
@@ -315,7 +316,7 @@ def _header_key(name: bytes) -> bytes | None:
     except KeyError:
         pass
     key = _WANTED.get(name.strip().lower())
-    if len(_NAME_KEYS) < _NAME_KEYS_MAX:
+    if len(name) <= _NAME_KEY_LEN and len(_NAME_KEYS) < _NAME_KEYS_MAX:
         _NAME_KEYS[name] = key
     return key
 

@@ -112,7 +112,7 @@ class Settings:
     emergency_route: str = ""  # SIP URI used when emergency_action = route
     advance_on_4xx: bool = True  # route-advance on 4xx other than those that must not advance
     # The serial fork's bounds: at most `max_contacts` of a redirect's Contacts are tried, and no
-    # new attempt starts more than `fork_window` s after ClearIP's answer (its PASSporT would reach
+    # new attempt starts more than `fork_window` s after ClearIP was asked (its PASSporT would reach
     # the next carrier's verifier stale: RFC 8224 §6.2.2 checks `iat` against a 60 s freshness).
     max_contacts: int = 10
     fork_window: float = 40.0

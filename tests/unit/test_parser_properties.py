@@ -228,7 +228,31 @@ def test_header_flood_is_rejected_in_linear_time() -> None:
     assert ratio <= PARSER_BOUND, f"rejecting a header flood grew {ratio:.1f}x for 8x the lines"
 
 
-_BLANK_LINE = re.compile(rb"\n\r?\n")  # the definition find_head_end implements without a regex
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_pipelined_messages_are_framed_in_linear_time(eol: bytes) -> None:
+    """Many messages arriving in one read (a busy trunk, or ClearIP's answers back to back): the
+    framer finds each head's end without rescanning the rest of the buffer for every message."""
+    one = eol.join([b"OPTIONS sip:a@b SIP/2.0", b"Via: SIP/2.0/TCP h;branch=z9hG4bKx", b"X: y" * 50,
+                    b"Content-Length: 0", b"", b""])  # fmt: skip
+
+    def make(n: int) -> Callable[[], object]:
+        data = one * n
+
+        def work() -> None:
+            framer = StreamFramer()
+            framer.feed(data)
+            count = 0
+            while framer.next_frame() is not None:
+                count += 1
+            assert count == n
+
+        return work
+
+    ratio, _ = growth.confirmed_growth(make, 300)
+    assert ratio <= growth.LINEAR_BOUND, f"framing {8 * 300} pipelined messages grew {ratio:.1f}x for 8x"
+
+
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # find_head_end's definition
 
 
 @FAST

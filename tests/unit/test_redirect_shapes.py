@@ -209,9 +209,11 @@ def test_a_trailing_ampersand_in_a_contacts_headers_still_carries_its_identity()
 # --- the core: the serial fork's bounds ---------------------------------------------------------
 
 
-def _fail_each(core: ProxyCore, net: Net, start: float, step: float) -> tuple[list[Target], list[int]]:
-    """Answer every carrier INVITE with 503 ``step`` s after it left: the carriers tried, in order,
-    and the final statuses sent to the switch."""
+def _fail_each(
+    core: ProxyCore, net: Net, start: float, step: float, status: int = 503
+) -> tuple[list[Target], list[int]]:
+    """Answer every carrier INVITE with ``status`` ``step`` s after it left: the carriers tried, in
+    order, and the final statuses sent to the switch."""
     tried: list[Target] = []
     now = start
     while True:
@@ -222,7 +224,9 @@ def _fail_each(core: ProxyCore, net: Net, start: float, step: float) -> tuple[li
         ((t, fwd),) = invites
         tried.append(t)
         now += step
-        core.receive(response_to(fwd, 503, "Service Unavailable"), t, now)
+        core.receive(
+            response_to(fwd, status, "Not Found" if status == 404 else "Service Unavailable"), t, now
+        )
 
 
 def _carriers(n: int) -> list[Target]:
@@ -238,17 +242,30 @@ def test_at_most_max_contacts_of_a_redirect_are_tried() -> None:
 
 
 def test_no_new_attempt_starts_after_the_fork_window(caplog: pytest.LogCaptureFixture) -> None:
-    """A PASSporT is stale after 60 s (RFC 8224 §6.2.2): past `fork_window` after ClearIP's answer
-    the call ends with the best response, so the switch route-advances and gets a fresh one."""
+    """A PASSporT is stale after 60 s (RFC 8224 §6.2.2): past `fork_window` after ClearIP was asked
+    no new Contact starts, and the call ends 503 (not the carriers' best response, a 404 here,
+    which would stop the switch), so the switch route-advances and gets a fresh PASSporT."""
     core, net, _ = make_core(fork_window=12.0)
     req = to_clearip(core, net)
     carriers = _carriers(6)
     clearip_reply(core, redirect_with(req, [contact(c, 0.9 - i / 10) for i, c in enumerate(carriers)]), 0.05)
-    # Each carrier rings for 5 s, then fails: attempts start at 0.05, 5.05, 10.05; the third fails
-    # at 15.05, past 0.05 + 12, so no fourth.
+    # ClearIP was asked at 0. Each carrier answers 404 after 5 s: attempts start at 0.05, 5.05,
+    # 10.05; the third fails at 15.05, past 0 + 12, so no fourth.
     with caplog.at_level("INFO"):
-        assert _fail_each(core, net, 0.05, 5.0) == (carriers[:3], [503])
+        assert _fail_each(core, net, 0.05, 5.0, status=404) == (carriers[:3], [503])
     assert any("fork window (12 s) passed" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_fork_window_counts_from_when_clearip_was_asked() -> None:
+    """The PASSporT's iat is set when ClearIP signs, which may be up to `timeout` before its answer
+    arrives: the window starts when the proxy asked, never later."""
+    core, net, _ = make_core(fork_window=10.0)
+    req = to_clearip(core, net)  # asked at 0
+    carriers = _carriers(4)
+    # ClearIP answers late (4 s); carriers fail after 3 s: attempts at 4, 7, 10; the third fails at
+    # 13, past 0 + 10 (counted from the answer it would still be inside 4 + 10).
+    clearip_reply(core, redirect_with(req, [contact(c, 0.9 - i / 10) for i, c in enumerate(carriers)]), 4.0)
+    assert _fail_each(core, net, 4.0, 3.0) == (carriers[:3], [503])
 
 
 def test_a_contact_without_uri_headers_gets_the_302s() -> None:
