@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import report
@@ -125,21 +125,22 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
+def _stat_seconds(pids: Sequence[int], ticks_of: Callable[[str], int]) -> float:
+    """Seconds summed over ``pids`` from their /proc stat lines (a process gone meanwhile counts 0)."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            ticks += report.parse_proc_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+            ticks += ticks_of(Path(f"/proc/{pid}/stat").read_text())
     return ticks / CLK_TCK
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    return _stat_seconds(pids, report.parse_proc_stat_cpu_ticks)
 
 
 def sys_seconds(pids: Sequence[int]) -> float:
     """The kernel's part of :func:`cpu_seconds` (stime)."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ticks += report.parse_proc_stat_sys_ticks(Path(f"/proc/{pid}/stat").read_text())
-    return ticks / CLK_TCK
+    return _stat_seconds(pids, report.parse_proc_stat_sys_ticks)
 
 
 def system_busy_seconds() -> float:
