@@ -269,7 +269,7 @@ class Call:
         self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
         self.targets: list[CarrierTarget] = []
         self.next_target = 0
-        self.fork_until = math.inf  # no new carrier attempt after this (ClearIP's answer + fork_window)
+        self.fork_until = math.inf  # no new carrier attempt after this (ClearIP asked + fork_window)
         self.branch: Branch | None = None
         self.responses: list[SipResponse] = []
         self.attempts = 0
