@@ -106,7 +106,7 @@ $(COMPILED)/.built: $(BIN)/.installed setup.py pyproject.toml $(PROXY_SOURCES)
 compiled: $(COMPILED)/.built
 
 test-compiled: compiled
-	CLEARIP_COMPILED_DIR=$(COMPILED) $(BIN)/pytest -q tests/unit tests/integration
+	CLEARIP_COMPILED_DIR=$(COMPILED) $(BIN)/pytest -q tests/unit tests/integration tests/metrics
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit

@@ -11,6 +11,7 @@ core_micro's does. Needs valgrind (Debian: ``valgrind``); about a minute for the
     python -m bench.core_instructions --build .build/compiled  # the compiled core (make compiled)
     python -m bench.core_instructions --build /tmp/old         # another build, for a before/after
     python -m bench.core_instructions --refusals --small 2000 --large 12000   # per overload refusal
+    python -m bench.core_instructions --bare    # without the finished call's metrics and log line
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 
-def instructions(build: str, calls: int, refusals: bool = False) -> int:
+def instructions(build: str, calls: int, refusals: bool = False, bare: bool = False) -> int:
     """Instructions executed by ``python -m bench.core_micro --calls N`` under callgrind."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -38,6 +39,8 @@ def instructions(build: str, calls: int, refusals: bool = False) -> int:
            "-m", "bench.core_micro", "--calls", str(calls)]  # fmt: skip
     if refusals:
         cmd.append("--refusals")
+    if bare:
+        cmd.append("--bare")
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=False, timeout=1800)
     m = _COLLECTED.search(out.stderr)
     if out.returncode != 0 or m is None:
@@ -52,13 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", type=int, default=300)
     p.add_argument("--large", type=int, default=1300)
     p.add_argument("--refusals", action="store_true", help="per INVITE refused by overload control instead")
+    p.add_argument(
+        "--bare", action="store_true", help="core_micro --bare: no metrics recorder, no call log line"
+    )
     a = p.parse_args(argv)
     if a.large <= a.small:
         p.error("--large must be more than --small")
-    small = instructions(a.build, a.small, a.refusals)
-    large = instructions(a.build, a.large, a.refusals)
+    small = instructions(a.build, a.small, a.refusals, a.bare)
+    large = instructions(a.build, a.large, a.refusals, a.bare)
     per_call = (large - small) / (a.large - a.small)
-    what = "refused INVITE" if a.refusals else "call"
+    what = (
+        "refused INVITE" if a.refusals else "call" + (" (bare: no recorder, no log line)" if a.bare else "")
+    )
     print(f"{a.build or 'this tree (pure)'}: {per_call / 1e6:.3f} M instructions per {what} "
           f"(callgrind, {a.small} and {a.large} calls)")  # fmt: skip
     return 0

@@ -4,6 +4,10 @@
 flow — INVITE, 100, ClearIP 302 (~900-byte Identity, two Contacts), ACK, carrier 100/180/200,
 ACK for 2xx, BYE, 200 — and prints microseconds of CPU per call. It isolates the proxy's own
 work from the kernel and SIPp, so optimisations of the parser and core can be measured alone.
+Each finished call goes through the metrics recorder and logs its JSON line with the proxy's own
+logging set-up (to /dev/null), and the garbage collector runs with the proxy's settings
+(transport/gcpolicy.py), as in a running proxy; ``--bare`` leaves all three out (the figure before
+2026-12-03's third pass, which counted none of them).
 ``--refusals`` measures instead the CPU of one new INVITE refused by overload control (503 +
 Retry-After, stateless).
 """
@@ -13,21 +17,31 @@ from __future__ import annotations
 import argparse
 import cProfile
 import logging
+import os
 import pstats
 import time
 from dataclasses import replace
+from typing import TextIO
 
+from bench.run import make_identity
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
+from proxy_runtime.transport import gcpolicy
 from proxy_runtime.sip.message import SipRequest
 from proxy_runtime.sip.parse import parse_message
 
-IDENTITY = (
-    "eyJhbGciOiJFUzI1NiIsInBwdCI6InNoYWtlbiIsInR5cCI6InBhc3Nwb3J0IiwieDV1IjoiaHR0cHM6Ly9jZXJ0LmV4YW1wbGUvYy5wZW0ifQ."
-    + "x" * 640
-    + ".sig;info=<https://cert.example/c.pem>;alg=ES256;ppt=shaken"
-)
+try:
+    from proxy_runtime.__main__ import setup_logging
+except ImportError:  # a build from before setup_logging (--build of an older tree, for a before/after)
+
+    def setup_logging(level: str, stream: TextIO | None = None) -> None:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream
+        )
+
+
+IDENTITY = make_identity(800)  # a SHAKEN PASSporT that decodes (attest A), as ClearIP's do
 SDP = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 SWITCH = Target("udp", "127.0.0.2", 5060)
 CARRIER = Target("udp", "127.0.0.3", 5060)
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--refusals", action="store_true", help="CPU per INVITE refused by overload control")
+    ap.add_argument("--bare", action="store_true", help="no metrics recorder and no per-call log line")
     args = ap.parse_args(argv)
     if args.refusals:
         prof = cProfile.Profile() if args.profile else None
@@ -142,7 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = replace(load(environ={}), allow=("127.0.0.0/8",), max_in_flight=10**9)
     sink = Sink()
-    core = ProxyCore(s, sink, advertise="127.0.0.1", ports={"udp": 5060, "tcp": 5060}, instance="bench")
+    recorder = None
+    if not args.bare:
+        setup_logging("info", open(os.devnull, "w"))  # noqa: SIM115 - held until exit
+        recorder = MetricsRecorder(proxy_id="bench")
+        gcpolicy.apply()  # the running proxy's collector settings
+    core = ProxyCore(
+        s, sink, advertise="127.0.0.1", ports={"udp": 5060, "tcp": 5060}, instance="bench", recorder=recorder
+    )
     core.set_clearip_up(True, 0.0)
     # The harness builds and parses peer messages too; measure that alone and subtract it.
     for i in range(200):

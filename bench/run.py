@@ -28,21 +28,14 @@ SWITCH_IDENTITY_MARK = "eyJzd2l0Y2giOiJvd24ifQ"  # the switch's own Identity (mu
 
 
 def make_identity(size: int = 900) -> str:
-    """A PASSporT-shaped Identity header value of about ``size`` bytes (ppt=shaken, ES256)."""
+    """A SHAKEN PASSporT Identity header value of about ``size`` bytes (ppt=shaken, ES256,
+    attest A) that decodes as ClearIP's do: the proxy's STIR/SHAKEN reading takes its usual path,
+    not the one for an undecodable value. The size is made up in the certificate URL (x5u)."""
     b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
-    header = b64(
-        json.dumps(
-            {
-                "alg": "ES256",
-                "ppt": "shaken",
-                "typ": "passport",
-                "x5u": "https://certificates.clearip.example/shaken/cert.pem",
-            }
-        ).encode()
-    )
-    params = ";info=<https://certificates.clearip.example/shaken/cert.pem>;alg=ES256;ppt=shaken"
-    sig = b64(bytes(range(64)))
-    room = size - len(header) - len(sig) - len(params) - 2
+
+    def header(x5u: str) -> str:
+        return b64(json.dumps({"alg": "ES256", "ppt": "shaken", "typ": "passport", "x5u": x5u}).encode())
+
     claims = {
         "attest": "A",
         "dest": {"tn": ["18005550100"]},
@@ -51,8 +44,12 @@ def make_identity(size: int = 900) -> str:
         "origid": "4437c7eb-8f4a-4a2a-9a93-2bd1f1e4cb3c",
     }
     payload = b64(json.dumps(claims).encode())
-    payload = (payload + "x" * max(0, room - len(payload)))[: max(room, len(payload))]
-    return f"{header}.{payload}.{sig}{params}"
+    sig = b64(bytes(range(64)))
+    base = "https://certificates.clearip.example/shaken/"
+    params = f";info=<{base}cert.pem>;alg=ES256;ppt=shaken"
+    room = size - len(header(base + ".pem")) - len(payload) - len(sig) - len(params) - 2
+    x5u = base + "c" * max(0, room * 3 // 4) + ".pem"  # base64 makes 4 characters of every 3 bytes
+    return f"{header(x5u)}.{payload}.{sig}{params}"
 
 
 IDENTITY = make_identity()

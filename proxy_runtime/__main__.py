@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from proxy_runtime import settings as settings_mod
 from proxy_runtime.settings import Settings, SettingsError
@@ -77,11 +77,24 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return settings_mod.load(config, overrides=overrides_from(args))
 
 
-def _setup_logging(level: str) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    """The proxy's logging: ``LOG_FORMAT`` lines on stderr (the journal, under systemd).
+
+    Every finished call logs a line, so a record's cost is on the call path. The format uses no
+    caller, thread or process fields, so logging is told not to collect them (the "Optimization"
+    section of Python's logging HOWTO): a tenth of a record's cost, without the frame walk that
+    finds the caller."""
+    logging._srcfile = None  # no findCaller(): the format has no %(pathname)s, %(lineno)d, ...
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format=LOG_FORMAT,
+        stream=sys.stderr if stream is None else stream,
     )
 
 
@@ -217,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"clearip-proxy: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(s.log_level)
+    setup_logging(s.log_level)
     _use_uvloop()
     try:
         return asyncio.run(run_proxy(s, args))

@@ -18,13 +18,15 @@ Modules, each a small state machine or a pure helper, imported in this order (no
 
 
 def build_kind() -> str:
-    """``compiled`` when the sans-I/O packages (``sip``, ``core``) run as mypyc-compiled modules
-    (``CLEARIP_COMPILE``, see setup.py), ``pure`` when they run from their Python sources,
+    """``compiled`` when the sans-I/O packages (``sip``, ``core``) and the metrics modules each call
+    runs through (``recorder``, ``stir``) run as mypyc-compiled modules (``CLEARIP_COMPILE``, see
+    setup.py), ``pure`` when they run from their Python sources,
     ``mixed`` when only some are compiled (a broken install: the compiled modules and the sources
     come from different builds)."""
     from proxy_runtime.core import call, proxy, timers
+    from proxy_runtime.metrics import recorder, stir
     from proxy_runtime.sip import message, parse, transaction
 
-    modules = (call, proxy, timers, message, parse, transaction)
+    modules = (call, proxy, timers, message, parse, transaction, recorder, stir)
     compiled = {not str(m.__file__).endswith(".py") for m in modules}
     return "mixed" if len(compiled) > 1 else "compiled" if compiled.pop() else "pure"

@@ -18,6 +18,7 @@ from aws_cdk.assertions import Capture, Match, Template
 
 from infra import dashboard, logs
 from infra.stack import ClearIpProxyStack
+from proxy_runtime.__main__ import LOG_FORMAT
 from proxy_runtime.metrics import names
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.metrics.records import CallRecord
@@ -231,7 +232,7 @@ def test_session_manager_sessions_are_logged(template: Template) -> None:
 def test_exporter_splits_call_lines_into_bare_json(tmp_path: Path) -> None:
     rec = MetricsRecorder(proxy_id="i-0abc")
     line = rec.call_line(CallRecord("a84b@10.0.0.5", None, None, 0, 0, 503, 4.0, False, True, reason="x"))
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")  # as __main__ logs
+    fmt = logging.Formatter(LOG_FORMAT)  # as the proxy logs
 
     def out(name: str, level: int, msg: str) -> str:
         return fmt.format(logging.LogRecord(name, level, __file__, 1, msg, None, None))

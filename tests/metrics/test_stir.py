@@ -176,14 +176,11 @@ def test_call_line_carries_stir_fields(caplog: pytest.LogCaptureFixture) -> None
     assert (second["attest"], second["verstat"], second["blocked"]) == (None, "TN-Validation-Passed", "603+")
 
 
-def test_a_failing_reader_never_fails_the_call(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_failing_reader_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
     def boom(*_: object) -> stir.StirOutcome:
         raise RuntimeError("unforeseen")
 
-    monkeypatch.setattr(stir, "read_stir", boom)
-    r = MetricsRecorder(proxy_id="p")
+    r = MetricsRecorder(proxy_id="p", read_stir=boom)
     with caplog.at_level(logging.INFO):
         r.record_call(call(1, identity=(passport("A"),)))
         r.record_call(call(2, identity=(passport("A"),)))

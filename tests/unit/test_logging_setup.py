@@ -1,0 +1,43 @@
+"""The proxy's logging set-up: the line format the log exporter splits on, and no per-record
+collection of fields the format never prints (every finished call logs a line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Run in a child: the set-up changes process-wide logging state that pytest's own capture uses.
+_CHILD = """
+import io, json, logging
+from proxy_runtime.__main__ import setup_logging
+out = io.StringIO()
+setup_logging("info", out)
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append({"func": record.funcName, "thread": record.thread, "process": record.process})
+logging.getLogger().addHandler(Keep())
+logging.getLogger("clearip.calls").info('{"event":"call"}')
+logging.getLogger("clearip.calls").debug("not at info")
+print(json.dumps({"out": out.getvalue(), "seen": seen}))
+"""
+
+
+def test_call_lines_keep_their_format_without_caller_thread_or_process_fields() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    # "<date> <time>,<ms> INFO clearip.calls: {...}": what deploy/clearip-proxy-logs.sh splits on.
+    line = got["out"]
+    assert line.endswith(' INFO clearip.calls: {"event":"call"}\n'), line
+    assert line.count("\n") == 1
+    # Not collected: the frame walk for the caller, the thread and the process of each record.
+    assert got["seen"] == [{"func": "(unknown function)", "thread": None, "process": None}]
