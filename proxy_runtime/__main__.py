@@ -91,6 +91,8 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+: the current task's name
+        setattr(logging, "logAsyncioTasks", False)  # noqa: B010 - not in 3.11's stubs
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=LOG_FORMAT,

@@ -31,7 +31,7 @@ print(json.dumps({"out": out.getvalue(), "seen": seen}))
 def test_call_lines_keep_their_format_without_caller_thread_or_process_fields() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-P", "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
