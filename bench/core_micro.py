@@ -27,9 +27,9 @@ from bench.run import make_identity
 from proxy_runtime.core.proxy import CLEARIP, ProxyCore, Target
 from proxy_runtime.metrics.recorder import MetricsRecorder
 from proxy_runtime.settings import load
-from proxy_runtime.transport import gcpolicy
 from proxy_runtime.sip.message import SipRequest
 from proxy_runtime.sip.parse import parse_message
+from proxy_runtime.transport import gcpolicy
 
 try:
     from proxy_runtime.__main__ import setup_logging
