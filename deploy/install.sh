@@ -288,6 +288,19 @@ has_python_headers() {
     && [ -f "$inc/Python.h" ]
 }
 
+# apt-get install "$@", the package lists refreshed first, once a run: a fresh cloud image or
+# container has none (or week-old ones), and "Unable to locate package" would stop the install.
+# dnf and yum refresh their metadata themselves.
+APT_UPDATED=0
+apt_install() {
+  if [ "$APT_UPDATED" = 0 ]; then
+    APT_UPDATED=1
+    DEBIAN_FRONTEND=noninteractive apt-get update -q \
+      || log "warning: apt-get update failed; installing from the package lists already there"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
 install_packages() {
   local want=() tools=() pm=''
   command -v python3.11 >/dev/null || want+=(python3.11)
@@ -314,7 +327,7 @@ install_packages() {
   if [ ${#want[@]} -gt 0 ]; then
     log "installing ${want[*]}"
     if [ "$pm" = apt-get ]; then
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}"
+      apt_install "${want[@]}"
     else
       "$pm" install -y -q "${want[@]}"
     fi
@@ -322,7 +335,7 @@ install_packages() {
   if [ ${#tools[@]} -gt 0 ]; then
     log "installing ${tools[*]} (optional: to compile the proxy's core)"
     if [ "$pm" = apt-get ]; then
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${tools[@]}" || tools=(failed "${tools[@]}")
+      apt_install "${tools[@]}" || tools=(failed "${tools[@]}")
     else
       "$pm" install -y -q "${tools[@]}" || tools=(failed "${tools[@]}")
     fi
