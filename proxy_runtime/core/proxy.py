@@ -370,9 +370,11 @@ class ProxyCore:
         st.owner = call
         self._calls[key] = call
         self._txns.respond(st, make_response(req, 100), now)
-        if self.draining:
+        # An emergency call is never refused for a drain or for load: Call.start routes it to the
+        # emergency route, or answers it at once so the switch takes its own (DESIGN §2).
+        if self.draining and not self.is_emergency(req):
             call.fail(503, "proxy is shutting down", now, retry_after=True)
-        elif len(self._calls) > self.settings.max_in_flight:
+        elif len(self._calls) > self.settings.max_in_flight and not self.is_emergency(req):
             call.fail(503, "proxy overloaded", now, retry_after=True)
         else:
             call.start(now)
