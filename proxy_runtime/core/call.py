@@ -367,8 +367,10 @@ class Call:
             host.clearip_forbidden(now)
         if status not in host.settings.redirect_codes:
             # DESIGN §2: any final but a followed redirect is relayed, 6xx (603, 607, 608) with
-            # their Reason and Call-Info untouched.
-            self._finish(strip_own_via(resp), now, reason=f"ClearIP {status}")
+            # their Reason and Call-Info untouched; a 503 without its Retry-After (ClearIP briefly
+            # unavailable must not make the switch shun the proxy for every call).
+            relayed = routing.drop_server_retry_after(strip_own_via(resp))
+            self._finish(relayed, now, reason=f"ClearIP {status}")
             return
         redirect = routing.redirect_targets(resp)
         ignored = [name for t in redirect.targets for name in t.ignored]
@@ -438,7 +440,13 @@ class Call:
         # A failure from this Contact.
         if self.phase == "done":
             return
-        self.responses.append(strip_own_via(resp))
+        if status < 400:
+            # A carrier's 3xx: a failed branch, its Contacts not followed. Never relayed (the
+            # switch could call that carrier directly, unsigned): counted as a 503 naming it, as a
+            # transport error is, so with nothing better the switch route-advances.
+            self.responses.append(self._synth(503, f"carrier {status} redirect not followed"))
+        else:
+            self.responses.append(strip_own_via(resp))
         if not self.cancelled and routing.should_advance(status, advance_on_4xx=host.settings.advance_on_4xx):
             self._advance(now)
         else:
@@ -569,6 +577,7 @@ class Call:
         if best is None:
             self.fail(503, "no usable carrier route", now)
             return
+        best = routing.drop_server_retry_after(best)  # a copy (strip_own_via) or our own
         self._finish(best, now, reason=f"all {self.attempts} carrier attempt(s) failed")
 
     def _finish(self, resp: SipResponse, now: float, *, reason: str) -> None:

@@ -201,15 +201,31 @@ def apply_uri_headers(target: SipRequest, headers: Iterable[tuple[str, str]]) ->
 def should_advance(status: int, *, advance_on_4xx: bool) -> bool:
     """Serial fork: after a final ``status`` from a carrier, try the next Contact?
 
-    Advance on 408 and 5xx (503 included); never on 2xx or 6xx; other 4xx per the setting.
+    Advance on 3xx, 408 and 5xx (503 included); never on 2xx or 6xx; other 4xx per the setting.
+    A carrier's 3xx is a failed branch (DESIGN §2: "on failure it advances to the next"): the
+    proxy never recurses on a carrier's Contacts (a branch there would be a route ClearIP did not
+    choose) and never relays the 3xx (the switch could call the carrier directly, unsigned).
     """
     if status < 300 or status >= 600:
         return False
-    if status == 408 or 500 <= status < 600:
+    if status < 400 or status == 408 or 500 <= status < 600:
         return True
-    if 300 <= status < 400:
-        return False
     return advance_on_4xx
+
+
+def drop_server_retry_after(resp: SipResponse) -> SipResponse:
+    """A 503 the proxy relays from ClearIP or a carrier, without its ``Retry-After`` (in place).
+
+    On a 503, ``Retry-After`` says the *server* is unavailable (RFC 3261 §21.5.4); the switch
+    would read it as saying so of its next hop, the proxy, and stop sending it every call for that
+    long, where only ClearIP or one carrier said so, for this call's route (RFC 3261 §16.7 step 6:
+    a proxy must not forward a 503 unless all it would proxy would get one). The 503 itself is
+    kept so the switch route-advances; its other headers (``Reason``...) are untouched. On other
+    statuses (404, 480, 486, 500, 600, 603) ``Retry-After`` is about this request or callee and is
+    relayed. The proxy's own 503s (overload, drain) carry their own ``Retry-After``."""
+    if resp.status == 503:
+        resp.remove("retry-after")
+    return resp
 
 
 def best_response(responses: Sequence[SipResponse]) -> SipResponse | None:

@@ -194,6 +194,100 @@ def test_6xx_from_carrier_stops_the_fork() -> None:
     assert [m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)] == [603]
 
 
+def test_carriers_503_with_retry_after_reaches_the_switch_without_it() -> None:
+    # RFC 3261 §21.5.4, §16.7 step 6: a carrier's Retry-After on 503 says that carrier is down;
+    # relayed, the switch would take it as saying so of the proxy and shun it for every call.
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    reason = 'Reason: Q.850;cause=34;text="No circuit/channel available"\r\n'
+    core.receive(
+        response_to(first, 503, "Service Unavailable", f"Retry-After: 300\r\n{reason}"),
+        Target("udp", *CARRIER_B),
+        0.1,
+    )
+    second = next(m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE")
+    core.receive(
+        response_to(second, 503, "Service Unavailable", f"{reason}Retry-After: 600 (maintenance)\r\n"),
+        Target("udp", CARRIER_A[0], 5060),
+        0.2,
+    )
+    finals = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
+    assert [m.status for m in finals] == [503]  # still 503: the switch route-advances
+    assert finals[0].get_all("retry-after") == []
+    assert finals[0].get("reason") == 'Q.850;cause=34;text="No circuit/channel available"'
+    assert finals[0].call_id == "call-1@10.0.0.5" and len(finals[0].values("via")) == 1
+
+
+def test_carriers_486_keeps_its_retry_after() -> None:
+    # On a 486 (and 480, 404, 500, 6xx) Retry-After is about this callee: relayed as it came.
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(response_to(first, 503, "Service Unavailable"), Target("udp", *CARRIER_B), 0.1)
+    second = next(m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE")
+    core.receive(
+        response_to(second, 486, "Busy Here", "Retry-After: 30\r\n"), Target("udp", CARRIER_A[0], 5060), 0.2
+    )
+    finals = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
+    assert [(m.status, m.get("retry-after")) for m in finals] == [(486, "30")]
+
+
+def test_clearip_503_with_retry_after_is_relayed_without_it() -> None:
+    # ClearIP briefly unavailable (or "no route" for this number) must not make the switch stop
+    # sending the proxy any call for Retry-After seconds: the 503 is relayed, its Retry-After not.
+    core, net = make_core()
+    req = to_clearip(core, net)
+    extra = 'Retry-After: 120\r\nReason: SIP;cause=503;text="no route"\r\n'
+    clearip_reply(core, response_to(req, 503, "Service Unavailable", extra), 0.05)
+    up = [m for t, m in net.take() if t == SWITCH]
+    assert len(up) == 1 and isinstance(up[0], SipResponse) and up[0].status == 503
+    assert up[0].get_all("retry-after") == []
+    assert up[0].get("reason") == 'SIP;cause=503;text="no route"'
+
+
+def test_a_carriers_302_advances_to_the_next_contact_not_its_own() -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    elsewhere = "Contact: <sip:+15551234567@203.0.113.99>\r\n"
+    core.receive(response_to(first, 302, "Moved Temporarily", elsewhere), Target("udp", *CARRIER_B), 0.1)
+    out = net.take()
+    assert not [m for t, m in out if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
+    assert [(t.host, m.method) for t, m in out if isinstance(m, SipRequest)] == [
+        (CARRIER_B[0], "ACK"),  # hop-by-hop ACK of the 302
+        (CARRIER_A[0], "INVITE"),  # the next Contact of ClearIP's 302, never 203.0.113.99
+    ]
+    second = next(m for t, m in out if isinstance(m, SipRequest) and m.method == "INVITE")
+    assert second.get_all("identity") == [IDENTITY_1, IDENTITY_2]
+    core.receive(
+        response_to(second, 200, "OK", "Contact: <sip:callee@192.0.2.10>\r\n"),
+        Target("udp", CARRIER_A[0], 5060),
+        0.2,
+    )
+    assert [m.status for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)] == [200]
+
+
+@pytest.mark.parametrize(("second_status", "expected"), [(301, 503), (486, 486), (503, 503)])
+def test_a_carriers_3xx_is_never_relayed_when_every_contact_failed(second_status: int, expected: int) -> None:
+    core, net = make_core()
+    _, first = advance_to_carrier(core, net)
+    core.receive(
+        response_to(first, 302, "Moved Temporarily", "Contact: <sip:x@203.0.113.99>\r\n"),
+        Target("udp", *CARRIER_B),
+        0.1,
+    )
+    second = next(m for t, m in net.take() if isinstance(m, SipRequest) and m.method == "INVITE")
+    extra = "Contact: <sip:x@203.0.113.98>\r\n" if second_status < 400 else ""
+    answer = response_to(second, second_status, "Whatever", extra)
+    core.receive(answer, Target("udp", CARRIER_A[0], 5060), 0.2)
+    out = net.take()
+    assert not [m for t, m in out if isinstance(m, SipRequest) and m.method == "INVITE"]
+    finals = [m for t, m in out if t == SWITCH and isinstance(m, SipResponse) and m.status >= 200]
+    assert [m.status for m in finals] == [expected]
+    assert b"203.0.113.9" not in finals[0].serialize()  # no carrier's Contact leaks out
+    if second_status == 301:
+        assert finals[0].get("reason") == 'SIP;cause=503;text="carrier 302 redirect not followed"'
+    assert core.in_flight == 0
+
+
 @pytest.mark.parametrize("status", [503, 404, 403, 480, 603])
 def test_clearip_finals_are_relayed(status: int) -> None:
     core, net = make_core()
