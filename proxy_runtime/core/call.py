@@ -152,7 +152,13 @@ class Branch:
         ):
             target = Target("tcp", target.host, target.port)
         inbound = call.source.transport
-        stamper.add_record_route(out, inbound if inbound != CLEARIP else "tcp", target.transport)
+        stamper.add_record_route(
+            out,
+            inbound if inbound != CLEARIP else "tcp",
+            target.transport,
+            inbound_sips=inbound == "tls" and call.request.uri[:5].lower() == "sips:",
+            outbound_sips=uri.scheme == "sips",
+        )
         branch = stamper.new_branch(out)
         stamp_forward(out, stamper.via_for(target.transport, branch))
         return cls(call, out, target, (branch, "INVITE"), now)

@@ -70,7 +70,10 @@ __all__ = ["ALLOW", "CLEARIP", "ProxyCore", "SendFn", "Target"]
 
 log = logging.getLogger("clearip.proxy")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER, MESSAGE, SUBSCRIBE"
+# The methods the proxy accepts (RFC 3261 §20.5), in the Allow of its 405 and OPTIONS answers:
+# INVITE (routed by ClearIP), ACK, CANCEL, OPTIONS (answered itself) and the in-dialog methods it
+# relays. Any other out-of-dialog request (MESSAGE, SUBSCRIBE, REGISTER, ...) gets 405.
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER"
 IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"})
 
 
@@ -276,6 +279,9 @@ class ProxyCore:
         if max_forwards <= 0:
             self._answer(req, via, source, key, 483, now)
             return
+        # Our own Routes come off first (RFC 3261 §16.4): the loop hash is taken without them,
+        # as it was for the branch we stamped when the request passed before (stamp.loop_hash).
+        stamper.pop_own_routes(req)
         if stamper.is_loop(req):
             self._answer(req, via, source, key, 482, now)
             return
@@ -284,7 +290,6 @@ class ProxyCore:
             # RFC 3261 §16.3 step 5: we support no proxy extensions.
             self._answer(req, via, source, key, 420, now, extra=[("Unsupported", ", ".join(proxy_require))])
             return
-        stamper.pop_own_routes(req)
         in_dialog = req.to_tag is not None
         if in_dialog or req.has("route"):
             if not req.has("route") and stamper.uri_is_me(req):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 
-from proxy_runtime.core.stamp import SendFn, Stamper, Target, next_hop, strip_own_via
+from proxy_runtime.core.stamp import SendFn, Stamper, Target, loop_hash, next_hop, strip_own_via
 from proxy_runtime.core.transactions import RingLimited, Transactions, Upstream
 from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
@@ -114,16 +114,18 @@ def forward_ack(stamper: Stamper, send: SendFn, req: SipRequest, via: Via) -> No
     mf = req.get("max-forwards")
     if mf is not None and int(mf) <= 0:
         return
-    if stamper.is_loop(req):
-        return
     stamper.pop_own_routes(req)
-    if not req.has("route") and stamper.uri_is_me(req):
-        return
     try:
+        if stamper.is_loop(req):
+            return
+        if not req.has("route") and stamper.uri_is_me(req):
+            return
         target = next_hop(req)
+        # Stateless: the same ACK retransmitted gets the same branch (RFC 3261 §16.11); the loop
+        # hash in it lets is_loop catch the ACK if it comes back unchanged (§16.3 step 4).
+        crc = zlib.crc32(via.branch.encode() + req.call_id.encode())
+        branch = f"{stamper.branch_prefix}{loop_hash(req)}a{crc:08x}"
     except (UriError, ParseError):
         return
-    # Stateless: the same ACK retransmitted gets the same branch (RFC 3261 §16.11).
-    branch = f"{stamper.branch_prefix}a{zlib.crc32(via.branch.encode() + req.call_id.encode()):08x}"
     out = stamper.prepare_forward(req, target, branch)
     send(target, out.serialize(), None)

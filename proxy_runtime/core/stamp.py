@@ -90,14 +90,16 @@ def response_target(via: Via, source: Target) -> Target:
 
 
 def stamp_via(req: SipRequest, via: Via, source: Target) -> None:
-    """Add received= (when the source IP differs from sent-by) and fill an empty rport."""
+    """Add received= (when the source IP differs from sent-by, RFC 3261 §18.2.1, and always when
+    the client asked for rport, even if identical: RFC 3581 §4) and fill an empty rport."""
     if source.transport == CLEARIP:
         return
     changed = False
-    if "rport" in via.params and via.params["rport"] is None:
+    rport = "rport" in via.params
+    if rport and via.params["rport"] is None:
         via.params["rport"] = str(source.port)
         changed = True
-    if via.host != source.host:
+    if rport or via.host != source.host:
         via.params["received"] = source.host
         changed = True
     if changed:
@@ -110,10 +112,27 @@ def stamp_via(req: SipRequest, via: Via, source: Target) -> None:
 
 
 def loop_hash(req: SipRequest) -> str:
-    """What a spiral changes and a loop does not (RFC 3261 §16.6 step 8): R-URI, From tag,
-    Call-ID and CSeq number, as 8 hex digits."""
+    """What a spiral changes and a loop does not (RFC 3261 §16.6 step 8): the Request-URI, To and
+    From tags, Call-ID, CSeq number and the fields that steer routing and admission (Route,
+    Proxy-Require, Proxy-Authorization), as 8 hex digits.
+
+    Always taken after our own Route entries are popped (§16.4), both for the branch we stamp and
+    for the check of an incoming request (:meth:`Stamper.is_loop`): a request that left with Route
+    ``carrier, us`` and comes back with ``us`` (a hairpinned dialog through a record-routing
+    carrier) is a spiral, while one that comes back as it left is a loop."""
     cseq = req.get("cseq") or ""
-    text = f"{req.uri}|{req.from_tag}|{req.call_id}|{cseq.split()[0] if cseq else ''}"
+    text = "|".join(
+        (
+            req.uri,
+            req.to_tag or "",
+            req.from_tag or "",
+            req.call_id,
+            cseq.split()[0] if cseq else "",
+            ",".join(req.values("route")),
+            ",".join(req.values("proxy-require")),
+            ",".join(req.values("proxy-authorization")),
+        )
+    )
     return f"{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}"
 
 
@@ -189,7 +208,8 @@ class Stamper:
 
     def is_loop(self, req: SipRequest) -> bool:
         """RFC 3261 §16.3 step 4: our own Via with the same loop hash means the request came back
-        unchanged (a spiral changes the Request-URI and so the hash)."""
+        unchanged (a spiral changes the Request-URI or the Route, and so the hash). Called after
+        :meth:`pop_own_routes`, as the branches are stamped (see :func:`loop_hash`)."""
         prefix = self.branch_prefix
         if not any(prefix in v for v in req.get_all("via")):
             return False
@@ -213,18 +233,42 @@ class Stamper:
         port = ports.get(t.lower()) or ports.get("tcp") or ports.get("udp") or 5060
         return f"SIP/2.0/{t} {self._host}:{port};branch={branch}"
 
-    def record_route(self, transport: str) -> str:
+    def record_route(self, transport: str, *, sips: bool = False) -> str:
+        """Our Record-Route value for the leg on ``transport``; a SIPS URI when that leg's
+        Request-URI is one (RFC 3261 §16.6 step 4; TLS implied, no ``transport`` parameter)."""
         port = self.ports.get(transport) or self.ports.get("udp") or 5060
+        if sips:
+            return f"<sips:{self._host}:{port};lr>"
         tparam = "" if transport == "udp" else f";transport={transport}"
         return f"<sip:{self._host}:{port}{tparam};lr>"
 
-    def add_record_route(self, out: SipRequest, inbound: str, outbound: str) -> None:
-        """Record-Route; double (RFC 5658) when the two legs use different transports."""
+    def add_record_route(
+        self,
+        out: SipRequest,
+        inbound: str,
+        outbound: str,
+        *,
+        inbound_sips: bool = False,
+        outbound_sips: bool = False,
+    ) -> None:
+        """Record-Route; double (RFC 5658) when the two legs use different transports. Each entry
+        is a SIPS URI when its leg's Request-URI is (``outbound_sips``: the request we send;
+        ``inbound_sips``: the caller's, received over TLS); a single entry serves both legs."""
         if inbound == outbound:
-            out.add("Record-Route", self.record_route(outbound), first=True)
+            out.add(
+                "Record-Route", self.record_route(outbound, sips=inbound_sips or outbound_sips), first=True
+            )
             return
-        out.add("Record-Route", self.record_route(inbound).replace(";lr>", ";lr;r2=on>"), first=True)
-        out.add("Record-Route", self.record_route(outbound).replace(";lr>", ";lr;r2=on>"), first=True)
+        out.add(
+            "Record-Route",
+            self.record_route(inbound, sips=inbound_sips).replace(";lr>", ";lr;r2=on>"),
+            first=True,
+        )
+        out.add(
+            "Record-Route",
+            self.record_route(outbound, sips=outbound_sips).replace(";lr>", ";lr;r2=on>"),
+            first=True,
+        )
 
     def prepare_forward(self, req: SipRequest, target: Target, branch: str) -> SipRequest:
         """Copy with Max-Forwards decremented and our Via on top (RFC 3261 §16.6)."""
