@@ -35,7 +35,7 @@ from proxy_runtime.sip.build import make_response
 from proxy_runtime.sip.errors import ParseError
 from proxy_runtime.sip.grammar import header_key, parse_name_addr
 from proxy_runtime.sip.message import SipRequest, SipResponse
-from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction
+from proxy_runtime.sip.transaction import ClientTransaction, ServerTransaction, State
 from proxy_runtime.sip.uri import UriError, parse_uri
 
 Phase = Literal["link", "clearip", "fork", "done"]
@@ -472,7 +472,7 @@ class Call:
     def on_timer(self, now: float) -> None:
         self.deadline = None
         if self.clearip_watch:
-            # Cancelled by the caller, and ClearIP answered neither the INVITE nor the CANCEL
+            # Cancelled by the caller, and ClearIP answered neither the INVITE nor (if one went) the CANCEL
             # within `timeout`: a ClearIP timeout like any other for the breaker (a switch whose
             # own post-dial timer is shorter than `timeout` must not hide a silent ClearIP).
             self.clearip_watch = False
@@ -487,8 +487,7 @@ class Call:
             # No answer from ClearIP within `timeout`: 503 so the switch route-advances.
             self.clearip_outcome = ClearIpOutcome.TIMEOUT
             self.host.clearip_timed_out(now, probe=self.probe)
-            if self.clearip_ct is not None and self.clearip_request is not None:
-                self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+            self._cancel_clearip(now)
             self.fail(503, f"ClearIP did not answer within {self.host.settings.timeout:g} s", now)
         elif self.phase == "fork" and self.branch is not None:
             br = self.branch
@@ -506,12 +505,12 @@ class Call:
                 self._finish_best(now)
 
     def cancel(self, now: float) -> None:
-        """The caller CANCELled: CANCEL ClearIP or the live branch, 487 to the caller."""
+        """The caller CANCELled: CANCEL ClearIP (if it rang) or the live branch, 487 to the caller."""
         if self.st.has_final or self.phase == "done":
             return
         self.cancelled = True
         if self.phase == "clearip" and self.clearip_request is not None:
-            self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+            self._cancel_clearip(now)
             self.clearip_watch = True  # the INVITE's `timeout` stays armed (see _finish)
         br = self.branch
         if br is not None and not br.abandoned:
@@ -528,11 +527,22 @@ class Call:
 
     def abort(self, now: float) -> None:
         """The end of a drain: CANCEL what is live and answer 503 with Retry-After."""
-        if self.phase == "clearip" and self.clearip_request is not None:
-            self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+        if self.phase == "clearip":
+            self._cancel_clearip(now)
         if self.branch is not None and not self.branch.abandoned:
             self.branch.cancel(now)
         self.fail(503, "proxy restarting", now, retry_after=True)
+
+    def _cancel_clearip(self, now: float) -> None:
+        """CANCEL the INVITE sent to ClearIP, only if ClearIP sent a provisional (RFC 3261 §9.1: a
+        CANCEL MUST NOT be sent before one). ClearIP, a redirect server, answers finals alone (no
+        100 Trying when it answers within 200 ms), so usually nothing goes: its final still comes,
+        is ACKed by the client transaction, and is not relayed (the call is over); with no answer,
+        Timer B ends the transaction. A provisional arriving later needs no CANCEL either: ClearIP
+        never rings, its final follows."""
+        ct = self.clearip_ct
+        if ct is not None and self.clearip_request is not None and ct.state is State.PROCEEDING:
+            self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
 
     def server_ended(self) -> None:
         """Its server transaction ended: let go of the client transactions (reference cycles)."""

@@ -309,7 +309,7 @@ class ProxyCore:
         st = self._txns.server.get(server_key(req, via, "INVITE"))
         if st is not None and st.receive_ack(now):
             self._wakeups.schedule(st)
-            return  # ACK for our non-2xx final (hop-by-hop)
+            return  # ACK for our non-2xx final (hop-by-hop); one in Accepted is not absorbed
         if st is None and req.to_tag == self.shed.tag:
             return  # ACK for a stateless overload refusal that the byte check missed
         forward_ack(self.stamper, self._send, req, via)  # ACK for a 2xx: end to end

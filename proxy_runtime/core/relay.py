@@ -1,7 +1,8 @@
 """Requests relayed along their route set: in-dialog requests and pre-routed requests (loose routing).
 
 Owns: one :class:`Relay` per relayed request (its server transaction, the forwarded copy and its
-client transaction), what each response to it does upstream, CANCEL of a relayed INVITE, the ring
+client transaction), what each response to it does upstream, CANCEL of a relayed INVITE (held
+until downstream sent a provisional, §9.1; the final comes from downstream, §16.10), the ring
 limit of a relayed INVITE (Timer C, RFC 3261 §16.8), and the stateless forwarding of ACKs for 2xx
 (:func:`forward_ack`, §16.11). No dialog state: the Route headers carry the path.
 
@@ -26,7 +27,7 @@ from proxy_runtime.sip.uri import UriError
 class Relay(RingLimited):
     """A request forwarded along the route set: server transaction in, client transaction out."""
 
-    __slots__ = ("_to_tag", "_txns", "ct", "request", "st", "target")
+    __slots__ = ("_cancel_held", "_provisional", "_to_tag", "_txns", "ct", "request", "st", "target")
 
     def __init__(
         self, txns: Transactions, st: ServerTransaction, request: SipRequest, target: Target, to_tag: str
@@ -37,6 +38,8 @@ class Relay(RingLimited):
         self.request = request  # the forwarded copy (our Via on top)
         self.target = target
         self.ct: ClientTransaction | None = None
+        self._provisional = False  # downstream sent a 1xx: a CANCEL may go (RFC 3261 §9.1)
+        self._cancel_held = False  # a CANCEL waits for that 1xx
 
     @classmethod
     def start(
@@ -67,34 +70,58 @@ class Relay(RingLimited):
     # --- events ------------------------------------------------------------------------------
     def on_response(self, ct: ClientTransaction, resp: SipResponse, method: str, now: float) -> None:
         """A response the client transaction passed up: relay it (a 2xx to an INVITE through the
-        server transaction's Accepted state, RFC 6026; our 100 Trying already went)."""
+        server transaction's Accepted state, RFC 6026). A 100 is hop by hop: never relayed (for
+        an INVITE our own 100 Trying already went; RFC 3261 §16.7 step 5). The first provisional
+        to an INVITE releases a held CANCEL (§9.1)."""
         st = self.st
         status = resp.status
+        if status < 200 and method == "INVITE" and not self._provisional:
+            self._provisional = True
+            if self._cancel_held:
+                self._cancel_held = False
+                self._txns.send_cancel(self.request, self.target, now)
         if 200 <= status < 300 and method == "INVITE":
-            self._txns.pass_upstream(st, resp, now)
+            self._txns.pass_upstream(st, resp, now)  # also when it crossed the caller's CANCEL
             st.owner = None
             ct.owner = Upstream(st)  # the relay (its forwarded request) is freed
-        elif status > 100 or method != "INVITE":
+        elif status > 100:
             self._txns.respond(st, strip_own_via(resp), now)
             if status >= 200:
                 st.owner = None  # answered: the relay is no longer needed
 
     def cancel(self, now: float) -> None:
-        """The caller CANCELled the relayed INVITE: CANCEL downstream, 487 upstream."""
+        """The caller CANCELled the relayed INVITE (the dispatcher answered the CANCEL 200): CANCEL
+        downstream. The INVITE's final is downstream's, relayed (its 487, or a 2xx that crossed
+        the CANCEL, which must reach the caller: RFC 3261 §16.10, §16.7 step 10)."""
         if self.st.has_final:
             return
-        self._txns.send_cancel(self.request, self.target, now)
-        self._answer(487, now)
+        self._cancel_downstream(now)
 
     def client_failed(self, status: int, now: float) -> None:
-        """The client transaction timed out or could not be sent: answer ``status`` ourselves."""
-        self._answer(status, now)
+        """The client transaction timed out or could not be sent: answer ``status`` ourselves. Not
+        for a non-INVITE: a timeout gets no answer (RFC 4320 §4.2: never 408; the caller's own
+        transaction times out), a transport error 500 (§16.9: as if downstream answered 503, which
+        §16.7 step 6 turns into a 500)."""
+        if self.request.method == "INVITE":
+            self._answer(status, now)
+        elif status == 408:
+            self._txns.drop_server(self.st)  # nothing more to send: free it now
+        else:
+            self._answer(500, now)
 
     def ring_limit(self, now: float) -> None:
         """The relayed INVITE rang past the ring limit: CANCEL it (which guards it for 64*T1) and
         answer 408."""
-        self._txns.send_cancel(self.request, self.target, now)
+        self._cancel_downstream(now)
         self.client_failed(408, now)
+
+    def _cancel_downstream(self, now: float) -> None:
+        """CANCEL the forwarded INVITE now if downstream sent a provisional, else once it does
+        (RFC 3261 §9.1: a CANCEL before a provisional MUST NOT be sent). A final first: none."""
+        if self._provisional:
+            self._txns.send_cancel(self.request, self.target, now)
+        else:
+            self._cancel_held = True
 
     def server_ended(self) -> None:
         self.ct = None

@@ -300,14 +300,19 @@ class ServerTransaction(_Transaction):
             self.transmit(self._last)
 
     def receive_ack(self, now: float) -> bool:
-        """ACK for a non-2xx final: stop retransmitting. Returns True when it matched."""
+        """ACK for a non-2xx final: stop retransmitting. Returns True when it matched (absorbed).
+
+        An ACK in the Accepted state is for the 2xx, end to end: False, so the TU forwards it
+        (RFC 6026 §7.1, §8.5: it MUST be passed to the TU, not absorbed). It matches this
+        transaction when the client reused the INVITE's branch, or has no magic cookie (RFC 2543:
+        the key is Call-ID, From tag and CSeq number, the same in the ACK for a 2xx)."""
         if self.invite and self.state is State.COMPLETED:
             self.state = State.CONFIRMED
             self._retransmit_at = None
             self._timeout_at = now if self.reliable else now + self.timers.t4  # Timer I
             self._update_deadline()
             return True
-        return self.invite and self.state in (State.CONFIRMED, State.ACCEPTED)
+        return self.invite and self.state is State.CONFIRMED
 
     def send_response(self, data: bytes, status: int, now: float) -> bool:
         """Send a response. Returns False (nothing sent) when the transaction can't send it."""

@@ -176,13 +176,25 @@ def test_caller_cancel_while_ringing_cancels_the_branch_and_answers_487() -> Non
 
 
 def test_clearip_silent_past_timeout_is_cancelled_and_the_caller_gets_503_with_a_reason() -> None:
+    """503 at ``timeout``; the ClearIP INVITE is CANCELled only if ClearIP sent a provisional
+    (RFC 3261 §9.1: no CANCEL before one)."""
     call, host = new_call()
     asked_clearip(call, host)
     call.on_timer(5.0)
     actions = host.take()
+    assert ("cancel", host.clearip_target) not in actions
+    assert ("respond", 503, 'SIP;cause=503;text="ClearIP did not answer within 5 s"') in actions
+    assert call.clearip_outcome is not None and call.clearip_outcome.name == "TIMEOUT"
+    call, host = new_call()
+    req = asked_clearip(call, host)
+    trying = reply(req, 100)
+    assert call.clearip_ct is not None
+    call.clearip_ct.receive_response(trying, 100, 0.1)  # as the dispatcher does, then the call
+    call.on_clearip_response(trying, 0.1)
+    call.on_timer(5.0)
+    actions = host.take()
     assert actions[0] == ("cancel", host.clearip_target)
     assert actions[2] == ("respond", 503, 'SIP;cause=503;text="ClearIP did not answer within 5 s"')
-    assert call.clearip_outcome is not None and call.clearip_outcome.name == "TIMEOUT"
 
 
 def test_clearip_down_answers_503_without_asking_and_emergency_never_asks() -> None:

@@ -271,9 +271,10 @@ def test_breaker_reload_turning_it_off_closes_it() -> None:
 
 def test_breaker_counts_a_silent_clearip_behind_calls_the_switch_cancels_first() -> None:
     """A switch whose own post-dial timer (4 s) is shorter than ``timeout`` (5 s) CANCELs every call
-    while ClearIP is silent: each caller has its 487, but ClearIP answered neither the INVITE nor
-    the CANCEL, so each still counts as a ClearIP timeout (at the INVITE's ``timeout``) and the
-    breaker opens; ClearIP's 487 to a CANCEL, when it does answer, counts as an answer."""
+    while ClearIP is silent: each caller has its 487, but ClearIP did not answer the INVITE (no
+    CANCEL went: ClearIP sent no provisional), so each still counts as a ClearIP timeout (at the
+    INVITE's ``timeout``) and the breaker opens; ClearIP's final, when it does answer, counts as
+    an answer."""
     core, net = _breaker_core()
     for i in range(3):
         core.receive(invite(i), SWITCH, float(i) * 0.1)
@@ -283,7 +284,8 @@ def test_breaker_counts_a_silent_clearip_behind_calls_the_switch_cancels_first()
     out = net.take()
     statuses = sorted(m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse))
     assert statuses == [200, 200, 200, 487, 487, 487]
-    assert len([m for t, m in out if t.transport == CLEARIP and isinstance(m, SipRequest)]) == 3  # CANCELs
+    # ClearIP sent no provisional: no CANCEL goes to it (RFC 3261 §9.1).
+    assert [m for t, m in out if t.transport == CLEARIP and isinstance(m, SipRequest)] == []
     core.handle_timer(5.3)  # the INVITEs' `timeout` has passed without a word from ClearIP
     net.take()
     core.receive(invite(10), SWITCH, 5.4)

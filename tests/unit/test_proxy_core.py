@@ -313,7 +313,8 @@ def test_clearip_timeout_answers_503_with_reason_at_timeout() -> None:
     up = [m for t, m in out if t == SWITCH]
     assert isinstance(up[0], SipResponse) and up[0].status == 503
     assert "ClearIP did not answer" in (up[0].get("reason") or "")
-    assert any(isinstance(m, SipRequest) and m.method == "CANCEL" for t, m in out if t.transport == CLEARIP)
+    # ClearIP sent no provisional: no CANCEL (RFC 3261 §9.1); its late final is ACKed, not relayed.
+    assert not [m for t, m in out if t.transport == CLEARIP]
 
 
 def test_clearip_down_answers_503_at_once_and_drop_fails_waiting_calls() -> None:
@@ -490,8 +491,9 @@ def reinvite(branch: str, call_id: str) -> str:
 
 def test_cancel_of_a_relayed_reinvite_answers_487_with_only_the_callers_via() -> None:
     """A re-INVITE relayed along the route set, ringing, then CANCELled by the caller: CANCEL goes
-    downstream and the caller gets 200 (CANCEL) and 487 (INVITE) carrying its own Via alone (RFC
-    3261 §8.1.3.3: a UAC discards a response with more than one Via)."""
+    downstream and the caller gets 200 (CANCEL), then downstream's 487 (INVITE, RFC 3261 §16.10)
+    carrying its own Via alone (RFC 3261 §8.1.3.3: a UAC discards a response with more than one
+    Via)."""
     core, net = make_core()
     request = reinvite("z9hG4bKre1", "call-1@10.0.0.5")
     core.receive(request.encode(), SWITCH, 0.0)
@@ -503,10 +505,13 @@ def test_cancel_of_a_relayed_reinvite_answers_487_with_only_the_callers_via() ->
     core.receive(cancel.encode(), SWITCH, 0.2)
     out = net.take()
     up = {m.cseq[1]: m for t, m in out if t == SWITCH and isinstance(m, SipResponse)}
-    assert up["CANCEL"].status == 200 and up["INVITE"].status == 487
-    assert up["INVITE"].values("via") == ["SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKre1"]
+    assert up["CANCEL"].status == 200 and "INVITE" not in up  # the INVITE's final is downstream's
     downstream = [m for t, m in out if isinstance(m, SipRequest) and m.method == "CANCEL"]
     assert len(downstream) == 1 and downstream[0].top_via.branch == fwd[0].top_via.branch
+    core.receive(response_to(fwd[0], 487, "Request Terminated"), Target("udp", CARRIER_A[0], 5060), 0.3)
+    up = {m.cseq[1]: m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)}
+    assert up["INVITE"].status == 487
+    assert up["INVITE"].values("via") == ["SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKre1"]
 
 
 def test_relayed_reinvite_that_rings_past_the_ring_limit_is_cancelled_and_answered_408() -> None:
