@@ -225,6 +225,7 @@ class Call:
         "base",
         "branch",
         "cancelled",
+        "clearip_cancel_held",
         "clearip_ct",
         "clearip_latency_ms",
         "clearip_outcome",
@@ -270,6 +271,7 @@ class Call:
         # The caller cancelled while ClearIP had not answered: the call is over, but whether ClearIP
         # answers (the INVITE or the CANCEL) by the INVITE's `timeout` still feeds the breaker.
         self.clearip_watch = False
+        self.clearip_cancel_held = False  # a CANCEL for ClearIP waits for its first provisional
         self.clearip_outcome: ClearIpOutcome | None = None
         self.clearip_latency_ms: float | None = None
         self.base: SipRequest | None = None  # the INVITE with ClearIP's headers copied in
@@ -354,6 +356,13 @@ class Call:
 
     def on_clearip_response(self, resp: SipResponse, now: float) -> None:
         status = resp.status
+        if self.clearip_cancel_held:
+            # The CANCEL held back until ClearIP sent a provisional (RFC 3261 §9.1): send it now,
+            # so the INVITE there ends (487, or Timer C after 64*T1); after a final none is needed.
+            self.clearip_cancel_held = False
+            request, self.clearip_request = self.clearip_request, None  # kept for it (_release)
+            if status < 200 and request is not None:
+                self.host.send_cancel(request, self.host.clearip_target, now)
         if status >= 200 and self.clearip_watch:
             # A call the caller cancelled: ClearIP answered after all (its 487 to our CANCEL, or
             # what it had already sent). Nothing goes to the caller, but ClearIP is alive.
@@ -534,15 +543,20 @@ class Call:
         self.fail(503, "proxy restarting", now, retry_after=True)
 
     def _cancel_clearip(self, now: float) -> None:
-        """CANCEL the INVITE sent to ClearIP, only if ClearIP sent a provisional (RFC 3261 §9.1: a
-        CANCEL MUST NOT be sent before one). ClearIP, a redirect server, answers finals alone (no
-        100 Trying when it answers within 200 ms), so usually nothing goes: its final still comes,
-        is ACKed by the client transaction, and is not relayed (the call is over); with no answer,
-        Timer B ends the transaction. A provisional arriving later needs no CANCEL either: ClearIP
-        never rings, its final follows."""
+        """CANCEL the INVITE sent to ClearIP, but only once ClearIP sent a provisional (RFC 3261
+        §9.1: a CANCEL MUST NOT be sent before one). ClearIP, a redirect server, answers finals
+        alone (no 100 Trying when it answers within 200 ms), so usually nothing goes: its final
+        still comes, is ACKed by the client transaction, and is not relayed (the call is over);
+        with no answer, Timer B ends the transaction. A CANCEL wanted before a provisional is held
+        and sent when one arrives (:meth:`on_clearip_response`): in Proceeding no Timer B ends the
+        INVITE there, the CANCEL's Timer C does."""
         ct = self.clearip_ct
-        if ct is not None and self.clearip_request is not None and ct.state is State.PROCEEDING:
+        if ct is None or self.clearip_request is None:
+            return
+        if ct.state is State.PROCEEDING:
             self.host.send_cancel(self.clearip_request, self.host.clearip_target, now)
+        elif ct.state is State.CALLING:
+            self.clearip_cancel_held = True  # _release keeps the request for it
 
     def server_ended(self) -> None:
         """Its server transaction ended: let go of the client transactions (reference cycles)."""
@@ -624,7 +638,8 @@ class Call:
             br.ct.owner = Upstream(self.st)
             br.ct = None
         self.base = None
-        self.clearip_request = None
+        if not self.clearip_cancel_held:
+            self.clearip_request = None
         self.responses = []
         self.targets = []
 

@@ -231,6 +231,24 @@ def test_cancel_while_clearip_is_asked_goes_to_clearip_only_after_its_provisiona
     assert [(t.transport, m.method) for t, m in out if isinstance(m, SipRequest)] == [(CLEARIP, "CANCEL")]
 
 
+def test_a_cancel_held_for_clearip_goes_when_its_provisional_comes_after_the_timeout() -> None:
+    """ClearIP silent past ``timeout`` (the caller got 503), then its 100 arrives: the CANCEL held
+    since the timeout goes now, so the INVITE there ends (its 487, or Timer C) instead of waiting in
+    Proceeding, where no Timer B runs, for ever."""
+    core, net = make_core()
+    req = to_clearip(core, net)
+    core.handle_timer(5.01)
+    out = net.take()
+    assert [m.status for t, m in out if t == SWITCH and isinstance(m, SipResponse)] == [503]
+    assert [t for t, _ in out if t.transport == CLEARIP] == []  # no CANCEL before a provisional
+    clearip_reply(core, response_to(req, 100, "Trying"), 6.0)
+    out = net.take()
+    assert [(t.transport, m.method) for t, m in out if isinstance(m, SipRequest)] == [(CLEARIP, "CANCEL")]
+    for t in (6.0 + 0.5 * i for i in range(1, 200)):
+        core.handle_timer(t)
+    assert core.table_sizes() == {"calls": 0, "server_transactions": 0, "client_transactions": 0, "timers": 0}
+
+
 # ---------------------------------------------------------------------------------------------
 # 3, 4. A relayed non-INVITE (BYE): no 100 relayed, no 408 of the proxy's own (RFC 4320 §4.2)
 
