@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 
+from proxy_runtime.core.routing import drop_server_retry_after
 from proxy_runtime.core.stamp import SendFn, Stamper, Target, loop_hash, next_hop, strip_own_via
 from proxy_runtime.core.transactions import RingLimited, Transactions, Upstream
 from proxy_runtime.sip.build import make_response
@@ -85,7 +86,9 @@ class Relay(RingLimited):
             st.owner = None
             ct.owner = Upstream(st)  # the relay (its forwarded request) is freed
         elif status > 100:
-            self._txns.respond(st, strip_own_via(resp), now)
+            # A 503's Retry-After would tell the caller to keep away from the proxy itself (see
+            # routing.drop_server_retry_after), where one callee or carrier said so of itself.
+            self._txns.respond(st, drop_server_retry_after(strip_own_via(resp)), now)
             if status >= 200:
                 st.owner = None  # answered: the relay is no longer needed
 

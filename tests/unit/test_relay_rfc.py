@@ -306,3 +306,18 @@ def test_a_relayed_bye_whose_send_fails_gets_500() -> None:
     finals = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)]
     assert [(m.status, m.cseq[1]) for m in finals] == [(500, "BYE")]
     assert finals[0].values("via") == ["SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKb3"]
+
+
+def test_a_relayed_in_dialog_503_reaches_the_caller_without_its_retry_after() -> None:
+    """A callee's 503 + Retry-After to a BYE (or re-INVITE) would tell the switch to keep away from
+    its next hop, the proxy, for every call: relayed as 503, without Retry-After, Reason kept."""
+    core, net = make_core()
+    core.receive(bye("z9hG4bKb9"), SWITCH, 0.0)
+    fwd = net.take()[0][1]
+    assert isinstance(fwd, SipRequest)
+    extra = 'Retry-After: 300\r\nReason: SIP;cause=503;text="busy"\r\n'
+    core.receive(response_to(fwd, 503, "Service Unavailable", extra), CALLEE_A, 0.1)
+    up = [m for t, m in net.take() if t == SWITCH and isinstance(m, SipResponse)]
+    assert [m.status for m in up] == [503]
+    assert up[0].get("retry-after") is None
+    assert up[0].get("reason") == 'SIP;cause=503;text="busy"'
