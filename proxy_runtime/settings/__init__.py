@@ -420,6 +420,8 @@ def load(
             raise SettingsError("config", f"no such file: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:  # e.g. not readable by the proxy's user, or a directory
+            raise SettingsError("config", f"cannot read {path}: {exc.strerror or exc}") from None
         raw.update(_coerce(data))
     env = os.environ if environ is None else environ
     env_raw = {
