@@ -158,5 +158,5 @@ def test_a_file_the_proxy_may_not_read_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tmp_path / "settings.toml"
     cfg.write_text(SITE)
     cfg.chmod(0)
-    with pytest.raises(SettingsError, match="cannot read .*Permission denied"):
+    with pytest.raises(SettingsError, match=r"cannot read .*Permission denied"):
         load(cfg, environ={})
