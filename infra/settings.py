@@ -3,7 +3,7 @@
 The deployment's settings live in a file the operator keeps under version control: ``cdk.json``
 names it (context key ``settings_file``, ``site.toml`` by default; a flat TOML whose keys are the
 settings below, with a ``[proxy]`` table for any other setting of the proxy itself). A bare
-``cdk deploy`` re-applies exactly what the file says. A ``-c key=value`` overrides one key for that
+``cdk deploy`` deploys exactly what the file says. A ``-c key=value`` overrides one key for that
 run, explicitly. Every construct receives these values as typed keyword arguments; nothing under
 ``infra/`` reads the context or the file except :func:`DeploymentSettings.from_context`, called by
 ``app.py``. A bad value raises :class:`DeploymentSettingsError` naming the key, so ``cdk synth``

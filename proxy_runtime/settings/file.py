@@ -37,7 +37,8 @@ Apply = Literal["unchanged", "reload", "restart"]
 HEADER = (
     "# /etc/clearip-proxy/settings.toml, written by `clearip-proxy settings write` (install.sh, the\n"
     "# stack's release association). Keys are the proxy's Settings fields. On AWS the site's settings\n"
-    "# come from the deployment's settings file at every `cdk deploy`: change them there.\n"
+    "# come from the deployment's settings file, applied by a `cdk deploy` that changes them or the\n"
+    "# release (or `aws ssm start-associations-once`): change them there.\n"
 )
 
 

@@ -600,6 +600,11 @@ def test_outputs(template: Template) -> None:
     assert "Ref" in outputs["AlarmTopicArn"]["Value"]
     for key in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout"):
         assert outputs[f"{key}DocumentName"]["Value"] == f"ClearIpProxy-{key}"
+    # How an operator re-applies unchanged settings (docs/DEPLOY.md): run the association now.
+    (association,) = template.find_resources(
+        "AWS::SSM::Association", {"Properties": {"AssociationName": "ClearIpProxy-RollOut"}}
+    )
+    assert outputs["RollOutAssociationId"]["Value"] == {"Fn::GetAtt": [association, "AssociationId"]}
 
 
 # ---- issue 6.3: operations -------------------------------------------------------------------
