@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CDK entry point: the site's settings file (cdk.json names it) -> one ClearIpProxyStack.
 
-    cdk deploy                       # re-applies exactly what site.toml says
+    cdk deploy                       # deploys what site.toml says (proxies updated if it changed)
     cdk deploy -c timeout=3          # one explicit override for this run
 
 The stack is environment-agnostic (no account/region lookups), so ``cdk synth`` works offline.

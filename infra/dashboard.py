@@ -335,6 +335,10 @@ def render_markdown(dashboard_body: Any) -> str:
     return "\n".join(lines)
 
 
+# The example deployment the doc shows (the site's own site.toml, if any, is not read): two proxies.
+DOC_SETTINGS = {"sip_cidrs": "203.0.113.10/32", "ami": "ami-03cf127a", "alarm_email": ""}
+
+
 def _default_body() -> Any:
     import aws_cdk as cdk
     from aws_cdk.assertions import Template
@@ -342,8 +346,8 @@ def _default_body() -> Any:
     from infra.settings import DeploymentSettings
     from infra.stack import ClearIpProxyStack
 
-    app = cdk.App(context={"sip_cidrs": "203.0.113.10/32"})
-    settings = DeploymentSettings.from_context(app.node.try_get_context)
+    app = cdk.App()
+    settings = DeploymentSettings.from_mapping(DOC_SETTINGS)
     stack = ClearIpProxyStack(app, settings.stack_name, settings=settings)
     (dash,) = Template.from_stack(stack).find_resources("AWS::CloudWatch::Dashboard").values()
     return dash["Properties"]["DashboardBody"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import ArnFormat, Aws, Stack
+from aws_cdk import ArnFormat, Aws, Duration, Stack
 from aws_cdk import aws_cloudwatch as cw
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_sns as sns
@@ -27,6 +27,11 @@ from infra.dashboard import (
 )
 from infra.settings import AlarmThresholds
 from proxy_runtime.metrics import names
+from proxy_runtime.settings import MAX_METRICS_INTERVAL
+
+# The heartbeat is judged per period; the proxy publishes at least once in each, as its settings
+# refuse a metrics_interval longer than this (missing data breaches: a longer one would keep firing).
+HEARTBEAT_PERIOD = Duration.seconds(MAX_METRICS_INTERVAL)
 
 __all__ = ["HealthThresholds", "MonitoredProxy", "ProxyMonitoring", "proxy_metric"]
 
@@ -156,7 +161,9 @@ class ProxyMonitoring(Construct):
         # reach CloudWatch. No data is exactly the failure, so missing data breaches.
         self._alarm(
             f"{n} heartbeat is missing so the proxy is down or silent",
-            metric=proxy_metric(names.HEARTBEAT, p.instance_id, statistic=cw.Stats.SAMPLE_COUNT),
+            metric=proxy_metric(
+                names.HEARTBEAT, p.instance_id, statistic=cw.Stats.SAMPLE_COUNT, period=HEARTBEAT_PERIOD
+            ),
             threshold=1,
             comparison=lt,
             evaluation_periods=t.heartbeat_missing_minutes,

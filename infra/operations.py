@@ -126,7 +126,8 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
             key="SetTimeout",
             description="Change how long the proxy waits for ClearIP (and for a carrier's first "
             "response) before the switch is told to route-advance; persist it and reload (no call is "
-            "dropped). The next cdk deploy re-applies the site's settings file: change it there too.",
+            "dropped). It stays until the release association runs again (a deploy that changes the "
+            "settings or the release): change the site's settings file too.",
             parameters={
                 "Timeout": {
                     "type": "String",

@@ -3,7 +3,7 @@
 The deployment's settings live in a file the operator keeps under version control: ``cdk.json``
 names it (context key ``settings_file``, ``site.toml`` by default; a flat TOML whose keys are the
 settings below, with a ``[proxy]`` table for any other setting of the proxy itself). A bare
-``cdk deploy`` re-applies exactly what the file says. A ``-c key=value`` overrides one key for that
+``cdk deploy`` deploys exactly what the file says. A ``-c key=value`` overrides one key for that
 run, explicitly. Every construct receives these values as typed keyword arguments; nothing under
 ``infra/`` reads the context or the file except :func:`DeploymentSettings.from_context`, called by
 ``app.py``. A bad value raises :class:`DeploymentSettingsError` naming the key, so ``cdk synth``
@@ -38,6 +38,20 @@ DEFAULT_SETTINGS_FILE = "site.toml"
 # Keys of the proxy's own settings the stack sets from its top-level settings (or per host):
 # they cannot also be given in the [proxy] table.
 _STACK_PROXY_KEYS = {"allow": "sip_cidrs", "clearip": "clearip_uri", "timeout": "timeout", "metrics": ""}
+# Keys of the proxy's own settings the stack cannot honour, and why: a roll-out with them would fail
+# on the first proxy (its readiness check) or leave it unreachable, so synth refuses them.
+_LISTENERS_FIXED = (
+    "the stack's security group, the proxies' nftables rules and the roll-out's readiness check "
+    "use UDP/TCP 5060 and TLS 5061 on every address; remove it from [proxy]"
+)
+_UNSUPPORTED_PROXY_KEYS = {
+    "udp": _LISTENERS_FIXED,
+    "tcp": _LISTENERS_FIXED,
+    "tls": _LISTENERS_FIXED,
+    "clearip_ca": "names a file on the proxies, which the stack does not install (the roll-out would "
+    "stop at the first proxy); ClearIP's certificate is verified against the system CAs: remove it "
+    "from [proxy]",
+}
 # Each trusted CIDR costs three ingress rules (UDP 5060, TCP 5060, TCP 5061); a security group
 # holds 60 inbound rules by default, minus one for SSH.
 MAX_SIP_CIDRS = 19
@@ -149,6 +163,8 @@ class DeploymentSettings:
                     f"proxy.{key}",
                     f"set by the stack{f' from {top!r}' if top else ''}; remove it from [proxy]",
                 )
+            if key in _UNSUPPORTED_PROXY_KEYS:
+                raise DeploymentSettingsError(f"proxy.{key}", _UNSUPPORTED_PROXY_KEYS[key])
         if self.clearip_transport not in CLEARIP_TRANSPORTS:
             raise DeploymentSettingsError(
                 "clearip_transport", f"must be tls or tcp, got {self.clearip_transport!r}"

@@ -52,7 +52,7 @@ class ClearIpProxyStack(Stack):
             release=self.release,
             eip_allocations=settings.eip_allocations,
         )
-        self.release.roll_out(self.fleet.instances)
+        roll_out = self.release.roll_out(self.fleet.instances)
         self.logs = ProxyLogs(self, "Logs", instance_ids=[p.instance_id for p in self.fleet.proxies])
         self.logs.grant_to(self.fleet.role)
         self.monitoring = ProxyMonitoring(
@@ -86,6 +86,13 @@ class ClearIpProxyStack(Stack):
         )
         CfnOutput(
             self, "ApplyReleaseDocumentName", value=self.release.document_name, description="SSM document"
+        )
+        CfnOutput(
+            self,
+            "RollOutAssociationId",
+            value=roll_out.attr_association_id,
+            description="The release association: aws ssm start-associations-once --association-ids <this> "
+            "re-applies the deployed release and settings to every proxy, one at a time",
         )
         CfnOutput(
             self,

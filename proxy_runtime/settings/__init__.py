@@ -35,6 +35,15 @@ EMERGENCY_ACTIONS = ("reject", "route")
 CLEARIP_TRANSPORTS = ("tls", "tcp")
 # ClearIP's standard ports per transport: switching transport also switches a standard port.
 TRANSPORT_PORTS = {"tls": 5061, "tcp": 5060}
+# systemd's stop timeout in deploy/clearip-proxy.service (TimeoutStopSec; a test reads the unit):
+# SIGKILL follows SIGTERM after it. The drain must end STOP_MARGIN seconds before that, leaving time
+# to answer the calls still waiting, close the listeners and flush the last metrics.
+UNIT_TIMEOUT_STOP_SEC = 45
+STOP_MARGIN = 10
+MAX_DRAIN_TIMEOUT = UNIT_TIMEOUT_STOP_SEC - STOP_MARGIN
+# The heartbeat alarm (infra/monitoring.py) expects a datapoint in every 1-minute period and treats
+# a missing one as the proxy down, so a longer interval would keep it firing.
+MAX_METRICS_INTERVAL = 60
 
 RESTART_ONLY_FIELDS = (
     "udp",
@@ -297,6 +306,12 @@ def validate(s: Settings) -> Settings:
         v = getattr(s, name)
         if not v > 0:
             raise SettingsError(name, f"must be greater than 0, got {v}")
+    if s.metrics_interval > MAX_METRICS_INTERVAL:
+        raise SettingsError(
+            "metrics_interval",
+            f"must be at most {MAX_METRICS_INTERVAL} seconds (the heartbeat alarm expects a datapoint "
+            f"every minute), got {s.metrics_interval}",
+        )
     if s.timeout > 60:
         raise SettingsError("timeout", "must be at most 60 seconds (a PASSporT is stale after 60 s)")
     if not 0 < s.clearip_connect_wait <= 2:
@@ -320,8 +335,12 @@ def validate(s: Settings) -> Settings:
             raise SettingsError(name, f"must be greater than 0, got {v}")
     if s.breaker_probe_every < 1:
         raise SettingsError("breaker_probe_every", "must be at least 1")
-    if s.drain_timeout < 0:
-        raise SettingsError("drain_timeout", "must not be negative")
+    if not 0 <= s.drain_timeout <= MAX_DRAIN_TIMEOUT:
+        raise SettingsError(
+            "drain_timeout",
+            f"must be 0 to {MAX_DRAIN_TIMEOUT} seconds (systemd kills the proxy "
+            f"{UNIT_TIMEOUT_STOP_SEC} s after SIGTERM), got {s.drain_timeout}",
+        )
     if s.max_in_flight < 1:
         raise SettingsError("max_in_flight", "must be at least 1")
     if not (s.overload_queue_delay == 0 or 0.005 <= s.overload_queue_delay <= 0.4):
@@ -420,6 +439,8 @@ def load(
             raise SettingsError("config", f"no such file: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:  # e.g. not readable by the proxy's user, or a directory
+            raise SettingsError("config", f"cannot read {path}: {exc.strerror or exc}") from None
         raw.update(_coerce(data))
     env = os.environ if environ is None else environ
     env_raw = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,8 @@ Apply = Literal["unchanged", "reload", "restart"]
 HEADER = (
     "# /etc/clearip-proxy/settings.toml, written by `clearip-proxy settings write` (install.sh, the\n"
     "# stack's release association). Keys are the proxy's Settings fields. On AWS the site's settings\n"
-    "# come from the deployment's settings file at every `cdk deploy`: change them there.\n"
+    "# come from the deployment's settings file, applied by a `cdk deploy` that changes them or the\n"
+    "# release (or `aws ssm start-associations-once`): change them there.\n"
 )
 
 
@@ -80,10 +82,30 @@ def set_value(path: str | os.PathLike[str], key: str, value: str) -> None:
         tmp.write(new_text)
     try:
         settings_mod.load(tmp.name, environ={})
-        os.replace(tmp.name, p)
+        _replace(tmp.name, p)
     finally:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
+
+
+SETTINGS_FILE_MODE = 0o640
+"""A new settings file's mode: the proxy's group reads it (install.sh makes it root:clearip-proxy)."""
+
+
+def _replace(tmp: str, target: Path) -> None:
+    """Rename ``tmp`` over ``target``, giving it the mode, owner and group ``target`` had (a new file:
+    :data:`SETTINGS_FILE_MODE`). A temporary file is 0600 and owned by whoever wrote it (root, for
+    the Session Manager documents), which the proxy, running as its own user, could not read."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        os.chmod(tmp, SETTINGS_FILE_MODE)
+    else:
+        mine = os.stat(tmp)
+        if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    os.replace(tmp, target)
 
 
 def _read_toml(path: Path, setting: str) -> dict[str, Any]:
@@ -94,6 +116,8 @@ def _read_toml(path: Path, setting: str) -> dict[str, Any]:
         raise SettingsError(setting, f"no such file: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(setting, f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(setting, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _render(key: str, value: Any) -> str:
@@ -171,8 +195,11 @@ def write_settings(
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, prefix=".settings.") as tmp:
             tmp.write(text)
-        os.chmod(tmp.name, 0o640)
-        os.replace(tmp.name, target)
+        try:
+            _replace(tmp.name, target)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
     return apply, changed
 
 

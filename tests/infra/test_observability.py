@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +416,19 @@ def test_cost_counts_every_published_metric() -> None:
     times = "\u00d7"  # the multiplication sign, as the document writes it
     row = f"| Proxy metrics | {n} names {times} 2 proxies (one dimension each) | ${n * 2 * 0.30:.2f} |"
     assert row in doc
+
+
+def test_the_documented_regeneration_command_runs(tmp_path: Path) -> None:
+    """`python -m infra.dashboard` (the command METRICS.md's marker names) needs no site.toml and
+    prints exactly the section docs/METRICS.md holds."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "infra.dashboard"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert dashboard.DOC_BEGIN in (REPO / "docs" / "METRICS.md").read_text()
+    assert proc.stdout.strip() in (REPO / "docs" / "METRICS.md").read_text()

@@ -75,6 +75,11 @@ def test_sip_cidrs_as_string_or_list() -> None:
         ({"proxy": {"timeout": 3}}, "proxy.timeout", "set by the stack from 'timeout'"),
         ({"proxy": {"advertise": "192.0.2.1"}}, "proxy.advertise", "belongs to one host"),
         ({"proxy": {"bogus": 1}}, "proxy.bogus", "unknown setting"),
+        ({"proxy": {"udp": ["0.0.0.0:5070"]}}, "proxy.udp", "5060"),
+        ({"proxy": {"tls": ["0.0.0.0:5062"]}}, "proxy.tls", "readiness check"),
+        ({"proxy": {"clearip_ca": "/etc/ssl/clearip.pem"}}, "proxy.clearip_ca", "system CAs"),
+        ({"proxy": {"drain_timeout": 600}}, "proxy.drain_timeout", "systemd kills the proxy 45 s"),
+        ({"proxy": {"metrics_interval": 300}}, "proxy.metrics_interval", "heartbeat alarm"),
     ],
 )
 def test_invalid_settings_name_the_setting(context: dict[str, Any], setting: str, fragment: str) -> None:

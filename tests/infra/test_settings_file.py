@@ -3,6 +3,8 @@ by the proxy's own rules, and how the running proxy takes the change (reload or 
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from proxy_runtime.settings import RESTART_ONLY_FIELDS, SettingsError, load
-from proxy_runtime.settings.file import read_value, site_settings_toml, write_settings
+from proxy_runtime.settings.file import (
+    read_value,
+    set_value,
+    site_settings_toml,
+    write_settings,
+)
 
 CONFIG = "/etc/clearip-proxy/settings.toml"
 SITE = 'allow = ["203.0.113.10/32"]\nclearip = "sip:sip.clearip.com:5061;transport=tls"\ntimeout = 5.0\n'
@@ -93,3 +100,63 @@ def test_the_cli_verbs(tmp_path: Path) -> None:
     bad = subprocess.run([*cli, "write", "--config", CONFIG, "--root", str(root), "--allow", "10.0.0.1"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "'allow': '10.0.0.1' is a bare address" in bad.stderr
+
+
+def _owner_for_test() -> tuple[int, int]:
+    """An owner the replaced file must keep: as root another user's (so the writer has to chown, as
+    the Session Manager documents run as root over a root:clearip-proxy file), else our own."""
+    return (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+
+@pytest.mark.parametrize("writer", ["set", "settings write"])
+def test_replacing_the_file_keeps_its_mode_owner_and_group(tmp_path: Path, writer: str) -> None:
+    """`clearip-proxy set` (SetTimeout, SetClearIpTransport) and `settings write` rename a temporary
+    file (0600, owned by the writer) over settings.toml: the result must stay readable by the proxy's
+    user, i.e. keep the mode and owner/group install.sh gave it (0640 root:clearip-proxy)."""
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text(SITE)
+    uid, gid = _owner_for_test()
+    os.chown(cfg, uid, gid)
+    os.chmod(cfg, 0o640)
+    if writer == "set":
+        args = ["set", "timeout", "3", "--config", str(cfg)]
+    else:
+        args = ["settings", "write", "--config", str(cfg), "--set", "timeout=3"]
+    run = subprocess.run([sys.executable, "-m", "proxy_runtime", *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert load(cfg, environ={}).timeout == 3.0
+    st = cfg.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, uid, gid)
+
+
+def test_a_new_file_is_0640(tmp_path: Path) -> None:
+    cfg = tmp_path / "settings.toml"
+    set_value(cfg, "timeout", "3")
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o640
+
+
+def test_an_unreadable_settings_file_is_a_clear_error(tmp_path: Path) -> None:
+    """The proxy refuses to start with a message naming the file, not a traceback (systemd would
+    restart it forever). A directory stands in for an unreadable file (root reads any file)."""
+    unreadable = tmp_path / "settings.toml"
+    unreadable.mkdir()
+    with pytest.raises(SettingsError) as err:
+        load(unreadable, environ={})
+    assert err.value.setting == "config" and f"cannot read {unreadable}" in str(err.value)
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy_runtime", "run", "--config", str(unreadable)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"cannot read {unreadable}" in run.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_file_the_proxy_may_not_read_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text(SITE)
+    cfg.chmod(0)
+    with pytest.raises(SettingsError, match=r"cannot read .*Permission denied"):
+        load(cfg, environ={})

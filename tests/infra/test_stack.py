@@ -22,6 +22,7 @@ from infra.settings import AlarmThresholds, DeploymentSettings
 from infra.stack import ClearIpProxyStack
 from infra.wheels import ARCHES, complete
 from proxy_runtime.metrics import names
+from proxy_runtime.settings import MAX_METRICS_INTERVAL
 
 from .conftest import ADOPTED, AMI, DEFAULT_CONTEXT, REPO, flatten, resources
 
@@ -483,6 +484,8 @@ def test_heartbeat_missing_breaches(template: Template) -> None:
             "Namespace": names.NAMESPACE,
             "TreatMissingData": "breaching",
             "ComparisonOperator": "LessThanThreshold",
+            # One datapoint per period at the longest metrics_interval the proxy accepts.
+            "Period": MAX_METRICS_INTERVAL,
             "Dimensions": [
                 {"Name": names.DIMENSION_PROXY_ID, "Value": {"Ref": Match.string_like_regexp("Proxy")}}
             ],
@@ -597,6 +600,11 @@ def test_outputs(template: Template) -> None:
     assert "Ref" in outputs["AlarmTopicArn"]["Value"]
     for key in ("Doctor", "CaptureTrace", "Restart", "SetClearIpTransport", "SetTimeout"):
         assert outputs[f"{key}DocumentName"]["Value"] == f"ClearIpProxy-{key}"
+    # How an operator re-applies unchanged settings (docs/DEPLOY.md): run the association now.
+    (association,) = template.find_resources(
+        "AWS::SSM::Association", {"Properties": {"AssociationName": "ClearIpProxy-RollOut"}}
+    )
+    assert outputs["RollOutAssociationId"]["Value"] == {"Fn::GetAtt": [association, "AssociationId"]}
 
 
 # ---- issue 6.3: operations -------------------------------------------------------------------

@@ -23,7 +23,7 @@ from aws_cdk.assertions import Template
 
 from infra import wheels
 from infra.fleet import USER_DATA_TEMPLATE, render_user_data
-from proxy_runtime.settings import load
+from proxy_runtime.settings import MAX_DRAIN_TIMEOUT, STOP_MARGIN, UNIT_TIMEOUT_STOP_SEC, Settings, load
 from tests.conftest import in_ci, require_tool
 
 from .conftest import REPO, flatten, resources
@@ -472,7 +472,10 @@ def test_systemd_unit() -> None:
     )
     assert svc["Restart"] == "always"
     assert svc["KillSignal"] == "SIGTERM"
-    assert int(svc["TimeoutStopSec"]) > 30  # SIGTERM drains calls for up to 30 s
+    # SIGTERM drains calls for up to drain_timeout, which the settings bound by this value.
+    assert int(svc["TimeoutStopSec"]) == UNIT_TIMEOUT_STOP_SEC
+    assert MAX_DRAIN_TIMEOUT + STOP_MARGIN == UNIT_TIMEOUT_STOP_SEC and STOP_MARGIN >= 10
+    assert Settings(proxy_id="").drain_timeout <= MAX_DRAIN_TIMEOUT
     assert svc["User"] == "clearip-proxy" and svc["NoNewPrivileges"] == "yes"
     assert svc["ProtectSystem"] == "strict" and svc["CapabilityBoundingSet"] == ""
     assert unit["Install"]["WantedBy"] == "multi-user.target"

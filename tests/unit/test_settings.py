@@ -108,6 +108,10 @@ def test_booleans_lists_and_numbers() -> None:
         ({"timeout": "fast"}, "timeout"),
         ({"ring_timeout": "-1"}, "ring_timeout"),
         ({"drain_timeout": "-1"}, "drain_timeout"),
+        ({"drain_timeout": "36"}, "drain_timeout"),  # systemd SIGKILLs 45 s after SIGTERM
+        ({"drain_timeout": "600"}, "drain_timeout"),
+        ({"metrics_interval": "61"}, "metrics_interval"),  # the heartbeat alarm's period is 60 s
+        ({"metrics_interval": "300"}, "metrics_interval"),
         ({"max_in_flight": "0"}, "max_in_flight"),
         ({"max_in_flight": "1.5"}, "max_in_flight"),
         ({"max_contacts": "0"}, "max_contacts"),
