@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from proxy_runtime.transport import gcpolicy
 from proxy_runtime.transport.gcpolicy import FullCollectionPolicy
+from tests.child import run_json
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 
 # Run in a child: apply() freezes the heap and changes the thresholds of the whole process. The
@@ -42,12 +37,7 @@ print(json.dumps({"seen": seen, "threshold": gc.get_threshold()}))
 
 
 def test_young_collections_examine_a_bounded_number_of_objects_and_none_is_full() -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    done = subprocess.run(
-        [sys.executable, "-P", "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    got = json.loads(done.stdout)
+    got = run_json(_CHILD)
     seen = [(g, n) for g, n in got["seen"]]
     generations = {g for g, _ in seen}
     assert generations == {0, 1}, generations  # young collections ran; never an automatic full one

@@ -3,13 +3,7 @@ collection of fields the format never prints (every finished call logs a line)."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.child import run_json
 
 # Run in a child: the set-up changes process-wide logging state that pytest's own capture uses.
 _CHILD = """
@@ -29,12 +23,7 @@ print(json.dumps({"out": out.getvalue(), "seen": seen}))
 
 
 def test_call_lines_keep_their_format_without_caller_thread_or_process_fields() -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    done = subprocess.run(
-        [sys.executable, "-P", "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    got = json.loads(done.stdout)
+    got = run_json(_CHILD, timeout=60)
     # "<date> <time>,<ms> INFO clearip.calls: {...}": what deploy/clearip-proxy-logs.sh splits on.
     line = got["out"]
     assert line.endswith(' INFO clearip.calls: {"event":"call"}\n'), line
