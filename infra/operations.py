@@ -100,7 +100,10 @@ def document_specs(bucket_name: str) -> list[DocumentSpec]:
         ),
         DocumentSpec(
             key="Restart",
-            description="Restart the proxy (SIGTERM drains calls in flight for up to 30 s first).",
+            description=(
+                "Restart the proxy (SIGTERM drains calls in flight for up to drain_timeout, 30 s by "
+                "default, first)."
+            ),
             parameters={},
             commands=["set -eu", *_restart_and_check()],
         ),

@@ -72,7 +72,8 @@ log = logging.getLogger("clearip.proxy")
 
 # The methods the proxy accepts (RFC 3261 §20.5), in the Allow of its 405 and OPTIONS answers:
 # INVITE (routed by ClearIP), ACK, CANCEL, OPTIONS (answered itself) and the in-dialog methods it
-# relays. Any other out-of-dialog request (MESSAGE, SUBSCRIBE, REGISTER, ...) gets 405.
+# relays. Any other out-of-dialog request (MESSAGE, SUBSCRIBE, REGISTER, ...) without a Route beyond
+# the proxy gets 405 (with one, it is relayed along it).
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER"
 IN_DIALOG_ONLY = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER"})
 

@@ -113,10 +113,13 @@ class Relay(RingLimited):
             self._answer(500, now)
 
     def ring_limit(self, now: float) -> None:
-        """The relayed INVITE rang past the ring limit: CANCEL it (which guards it for 64*T1) and
-        answer 408."""
+        """Timer C fired on the relayed INVITE (RFC 3261 §16.8). After a provisional: CANCEL it and
+        let downstream's final through, its 487 or a 2xx that crossed the CANCEL (which must reach
+        the caller); the CANCEL's own guard answers 408 if none comes within 64*T1. Before any
+        provisional: as if downstream had answered 408, with the CANCEL held until it rings."""
         self._cancel_downstream(now)
-        self.client_failed(408, now)
+        if not self._provisional:
+            self.client_failed(408, now)
 
     def _cancel_downstream(self, now: float) -> None:
         """CANCEL the forwarded INVITE now if downstream sent a provisional, else once it does

@@ -11,7 +11,7 @@ RFC 6026's 32 s timers, so what a collection examines decides how long every cal
   generation-0 threshold of 10,000 (this policy until 2026-12-03) a generation-1 collection examined
   up to 100,000 objects: 27-58 ms every 5-6 s at 750 calls/s, found with ``gc.callbacks`` in the
   benchmark's proxy, and the 99th percentile of call set-up at 80 % load was those pauses. With
-  1,000 the longest young pause there was 4 ms, for the same total (each surviving object is
+  1,000 the longest young pause there was 4-9 ms, for the same total (each surviving object is
   examined once in each young generation whatever the thresholds).
 - A full collection every 5 minutes (this policy until 2026-12-03) found nothing at all (the core
   cuts its reference cycles when transactions end, so reference counting frees nearly everything)

@@ -191,6 +191,25 @@ def test_a_2xx_crossing_the_cancel_of_a_ringing_relayed_invite_reaches_the_calle
     assert switch_finals(net.take()) == [("INVITE", 200)]
 
 
+def test_a_2xx_crossing_the_ring_limit_cancel_reaches_the_caller() -> None:
+    """RFC 3261 §16.8: at the ring limit, after a provisional, the proxy only CANCELs; downstream's
+    final is the caller's. A 200 that crossed the CANCEL is relayed (and its retransmission),
+    not lost behind a 408 of the proxy's own; a 487 would be relayed the same way."""
+    core, net = make_core(ring_timeout=10.0)
+    _, fwd = relayed_reinvite(core, net, "z9hG4bKc5")
+    core.receive(response_to(fwd, 180, "Ringing"), CALLEE_A, 0.1)
+    net.take()
+    core.handle_timer(10.1)
+    out = net.take()
+    assert switch_finals(out) == []
+    assert [m.top_via.branch for m in cancels(out)] == [fwd.top_via.branch]
+    ok = response_to(fwd, 200, "OK", f"Contact: <sip:callee@{CARRIER_A[0]}>\r\n")
+    core.receive(ok, CALLEE_A, 10.2)
+    assert switch_finals(net.take()) == [("INVITE", 200)]
+    core.receive(ok, CALLEE_A, 10.7)
+    assert switch_finals(net.take()) == [("INVITE", 200)]
+
+
 def test_ring_limit_before_any_provisional_answers_408_and_cancels_only_once_it_rings() -> None:
     """Timer C firing while downstream sent nothing: 408 to the caller, the CANCEL held until
     downstream's first provisional (RFC 3261 §9.1)."""
