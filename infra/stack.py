@@ -90,7 +90,7 @@ class ClearIpProxyStack(Stack):
         CfnOutput(
             self,
             "RollOutAssociationId",
-            value=roll_out.attr_association_id,
+            value=roll_out.ref,  # Ref is the association id (what CfnAssociation.association_ref uses)
             description="The release association: aws ssm start-associations-once --association-ids <this> "
             "re-applies the deployed release and settings to every proxy, one at a time",
         )
